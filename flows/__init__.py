@@ -1,0 +1,1 @@
+"""The retrain flow, its parameters and the ``tuneline`` command."""

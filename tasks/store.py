@@ -1,0 +1,371 @@
+"""The artifact store: one root — a local folder or ``s3://bucket/prefix`` — holding every stage's output.
+
+Layout under the root (DESIGN.md, "Contracts between stages")::
+
+    stages/<stage>/<fingerprint>/      written once when the stage completes, then immutable;
+                                       ``_SUCCESS`` (the stage's ref as JSON) is written last
+    scratch/<stage>/<fingerprint>/     work in progress (checkpoints) that a retry resumes from
+    releases/<model>/<release_id>/     what leaves the pipeline; ``manifest.json`` last, then ``LATEST``
+
+A stage's fingerprint is hash(stage name, stage code version, config, upstream fingerprints, source
+data fingerprints). It names the stage's folder and is the Prefect cache key, so a rerun with nothing
+new is all cache hits on any machine that sees the same root. A cache hit whose folder is gone (or
+has no ``_SUCCESS``) is not a hit: the stage runs again.
+
+S3 goes through boto3 (credentials from the environment, or from a prefect-aws ``AwsCredentials``
+block, see ``blocks/``); an S3-compatible server is chosen with ``endpoint_url`` or the standard
+``AWS_ENDPOINT_URL`` variable. Secrets are never part of a ``Store``'s repr or of any error it raises.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Iterable
+
+from pydantic import BaseModel, Field
+
+SUCCESS = "_SUCCESS"
+
+
+class StoreError(RuntimeError):
+    """An artifact-store operation failed; the message names the location, never a secret."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Refs and fingerprints
+# ----------------------------------------------------------------------------------------------
+class StageRef(BaseModel):
+    """What a stage returns: where its output lives, its fingerprint and a few metrics."""
+
+    stage: str
+    fingerprint: str
+    uri: str
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return _canonical(value.model_dump(mode="json"))
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def code_version(obj: Any) -> str:
+    """Hash of the source of the module that defines ``obj``: editing a stage's code reruns it."""
+    module = inspect.getmodule(obj)
+    source = inspect.getsource(module) if module else repr(obj)
+    return hashlib.sha256(source.encode()).hexdigest()[:12]
+
+
+def fingerprint(stage: str, code: str, config: Any, upstream: Iterable[str] = (), sources: Iterable[str] = ()) -> str:
+    payload = json.dumps(
+        {"stage": stage, "code": code, "config": _canonical(config), "upstream": list(upstream), "sources": list(sources)},
+        sort_keys=True,
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# The store
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Store:
+    """A root URI plus the few operations the stages need. Keys are POSIX paths relative to the root."""
+
+    root: str
+    endpoint_url: str | None = None
+    credentials: dict[str, str] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.root = self.root.rstrip("/")
+        if not self.is_s3:
+            self.root = str(Path(self.root).expanduser().resolve())
+        self._client = None
+
+    # -- addressing -------------------------------------------------------------------------
+    @property
+    def is_s3(self) -> bool:
+        return self.root.startswith("s3://")
+
+    @property
+    def bucket(self) -> str:
+        return self.root[5:].split("/", 1)[0]
+
+    @property
+    def prefix(self) -> str:
+        rest = self.root[5:].split("/", 1)
+        return rest[1] if len(rest) > 1 else ""
+
+    def uri(self, key: str = "") -> str:
+        key = safe_key(key) if key else ""
+        return f"{self.root}/{key}" if key else self.root
+
+    def _object_key(self, key: str) -> str:
+        key = safe_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def local_path(self, key: str) -> Path:
+        assert not self.is_s3
+        return Path(self.root) / safe_key(key)
+
+    def where(self) -> str:
+        """The location for error messages: endpoint and bucket, never credentials."""
+        if not self.is_s3:
+            return self.root
+        return f"{self.root} (endpoint {self.endpoint_url or os.environ.get('AWS_ENDPOINT_URL') or 'AWS default'})"
+
+    # -- S3 client --------------------------------------------------------------------------
+    @property
+    def client(self):
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
+
+            creds = self.credentials or {}
+            self._client = boto3.client(
+                "s3",
+                endpoint_url=self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None,
+                aws_access_key_id=creds.get("aws_access_key_id"),
+                aws_secret_access_key=creds.get("aws_secret_access_key"),
+                region_name=creds.get("region_name") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+                config=Config(retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"}),
+            )
+        return self._client
+
+    def _s3(self, what: str, fn: Callable[[], Any]) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn()
+        except ClientError as e:  # the message of a ClientError holds no secret, but keep only its code
+            code = e.response.get("Error", {}).get("Code", "?")
+            raise StoreError(f"S3 {what} failed at {self.where()}: {code}") from None
+        except BotoCoreError as e:
+            raise StoreError(f"S3 {what} failed at {self.where()}: {type(e).__name__}") from None
+
+    # -- operations -------------------------------------------------------------------------
+    def exists(self, key: str) -> bool:
+        if not self.is_s3:
+            return self.local_path(key).exists()
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._object_key(key))
+            return True
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise StoreError(f"S3 head {key} failed at {self.where()}: {e.response['Error'].get('Code')}") from None
+
+    def read_bytes(self, key: str) -> bytes:
+        if not self.is_s3:
+            return self.local_path(key).read_bytes()
+        return self._s3(f"get {key}", lambda: self.client.get_object(Bucket=self.bucket, Key=self._object_key(key))["Body"].read())
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        if not self.is_s3:
+            path = self.local_path(key)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)  # atomic: a reader sees the old file or the new one
+            return
+        self._s3(f"put {key}", lambda: self.client.put_object(Bucket=self.bucket, Key=self._object_key(key), Body=data))
+
+    def read_json(self, key: str) -> Any:
+        return json.loads(self.read_bytes(key))
+
+    def write_json(self, key: str, value: Any) -> None:
+        self.write_bytes(key, json.dumps(value, indent=2, ensure_ascii=False, default=str).encode())
+
+    def list(self, prefix: str) -> list[str]:
+        """Keys (relative to the root) of every file under ``prefix``."""
+        prefix = safe_key(prefix)
+        if not self.is_s3:
+            base = self.local_path(prefix)
+            if not base.is_dir():
+                return []
+            return sorted(str(PurePosixPath(prefix) / p.relative_to(base).as_posix()) for p in base.rglob("*") if p.is_file())
+        keys: list[str] = []
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        paginator = self.client.get_paginator("list_objects_v2")
+
+        def _collect():
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self._object_key(prefix) + "/"):
+                keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
+
+        self._s3(f"list {prefix}", _collect)
+        return sorted(keys)
+
+    def upload_file(self, local: Path, key: str) -> None:
+        if not self.is_s3:
+            dest = self.local_path(key)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(local, dest)
+            return
+        from boto3.s3.transfer import TransferConfig
+
+        # boto3's managed transfer does multipart above the threshold and retries parts.
+        cfg = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20)
+        self._s3(f"upload {key}", lambda: self.client.upload_file(str(local), self.bucket, self._object_key(key), Config=cfg))
+
+    def download_file(self, key: str, local: Path) -> None:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        if not self.is_s3:
+            shutil.copyfile(self.local_path(key), local)
+            return
+        self._s3(f"download {key}", lambda: self.client.download_file(self.bucket, self._object_key(key), str(local)))
+
+    def delete_prefix(self, prefix: str) -> None:
+        if not self.is_s3:
+            shutil.rmtree(self.local_path(prefix), ignore_errors=True)
+            return
+        for key in self.list(prefix):
+            self._s3(f"delete {key}", lambda k=key: self.client.delete_object(Bucket=self.bucket, Key=self._object_key(k)))
+
+    def upload_dir(self, local_dir: Path, prefix: str) -> None:
+        for path in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
+            self.upload_file(path, f"{prefix}/{path.relative_to(local_dir).as_posix()}")
+
+    def download_dir(self, prefix: str, local_dir: Path) -> None:
+        strip = len(safe_key(prefix)) + 1
+        for key in self.list(prefix):
+            self.download_file(key, Path(local_dir) / key[strip:])
+
+    # -- stage folders ----------------------------------------------------------------------
+    def stage_key(self, stage: str, fp: str) -> str:
+        return f"stages/{stage}/{fp}"
+
+    def scratch_dir(self, stage: str, fp: str) -> Path:
+        """A local folder for work in progress. For a local root it is ``<root>/scratch/...``, so a
+        retry on the same box resumes from it; for S3 it is a local cache folder."""
+        if self.is_s3:
+            base = local_cache_dir() / "scratch" / hashlib.sha256(self.root.encode()).hexdigest()[:8]
+        else:
+            base = Path(self.root) / "scratch"
+        path = base / stage / fp
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def completed(self, stage: str, fp: str) -> StageRef | None:
+        """The ref of a completed stage folder, or None when it is missing or half-written."""
+        key = f"{self.stage_key(stage, fp)}/{SUCCESS}"
+        try:
+            if not self.exists(key):
+                return None
+            return StageRef.model_validate(self.read_json(key))
+        except (StoreError, ValueError):
+            return None
+
+    def publish(self, stage: str, fp: str, local_dir: Path, metrics: dict[str, Any]) -> StageRef:
+        """Copy a finished stage's folder into the store; ``_SUCCESS`` (the ref) goes last."""
+        key = self.stage_key(stage, fp)
+        self.delete_prefix(key)  # leftovers of a half-published attempt
+        if self.is_s3:
+            self.upload_dir(local_dir, key)
+        else:
+            dest = self.local_path(key)
+            if Path(local_dir).resolve() != dest.resolve():
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copytree(local_dir, dest)
+        ref = StageRef(stage=stage, fingerprint=fp, uri=self.uri(key), metrics=metrics)
+        self.write_json(f"{key}/{SUCCESS}", ref.model_dump(mode="json"))
+        return ref
+
+
+def local_cache_dir() -> Path:
+    return Path(os.environ.get("TUNELINE_CACHE", Path.home() / ".cache" / "tuneline"))
+
+
+def safe_key(key: str) -> str:
+    """Normalise a relative object key and refuse ``..`` and absolute paths.
+
+    >>> safe_key("stages/sft/abc/")
+    'stages/sft/abc'
+    >>> safe_key("../etc/passwd")
+    Traceback (most recent call last):
+    ...
+    ValueError: unsafe object key '../etc/passwd': no '..', no absolute path
+    """
+    parts = PurePosixPath(key.replace("\\", "/")).parts
+    if key.startswith("/") or any(p in ("..",) for p in parts) or ":" in key.split("/")[0]:
+        raise ValueError(f"unsafe object key {key!r}: no '..', no absolute path")
+    return "/".join(p for p in parts if p not in ("", "."))
+
+
+def store_for(root: str, storage_block: str | None = None) -> Store:
+    """The store for an artifact root, with endpoint and credentials from a block when one is named."""
+    if storage_block:
+        from blocks.storage import load_store_settings
+
+        settings = load_store_settings(storage_block)
+        return Store(root, endpoint_url=settings.get("endpoint_url"), credentials=settings.get("credentials"))
+    return Store(root)
+
+
+def open_ref(ref: StageRef, storage_block: str | None = None) -> Path:
+    """A local folder with the content of a stage's output (downloaded once for an S3 root)."""
+    if not ref.uri.startswith("s3://"):
+        return Path(ref.uri)
+    local = local_cache_dir() / "stages" / ref.stage / ref.fingerprint
+    if (local / SUCCESS).exists():
+        return local
+    root, key = ref.uri.split("/stages/", 1)
+    store = store_for(root, storage_block)
+    tmp = Path(tempfile.mkdtemp(dir=local_cache_dir(), prefix=".dl-"))
+    store.download_dir(f"stages/{key}", tmp)
+    shutil.rmtree(local, ignore_errors=True)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(local)
+    return local
+
+
+# ----------------------------------------------------------------------------------------------
+# Prefect cache keys
+# ----------------------------------------------------------------------------------------------
+def stage_cache_key(stage: str, fingerprint_of: Callable[..., str]) -> Callable[[Any, dict[str, Any]], str]:
+    """A Prefect ``cache_key_fn`` for a stage task whose parameters include ``root``.
+
+    Prefect's default policy adds the run id and never reuses across runs; ours is the stage's
+    fingerprint. Written by hand for one more rule Prefect lacks: a cached result whose folder was
+    deleted must recompute, not return a ref to nothing. So the key also carries a token kept beside
+    the stage folder (``stages/<stage>/<fp>.cache-key``): while the folder is complete the token stays
+    and the key hits; once the folder is gone a fresh token is written, the key misses, the stage
+    runs again and its new result is stored under the new key.
+    """
+
+    def cache_key(context: Any, parameters: dict[str, Any]) -> str:
+        fp = fingerprint_of(**parameters)
+        store = store_for(parameters["root"], parameters.get("storage_block"))
+        token_key = f"stages/{stage}/{fp}.cache-key"
+        token = None
+        if store.completed(stage, fp) is not None and store.exists(token_key):
+            token = store.read_bytes(token_key).decode().strip()
+        if not token:
+            import uuid
+
+            token = uuid.uuid4().hex[:8]
+            store.write_bytes(token_key, token.encode())
+        return f"tuneline-{stage}-{fp}-{token}"
+
+    return cache_key
