@@ -1,0 +1,224 @@
+"""tuneline as a service, with the real parts: ``tuneline serve-local`` starts a Prefect server
+(SQLite, temporary home, 127.0.0.1), creates the work pools, applies infra/prefect.yaml through
+``prefect deploy`` and starts a process worker; runs are triggered through the API exactly as the
+UI's Run form does, and execute the real flow on CPU with the tiny random model."""
+from __future__ import annotations
+
+import copy
+import json
+import time
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from flows.deploy import POOLS_FILE, PREFECT_FILE, REPO
+from flows.params import RetrainParams, load_params
+from tests.prefect_stack import ServeLocal, tiny_preset
+
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, tiny_model_dir):
+    home = tmp_path_factory.mktemp("service")
+    preset = tiny_preset(home / "preset.yaml", tiny_model_dir, home / "artifacts")
+    stack = ServeLocal(home, preset, workers=["cpu"])
+    stack.preset, stack.artifacts = preset, home / "artifacts"
+    try:
+        stack.wait_ready()
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture
+def client(service):
+    from prefect.client.orchestration import SyncPrefectClient
+
+    with SyncPrefectClient(service.api_url) as c:
+        yield c
+
+
+def _wait_final(client, run_ids, service, timeout=420):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = [client.read_flow_run(i) for i in run_ids]
+        if all(r.state and r.state.type.value in FINAL for r in runs):
+            return runs
+        time.sleep(2)
+    raise TimeoutError(f"runs not final after {timeout}s: {[(r.name, r.state.name) for r in runs]}\n{service.output()}")
+
+
+def _eventually(read, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not (found := read()) and time.monotonic() < deadline:
+        time.sleep(1)
+    return found
+
+
+def _history(client, run_id):
+    return sorted(client.read_flow_run_states(run_id), key=lambda s: s.timestamp)
+
+
+# ----------------------------------------------------------------------------------------------
+def test_deployments_pools_and_limits_come_from_infra_files(service, client):
+    spec = {d["name"]: d for d in yaml.safe_load(PREFECT_FILE.read_text())["deployments"]}
+    nightly = client.read_deployment_by_name("retrain/nightly")
+    manual = client.read_deployment_by_name("retrain/manual")
+
+    # nightly: the cron schedule with its timezone, one run at a time, a collision cancels the new run
+    (schedule,) = nightly.schedules
+    assert schedule.active
+    assert schedule.schedule.cron == spec["nightly"]["schedules"][0]["cron"]
+    assert schedule.schedule.timezone == spec["nightly"]["schedules"][0]["timezone"] != "UTC"
+    assert nightly.global_concurrency_limit.limit == 1
+    assert nightly.concurrency_options.collision_strategy.value == "CANCEL_NEW"
+    # manual: no schedule (runs come from the UI), a second click waits
+    assert manual.schedules == []
+    assert manual.global_concurrency_limit.limit == 1
+    assert manual.concurrency_options.collision_strategy.value == "ENQUEUE"
+
+    for d in (nightly, manual):
+        assert d.work_pool_name == "cpu"
+        assert d.entrypoint == "flows/retrain.py:retrain"
+        # no git clone at run time: the worker moves into this checkout
+        assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
+        # parameters: the preset, validated and stored in full
+        assert d.parameters == {"params": load_params(service.preset).model_dump(mode="json")}
+
+    pools_spec = yaml.safe_load(POOLS_FILE.read_text())
+    pools = {p.name: p for p in client.read_work_pools()}
+    for name, pool in pools_spec["pools"].items():
+        assert pools[name].type == "process"
+        assert pools[name].concurrency_limit == pool["concurrency_limit"]
+    assert client.read_concurrency_limit_by_tag("gpu").concurrency_limit == pools_spec["tag_limits"]["gpu"]
+
+
+def _model_fields(model: type[BaseModel], path: str = ""):
+    for name, info in model.model_fields.items():
+        yield f"{path}{name}", name, info
+        ann = info.annotation
+        nested = [a for a in (ann, *typing.get_args(ann)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if nested:
+            yield from _model_fields(nested[0], f"{path}{name}.")
+
+
+def _literal_choices(ann) -> set:
+    if typing.get_origin(ann) is typing.Literal:
+        return set(typing.get_args(ann))
+    return set().union(*(_literal_choices(a) for a in typing.get_args(ann))) if typing.get_args(ann) else set()
+
+
+def _enums(node) -> set:
+    if isinstance(node, dict):
+        found = set(node.get("enum", []))
+        return found.union(*(_enums(v) for v in node.values())) if node else found
+    if isinstance(node, list):
+        return set().union(*(_enums(v) for v in node)) if node else set()
+    return set()
+
+
+def test_parameter_schema_exposes_every_field_with_description_and_dropdowns(service, client):
+    schema = client.read_deployment_by_name("retrain/nightly").parameter_openapi_schema
+    defs = schema.get("definitions") or schema.get("$defs") or {}
+
+    def resolve(node):
+        while "$ref" in node:
+            node = defs[node["$ref"].split("/")[-1]]
+        for alt in node.get("anyOf", []) + node.get("allOf", []):
+            if "$ref" in alt:
+                return resolve(alt)
+        return node
+
+    checked = 0
+    for dotted, _, info in _model_fields(RetrainParams):
+        node = resolve(schema["properties"]["params"])
+        for part in dotted.split("."):
+            assert part in node.get("properties", {}), f"{dotted}: missing from the Run form's schema"
+            prop = node["properties"][part]
+            node = resolve(prop)
+        assert info.description, f"{dotted}: RetrainParams field without a description"
+        assert prop.get("description") == info.description, f"{dotted}: description not in the form"
+        if choices := _literal_choices(info.annotation):
+            assert choices <= _enums(prop) | _enums(node), f"{dotted}: choices {choices} are not a dropdown (enum)"
+        checked += 1
+    assert checked > 40  # the nested models were walked, not just the top level
+
+
+def test_manual_run_from_the_api_releases_and_a_second_click_waits(service, client):
+    manual = client.read_deployment_by_name("retrain/manual")
+    # What the UI's custom-run form submits: the deployment's parameters, one field changed.
+    params = copy.deepcopy(manual.parameters["params"])
+    params["release"]["model_name"] = "quokka-manual"
+    first = client.create_flow_run_from_deployment(manual.id, parameters={"params": params})
+    second = client.create_flow_run_from_deployment(manual.id, parameters={"params": params})
+
+    runs = _wait_final(client, [first.id, second.id], service)
+    assert [r.state.type.value for r in runs] == ["COMPLETED", "COMPLETED"], service.output()
+
+    # ENQUEUE: whichever got the slot second waited for it, and only ran once the first had ended.
+    histories = {r.id: _history(client, r.id) for r in runs}
+    started = {rid: next(s.timestamp for s in h if s.type.value == "RUNNING") for rid, h in histories.items()}
+    a, b = sorted(started, key=started.get)
+    assert any(s.name == "AwaitingConcurrencySlot" for s in histories[b]), [s.name for s in histories[b]]
+    a_end = next(s.timestamp for s in histories[a] if s.type.value == "COMPLETED")
+    assert started[b] >= a_end
+
+    # The release is where the parameters (changed in the form) said, complete with its manifest.
+    release_dir = service.artifacts / "releases" / "quokka-manual"
+    latest = (release_dir / "LATEST").read_text().strip()
+    manifest = json.loads((release_dir / latest / "manifest.json").read_text())
+    assert manifest["model_name"] == "quokka-manual"
+    assert manifest["params"]["release"]["model_name"] == "quokka-manual"
+    assert manifest["params"]["sft"]["max_steps"] == 2
+    for name in manifest["files"]:
+        assert (release_dir / latest / name).exists(), name
+    # the second run found every stage in the cache: still one release
+    assert [p.name for p in release_dir.iterdir() if p.is_dir()] == [latest]
+
+
+def test_nightly_collision_cancels_the_new_run(service, client):
+    nightly = client.read_deployment_by_name("retrain/nightly")
+    params = copy.deepcopy(nightly.parameters["params"])
+    params["data"]["datasets"] = [str(service.artifacts.parent / "missing-rows.jsonl")]  # fails fast, after the slot is held
+    runs = [client.create_flow_run_from_deployment(nightly.id, parameters={"params": params}) for _ in range(2)]
+    runs = _wait_final(client, [r.id for r in runs], service, timeout=240)
+    states = sorted((r.state.type.value, r.state.message or "") for r in runs)
+    assert [s for s, _ in states] == ["CANCELLED", "FAILED"], states
+    assert "concurrency limit" in states[0][1]
+    assert "missing-rows.jsonl" in states[1][1]  # the failure names the file
+
+
+def test_failure_hook_reports_where_operators_look(service, client, monkeypatch):
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, LogFilter, LogFilterFlowRunId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.hooks import ARTIFACT_KEY, FAILED_EVENT, report_failure
+    from flows.retrain import retrain
+
+    params = load_params(service.preset, [f"data.datasets=['{service.artifacts.parent / 'bad.jsonl'}']"])
+    (service.artifacts.parent / "bad.jsonl").write_text('{"messages": "not a list"}\n')
+    with temporary_settings({PREFECT_API_URL: service.api_url}):
+        state = retrain.with_options(on_failure=[report_failure])(params, return_state=True)
+    assert state.is_failed()
+    run_id = state.state_details.flow_run_id
+    reason = state.message
+    assert "bad.jsonl" in reason
+
+    # 1. an ERROR line in the run's log, with the reason (logs and events are sent in the background)
+    errors = _eventually(lambda: [
+        l.message for l in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+        if l.level >= 40 and "FAILED" in l.message
+    ])
+    assert any("bad.jsonl" in m for m in errors), errors
+    # 2. a markdown artifact under a fixed key, linked to the run
+    (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[ARTIFACT_KEY])))
+    assert artifact.flow_run_id == run_id and "bad.jsonl" in artifact.data
+    # 3. an event on the run, for automations and the Event Feed
+    events = _eventually(lambda: client.request(
+        "POST", "/events/filter", json={"filter": {"event": {"name": [FAILED_EVENT]}}}).json()["events"])
+    assert [e["resource"]["prefect.resource.id"] for e in events] == [f"prefect.flow-run.{run_id}"]
+    assert "bad.jsonl" in events[0]["payload"]["reason"]
