@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+
+# Prefect's temporary server migrates a fresh SQLite database on its first start; on a busy 2-core
+# machine that can take longer than Prefect's default 20 s wait. Set before prefect is imported.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
 def _print_summary(result: dict) -> None:

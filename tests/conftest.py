@@ -2,22 +2,29 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
-import pytest
+# Prefect reads its settings when it is first imported, so its home (SQLite database, results) is
+# set here, before any test module imports prefect: each test session gets its own, removed at exit.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="tuneline-prefect-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ.pop("PREFECT_API_URL", None)  # the tests start their own (temporary) server
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
-from tests.s3server import S3Server
+import pytest  # noqa: E402
+
+from tests.s3server import S3Server  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _isolated_prefect(tmp_path_factory):
-    """Prefect state (SQLite database, results) in a temporary home for the whole session."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    os.environ["PREFECT_HOME"] = str(home)
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    yield home
+def _isolated_prefect():
+    """Prefect state lives in a temporary home for the whole session (see the top of this file)."""
+    yield Path(_PREFECT_HOME)
+    shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
