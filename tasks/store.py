@@ -14,7 +14,11 @@ has no ``_SUCCESS``) is not a hit: the stage runs again.
 
 S3 goes through boto3 (credentials from the environment, or from a prefect-aws ``AwsCredentials``
 block, see ``blocks/``); an S3-compatible server is chosen with ``endpoint_url`` or the standard
-``AWS_ENDPOINT_URL`` variable. Secrets are never part of a ``Store``'s repr or of any error it raises.
+``AWS_ENDPOINT_URL`` variable. Secrets are never part of a ``Store``'s repr or of any error it raises:
+errors keep only the S3 error code and name the endpoint and bucket (a wrong key and a missing bucket
+read differently). Uploads go through boto3's managed transfer (multipart above a threshold) and carry
+the file's SHA-256 as object metadata (``x-amz-meta-sha256``), which ``head`` returns, so that a rerun
+can skip what is already there; botocore retries transient errors with exponential backoff.
 """
 from __future__ import annotations
 
@@ -95,6 +99,13 @@ class Store:
     root: str
     endpoint_url: str | None = None
     credentials: dict[str, str] | None = field(default=None, repr=False)
+    # botocore's "standard" retry mode: transient errors (connection refused, 5xx, throttling) are
+    # retried up to this many attempts in all, with exponential backoff (base 1 s, capped at 20 s).
+    max_attempts: int = 5
+    # Files above the threshold go up in parts of ``multipart_chunksize`` (S3: at least 5 MiB a part,
+    # at most 10,000 parts): a failed part is retried alone, and parts upload in parallel.
+    multipart_threshold: int = 64 << 20
+    multipart_chunksize: int = 64 << 20
 
     def __post_init__(self) -> None:
         self.root = self.root.rstrip("/")
@@ -128,11 +139,22 @@ class Store:
         assert not self.is_s3
         return Path(self.root) / safe_key(key)
 
+    @property
+    def endpoint(self) -> str:
+        """The S3 endpoint, without any user:password part a URL might carry."""
+        from urllib.parse import urlsplit, urlunsplit
+
+        url = self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or ""
+        if not url:
+            return "AWS default"
+        parts = urlsplit(url)
+        return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))) if parts.hostname else url
+
     def where(self) -> str:
         """The location for error messages: endpoint and bucket, never credentials."""
         if not self.is_s3:
             return self.root
-        return f"{self.root} (endpoint {self.endpoint_url or os.environ.get('AWS_ENDPOINT_URL') or 'AWS default'})"
+        return f"{self.root} (endpoint {self.endpoint}, bucket {self.bucket})"
 
     # -- S3 client --------------------------------------------------------------------------
     @property
@@ -147,8 +169,12 @@ class Store:
                 endpoint_url=self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None,
                 aws_access_key_id=creds.get("aws_access_key_id"),
                 aws_secret_access_key=creds.get("aws_secret_access_key"),
+                aws_session_token=creds.get("aws_session_token"),
                 region_name=creds.get("region_name") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-                config=Config(retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"}),
+                config=Config(
+                    retries={"max_attempts": self.max_attempts, "mode": "standard"}, s3={"addressing_style": "path"},
+                    connect_timeout=10, read_timeout=60,
+                ),
             )
         return self._client
 
@@ -157,11 +183,44 @@ class Store:
 
         try:
             return fn()
-        except ClientError as e:  # the message of a ClientError holds no secret, but keep only its code
-            code = e.response.get("Error", {}).get("Code", "?")
-            raise StoreError(f"S3 {what} failed at {self.where()}: {code}") from None
+        except ClientError as e:  # keep only the error code: a response may echo request details
+            raise StoreError(self._explain(what, e.response.get("Error", {}).get("Code", "?"))) from None
         except BotoCoreError as e:
-            raise StoreError(f"S3 {what} failed at {self.where()}: {type(e).__name__}") from None
+            raise StoreError(self._explain(what, type(e).__name__)) from None
+        except (OSError, ValueError) as e:  # boto3's transfer manager can surface these (e.g. a vanished local file)
+            raise StoreError(self._explain(what, type(e).__name__)) from None
+
+    def _explain(self, what: str, code: str) -> str:
+        """One readable line per failure: what failed, where, and the likely cause."""
+        hint = {
+            "NoSuchBucket": f"bucket {self.bucket!r} does not exist",
+            "404": "not found (bucket or key)",
+            "NoSuchKey": "no such key",
+            "InvalidAccessKeyId": "credentials rejected: unknown access key",
+            "SignatureDoesNotMatch": "credentials rejected: wrong secret key",
+            "AccessDenied": "access denied: check the credentials and the bucket policy",
+            "403": "access denied: check the credentials and the bucket policy",
+            "EndpointConnectionError": "cannot reach the endpoint",
+            "ConnectTimeoutError": "cannot reach the endpoint (timeout)",
+            "NoCredentialsError": "no credentials: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or use a storage block",
+        }.get(code)
+        return f"S3 {what} failed at {self.where()}: {code}" + (f" ({hint})" if hint else "")
+
+    def check(self) -> None:
+        """Fail fast, before any expensive work, when the bucket is missing or the credentials are
+        wrong. A local root only needs to be creatable."""
+        if not self.is_s3:
+            Path(self.root).mkdir(parents=True, exist_ok=True)
+            return
+        from botocore.exceptions import ClientError
+
+        try:
+            self._s3("head bucket", lambda: self.client.head_bucket(Bucket=self.bucket))
+        except StoreError as e:
+            code = getattr(e.__context__, "response", {}).get("Error", {}).get("Code") if isinstance(e.__context__, ClientError) else None
+            if code in ("404", "NoSuchBucket"):  # HEAD has no body, so a missing bucket is a bare 404
+                raise StoreError(self._explain("head bucket", "NoSuchBucket")) from None
+            raise
 
     # -- operations -------------------------------------------------------------------------
     def exists(self, key: str) -> bool:
@@ -217,17 +276,54 @@ class Store:
         self._s3(f"list {prefix}", _collect)
         return sorted(keys)
 
-    def upload_file(self, local: Path, key: str) -> None:
+    def upload_file(self, local: Path, key: str, sha256: str | None = None) -> None:
+        """Upload one file; with ``sha256`` the digest is stored as object metadata (see ``head``)."""
         if not self.is_s3:
             dest = self.local_path(key)
             dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(local, dest)
+            tmp = dest.with_name(f".{dest.name}.tmp")
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, dest)  # a reader never sees a half-copied file
             return
         from boto3.s3.transfer import TransferConfig
 
         # boto3's managed transfer does multipart above the threshold and retries parts.
-        cfg = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20)
-        self._s3(f"upload {key}", lambda: self.client.upload_file(str(local), self.bucket, self._object_key(key), Config=cfg))
+        cfg = TransferConfig(multipart_threshold=self.multipart_threshold, multipart_chunksize=self.multipart_chunksize)
+        extra = {"Metadata": {"sha256": sha256}} if sha256 else None
+        self._s3(f"upload {key}", lambda: self.client.upload_file(str(local), self.bucket, self._object_key(key), Config=cfg, ExtraArgs=extra))
+
+    def head(self, key: str) -> dict[str, Any] | None:
+        """``{"size": bytes, "sha256": digest or None}`` of an object, or None when it is missing.
+        On S3 the digest is the ``sha256`` metadata written by ``upload_file`` (what the uploader
+        claims; ``sha256_of`` reads the content itself); locally it is computed."""
+        if not self.is_s3:
+            path = self.local_path(key)
+            return {"size": path.stat().st_size, "sha256": sha256_file(path)} if path.is_file() else None
+        from botocore.exceptions import ClientError
+
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self._object_key(key))
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "?")
+            if code in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise StoreError(self._explain(f"head {key}", code)) from None
+        except Exception as e:  # noqa: BLE001 - connection errors and the like, without their text
+            raise StoreError(self._explain(f"head {key}", type(e).__name__)) from None
+        return {"size": head["ContentLength"], "sha256": head.get("Metadata", {}).get("sha256")}
+
+    def sha256_of(self, key: str, chunk: int = 1 << 20) -> str:
+        """SHA-256 of an object's content as the store serves it, streamed (no local copy)."""
+        if not self.is_s3:
+            return sha256_file(self.local_path(key), chunk)
+
+        def _hash() -> str:
+            h = hashlib.sha256()
+            for block in self.client.get_object(Bucket=self.bucket, Key=self._object_key(key))["Body"].iter_chunks(chunk):
+                h.update(block)
+            return h.hexdigest()
+
+        return self._s3(f"read {key}", _hash)
 
     def download_file(self, key: str, local: Path) -> None:
         local.parent.mkdir(parents=True, exist_ok=True)
