@@ -1020,7 +1020,7 @@ def _histogram(reports: list[_SourceReport], max_length: int | None, tokenizer_n
     fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
     top = max(max(r.lengths, default=0) for r in reports)
     bins = list(range(0, top + max(1, top // 40) + 1, max(1, top // 40)))
-    ax.hist([r.lengths for r in reports], bins=bins, stacked=True, label=[r.spec for r in reports])
+    ax.hist([r.lengths for r in reports], bins=bins, stacked=True, label=[r.spec if len(r.spec) <= 50 else "…" + r.spec[-49:] for r in reports])
     if max_length and max_length <= top * 1.5:
         ax.axvline(max_length, color="red", linestyle="--", label=f"max_length {max_length}")
     ax.set_xlabel(f"tokens per conversation ({tokenizer_name.split(';')[0]})")
