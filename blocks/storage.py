@@ -31,14 +31,22 @@ class ArtifactStore(Block):
 
 
 def load_store_settings(name: str) -> dict[str, Any]:
-    """Root, endpoint and boto3 credential arguments from a saved ``ArtifactStore`` block."""
+    """Root, endpoint and boto3 credential arguments from a saved ``ArtifactStore`` block.
+
+    The endpoint is the block's ``endpoint_url``, else the one in the credentials' client parameters
+    (prefect-aws ``AwsClientParameters.endpoint_url``), else none (AWS or ``AWS_ENDPOINT_URL``).
+    The result holds the secret key in clear for boto3: pass it to ``Store`` (which keeps it out of
+    its repr and errors), never to a log or an artifact."""
     block = ArtifactStore.load(name)
     creds = None
+    endpoint = block.endpoint_url
     if block.credentials is not None:
         c = block.credentials
         creds = {
             "aws_access_key_id": c.aws_access_key_id,
             "aws_secret_access_key": c.aws_secret_access_key.get_secret_value() if c.aws_secret_access_key else None,
+            "aws_session_token": c.aws_session_token.get_secret_value() if c.aws_session_token else None,
             "region_name": c.region_name,
         }
-    return {"root": block.root, "endpoint_url": block.endpoint_url, "credentials": creds}
+        endpoint = endpoint or c.aws_client_parameters.endpoint_url
+    return {"root": block.root, "endpoint_url": endpoint, "credentials": creds}

@@ -72,15 +72,23 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
+    """Download a release and verify every file's SHA-256 against its manifest. For an s3:// root the
+    endpoint and credentials come from --block (a saved 'Tuneline Artifact Store') or the environment
+    (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, or an AWS profile)."""
     from tasks.release import ReleaseError, fetch_release
-    from tasks.store import Store
+    from tasks.store import StoreError, store_for
 
     try:
-        manifest = fetch_release(Store(args.root), args.model, args.release_id, Path(args.dest))
-    except ReleaseError as e:
+        store = store_for(args.root, args.block)
+        manifest = fetch_release(store, args.model, args.release_id, Path(args.dest))
+    except (ReleaseError, StoreError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"fetched {manifest['model_name']}/{manifest['release_id']}: {len(manifest['files'])} files, checksums verified")
+    size = sum(f["size"] for f in manifest["files"].values())
+    print(
+        f"fetched {manifest['model_name']}/{manifest['release_id']} into {args.dest}: {len(manifest['files'])} files, "
+        f"{size / 1e6:.1f} MB, every SHA-256 verified"
+    )
     return 0
 
 
@@ -132,10 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--out", default=None, help="keep the output (splits, report, histogram) in this folder")
     check.set_defaults(func=cmd_data_check)
     fetch = sub.add_parser("fetch", help="download a release and verify every checksum")
-    fetch.add_argument("root", help="artifact root: a folder or s3://bucket/prefix")
+    fetch.add_argument("root", help="artifact root: a folder or s3://bucket/prefix (endpoint/credentials: --block or AWS_* variables)")
     fetch.add_argument("model", help="released model name")
-    fetch.add_argument("release_id", nargs="?", default="LATEST")
-    fetch.add_argument("dest", nargs="?", default="./release")
+    fetch.add_argument("release_id", nargs="?", default="LATEST", help="a release id, or LATEST (default)")
+    fetch.add_argument("dest", nargs="?", default="./release", help="an empty or new folder (default ./release)")
+    fetch.add_argument("--block", default=None, help="name of a saved 'Tuneline Artifact Store' block giving the endpoint and credentials")
     fetch.set_defaults(func=cmd_fetch)
     dep = sub.add_parser("deploy", help="apply work pools and the deployments of infra/prefect.yaml (PREFECT_API_URL)")
     dep.add_argument("--pool", default="gpu-v100", help="work pool the deployments target: cpu, gpu-v100, gpu-a100x2")

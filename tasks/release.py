@@ -1,33 +1,59 @@
 """Release stage: publish the adapter, the merged model and the evaluation report, with lineage.
 
-Resource profile: CPU and network.
+Resource profile: CPU and network (reads every file twice: once to hash, once back from the store
+to verify; no GPU, little memory).
 
-A release is ``<root>/releases/<model_name>/<release_id>/``: ``adapter/``, ``model/`` (the merged
-model, optional), ``eval/``, a model card ``README.md`` and ``manifest.json`` (parameters, code
-version, data sources, base model, metrics, gate, flow run id, and every file with its size and
-SHA-256). The manifest is written last and the ``LATEST`` pointer after it, so a reader never sees
-half a release. The release id (UTC date + fingerprint) is fixed at the first attempt, so a retry
-continues the same release; files already present with the right checksum are not uploaded again.
+A release is ``<root>/releases/<model_name>/<release_id>/``::
 
-Fetch and verify a release::
+    adapter/        the LoRA adapter (and its tokenizer)
+    model/          the merged model (optional: include_merged), verified against base + adapter
+    eval/           the evaluation report
+    README.md       model card: base model, evaluation table, gate, data, parameters
+    manifest.json   lineage: parameters, code version, data sources, base model and revision,
+                    metrics and gate, Prefect flow run id, every file with its size and SHA-256
 
-    tuneline fetch s3://bucket/prefix my-model LATEST ./here
+Order of writes, so that a reader never sees half a release:
+
+1. the release id (UTC time + fingerprint) is fixed by the first attempt, kept at
+   ``releases/<model>/.pending/<fingerprint>``: a retry continues the same release;
+2. each file is uploaded unless the store already holds it with the same size and SHA-256
+   (``x-amz-meta-sha256``), so a rerun uploads only what is missing or different (multipart above
+   ``multipart_chunk_mib``; botocore retries transient errors with backoff, the task retries too);
+3. every file is checked against the store (its content read back and hashed, by default);
+4. ``manifest.json`` is written — only now is the release complete;
+5. ``LATEST`` is pointed at it (never moved back to an older release).
+
+S3 goes through boto3 with credentials from a ``Tuneline Artifact Store`` block (prefect-aws
+``AwsCredentials``) or the environment; ``endpoint_url`` picks an S3-compatible server. Credentials
+never appear in logs, artifacts, the manifest or errors.
+
+Fetch a release and verify every checksum::
+
+    tuneline fetch s3://bucket/prefix my-model LATEST ./here            # AWS_* from the environment
+    tuneline fetch --block nightly s3://bucket/prefix my-model 20250101T000000Z-abcd1234 ./here
 """
 from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import platform
+import shutil
 import subprocess
 import tempfile
+from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Literal
 
-from prefect import task
+from prefect import get_run_logger, task
+from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.store import StageRef, Store, code_version, fingerprint, open_ref, safe_key, sha256_file, stage_cache_key, store_for
+from tasks.store import StageRef, Store, StoreError, code_version, fingerprint, open_ref, safe_key, sha256_file, stage_cache_key, store_for
 
 STAGE = "release"
+MANIFEST = "manifest.json"
+LATEST = "LATEST"
 
 
 class ReleaseError(RuntimeError):
@@ -38,45 +64,123 @@ class ReleaseParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model_name: str = Field(default="qwen2-7b-instruct-tuneline", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", description="Name of the released model: the folder under releases/.")
-    include_merged: bool = Field(default=True, description="Also publish the merged model (the full weights), not only the adapter.")
+    include_merged: bool = Field(default=True, description="Also publish the merged model (the full weights, ~15 GB for 7B in 16 bits), not only the adapter (~tens of MB).")
+    verify_upload: Literal["content", "metadata"] = Field(
+        default="content",
+        description="How each uploaded file is checked against the store before the manifest is written. content: read "
+        "it back and hash it (catches any corruption; reads the release once more). metadata: trust the size and the "
+        "SHA-256 recorded at upload (fast; does not prove the bytes).",
+    )
+    multipart_chunk_mib: int = Field(
+        default=64, ge=5, le=5120,
+        description="Files larger than this go up in parts of this size (S3: ≥ 5 MiB a part, ≤ 10,000 parts). Smaller "
+        "parts resume finer after a failure; larger parts mean fewer requests.",
+    )
 
 
+# ----------------------------------------------------------------------------------------------
+# Lineage and the model card
+# ----------------------------------------------------------------------------------------------
 def git_commit() -> str:
+    """The code version: the git commit (``-dirty`` with local changes), else ``TUNELINE_GIT_COMMIT``
+    (set it in container images built without ``.git``), else ``unknown``."""
+    here = Path(__file__).parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if out.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=10)
+            return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        pass
+    return os.environ.get("TUNELINE_GIT_COMMIT", "unknown")
 
 
 def _flow_run_id() -> str | None:
-    try:
-        from prefect.runtime import flow_run
+    from prefect.runtime import flow_run
 
-        return flow_run.id
-    except Exception:
-        return None
+    return flow_run.id
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("torch", "transformers", "peft", "trl", "datasets", "prefect"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def build_lineage(params: dict[str, Any], adapter: StageRef, merged: StageRef, report: StageRef, dataset: StageRef, eval_report: dict[str, Any]) -> dict[str, Any]:
+    """Everything needed to know where a release came from (the manifest adds the files)."""
+    sources = [
+        {
+            "spec": s.get("spec"),
+            "fingerprint": s.get("fingerprint"),  # present when the data stage records it per source
+            "rows_read": s.get("rows_read"),
+            "rows_sampled": s.get("rows_sampled"),
+        }
+        for s in dataset.metrics.get("sources", [])
+    ]
+    return {
+        "params": params,
+        "code_version": git_commit(),
+        "versions": _versions(),
+        "base_model": params["base_model"],
+        "base_revision": params.get("base_revision"),
+        # The exact weights merged into (a hub commit, or the packaged model's version), from the merge stage.
+        "base_revision_resolved": merged.metrics.get("base_revision_resolved"),
+        "data": {
+            "fingerprint": dataset.fingerprint,
+            "train_rows": dataset.metrics.get("train_rows"),
+            "validation_rows": dataset.metrics.get("validation_rows"),
+            "sources": sources,
+        },
+        "stages": {r.stage: r.fingerprint for r in (dataset, adapter, merged, report)},
+        "merge": {k: merged.metrics.get(k) for k in ("dtype", "max_logit_diff", "tolerance", "verified")},
+        "metrics": eval_report["metrics"],
+        "gate": eval_report["gate"],
+        "forced": not eval_report["gate"]["passed"],
+        "flow_run_id": _flow_run_id(),
+    }
 
 
 def model_card(model_name: str, lineage: dict[str, Any], report: dict[str, Any]) -> str:
+    """The release's ``README.md``: what it is, how it scores against the base, how it was made."""
     base, tuned = report["metrics"]["base"], report["metrics"]["tuned"]
     rows = "\n".join(f"| {k} | {base[k]:.4f} | {tuned[k]:.4f} | {tuned[k] - base[k]:+.4f} |" for k in base if k in tuned)
     gate = report["gate"]
+    merge = lineage.get("merge", {})
+    sources = "\n".join(
+        f"- `{s['spec']}`: {s['rows_sampled']} rows sampled of {s['rows_read']}" + (f" (fingerprint `{s['fingerprint']}`)" if s.get("fingerprint") else "")
+        for s in lineage["data"].get("sources", [])
+    )
     return (
-        f"# {model_name}\n\nLoRA fine-tune of `{lineage['base_model']}` (revision `{lineage['base_revision']}`) "
-        f"made by tuneline (code `{lineage['code_version']}`).\n\n"
+        f"# {model_name}\n\nLoRA fine-tune of `{lineage['base_model']}` (revision `{lineage['base_revision']}`"
+        + (f", resolved `{lineage['base_revision_resolved']}`" if lineage.get("base_revision_resolved") else "")
+        + f") made by tuneline (code `{lineage['code_version']}`, Prefect flow run `{lineage.get('flow_run_id')}`).\n\n"
+        f"Files: `adapter/` (LoRA adapter), `model/` (merged weights, {merge.get('dtype')}; max |Δlogit| against "
+        f"base + adapter {merge.get('max_logit_diff') or 0:.3g} ≤ {merge.get('tolerance') or 0:.3g}), `eval/`, `manifest.json` "
+        f"(lineage and SHA-256 of every file).\n\n"
         f"## Evaluation (base vs this model)\n\n| metric | base | tuned | delta |\n|---|---|---|---|\n{rows}\n\n"
         f"Quality gate: **{'passed' if gate['passed'] else 'FAILED: ' + '; '.join(gate['reasons'])}**"
         f"{' (release forced by a person)' if lineage.get('forced') else ''}\n\n"
-        f"## Training data\n\n" + "\n".join(f"- `{s['spec']}`: {s['rows_sampled']} rows" for s in lineage["data"].get("sources", []))
-        + f"\n\n## Parameters\n\n```json\n{json.dumps(lineage['params'], indent=2, ensure_ascii=False)}\n```\n"
+        f"## Training data\n\nDataset fingerprint `{lineage['data']['fingerprint']}`: {lineage['data'].get('train_rows')} train rows, "
+        f"{lineage['data'].get('validation_rows')} validation rows.\n\n{sources}\n\n"
+        f"## Parameters\n\n```json\n{json.dumps(lineage['params'], indent=2, ensure_ascii=False)}\n```\n"
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Publishing (plain functions: a store, local files, no Prefect)
+# ----------------------------------------------------------------------------------------------
+def release_prefix(model_name: str, release_id: str) -> str:
+    return f"releases/{safe_key(model_name)}/{safe_key(release_id)}"
 
 
 def release_id_for(store: Store, model_name: str, fp: str) -> str:
     """``YYYYMMDDTHHMMSSZ-<fp8>``, fixed by the first attempt (kept at ``releases/<model>/.pending/<fp>``)."""
-    pending = f"releases/{safe_key(model_name)}/.pending/{fp}"
+    pending = f"releases/{safe_key(model_name)}/.pending/{safe_key(fp)}"
     if store.exists(pending):
         return store.read_bytes(pending).decode().strip()
     rid = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{fp[:8]}"
@@ -84,106 +188,167 @@ def release_id_for(store: Store, model_name: str, fp: str) -> str:
     return rid
 
 
-def publish_release(store: Store, model_name: str, release_id: str, files: dict[str, Path], lineage: dict[str, Any]) -> dict[str, Any]:
-    """Upload ``files`` (release-relative key -> local path) unless already there, verify, then write
-    the manifest and the ``LATEST`` pointer. Returns the manifest."""
-    prefix = f"releases/{safe_key(model_name)}/{safe_key(release_id)}"
-    existing = _existing_checksums(store, prefix)
-    entries = {}
+def latest_release(store: Store, model_name: str) -> str | None:
+    key = f"releases/{safe_key(model_name)}/{LATEST}"
+    return store.read_bytes(key).decode().strip() if store.exists(key) else None
+
+
+def publish_release(
+    store: Store,
+    model_name: str,
+    release_id: str,
+    files: dict[str, Path],
+    lineage: dict[str, Any],
+    verify: Literal["content", "metadata"] = "content",
+    on_progress: Callable[[str, bool], None] | None = None,
+) -> dict[str, Any]:
+    """Upload ``files`` (release-relative key -> local path) unless already there, verify them
+    against the store, then write the manifest and the ``LATEST`` pointer. Returns the manifest.
+    ``on_progress(key, uploaded)`` is called after each file (uploaded False: it was already there)."""
+    prefix = release_prefix(model_name, release_id)
+    entries: dict[str, dict[str, Any]] = {}
     for rel, path in sorted(files.items()):
-        digest = sha256_file(path)
-        entries[safe_key(rel)] = {"size": path.stat().st_size, "sha256": digest}
-        if existing.get(safe_key(rel)) != digest:
-            store.upload_file(path, f"{prefix}/{safe_key(rel)}")
-            store.write_bytes(f"{prefix}/.checksums/{safe_key(rel)}", digest.encode())
-    problems = verify_files(store, prefix, entries)
+        rel = safe_key(rel)
+        if rel in (MANIFEST, LATEST):
+            raise ReleaseError(f"{rel} is written by the release itself, not a file to publish")
+        entry = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+        entries[rel] = entry
+        there = store.head(f"{prefix}/{rel}")
+        uploaded = there != entry
+        if uploaded:
+            store.upload_file(path, f"{prefix}/{rel}", sha256=entry["sha256"])
+        if on_progress:
+            on_progress(rel, uploaded)
+    problems = verify_files(store, prefix, entries, verify)
     if problems:
-        raise ReleaseError(f"release {prefix} does not match what was uploaded: " + "; ".join(problems))
+        for rel in problems:  # so that a retry uploads them again instead of trusting their metadata
+            store.delete(f"{prefix}/{rel}")
+        raise ReleaseError(f"release {model_name}/{release_id} at {store.where()} does not match what was uploaded: " + "; ".join(f"{k}: {v}" for k, v in problems.items()))
     manifest = {"model_name": model_name, "release_id": release_id, "created": dt.datetime.now(dt.timezone.utc).isoformat(), **lineage, "files": entries}
-    store.write_json(f"{prefix}/manifest.json", manifest)
-    store.write_bytes(f"releases/{safe_key(model_name)}/LATEST", release_id.encode())
+    store.write_json(f"{prefix}/{MANIFEST}", manifest)
+    current = latest_release(store, model_name)
+    if current is None or current <= release_id:  # ids start with the UTC time: never move LATEST back
+        store.write_bytes(f"releases/{safe_key(model_name)}/{LATEST}", release_id.encode())
     return manifest
 
 
-def _existing_checksums(store: Store, prefix: str) -> dict[str, str]:
-    out = {}
-    for key in store.list(f"{prefix}/.checksums"):
-        rel = key[len(prefix) + len("/.checksums/") :]
-        out[rel] = store.read_bytes(key).decode().strip()
-    return out
-
-
-def verify_files(store: Store, prefix: str, entries: dict[str, dict[str, Any]]) -> list[str]:
-    """Download each file and compare its SHA-256 with the manifest's; return the problems."""
-    problems = []
-    with tempfile.TemporaryDirectory(prefix="tuneline-verify-") as tmp:
-        for rel, entry in entries.items():
-            local = Path(tmp) / "f"
-            try:
-                store.download_file(f"{prefix}/{rel}", local)
-            except Exception as e:  # noqa: BLE001 - reported, not raised: the caller lists every problem
-                problems.append(f"{rel}: missing ({type(e).__name__})")
-                continue
-            if sha256_file(local) != entry["sha256"]:
-                problems.append(f"{rel}: checksum mismatch")
+def verify_files(store: Store, prefix: str, entries: dict[str, dict[str, Any]], how: Literal["content", "metadata"] = "content") -> dict[str, str]:
+    """Compare each file in the store with its entry (size and SHA-256); return ``{key: problem}``."""
+    problems = {}
+    for rel, entry in entries.items():
+        key = f"{prefix}/{rel}"
+        there = store.head(key)
+        if there is None:
+            problems[rel] = "missing"
+        elif there["size"] != entry["size"]:
+            problems[rel] = f"size {there['size']} != {entry['size']}"
+        elif how == "content" and store.sha256_of(key) != entry["sha256"]:
+            problems[rel] = "checksum mismatch"
+        elif how == "metadata" and there["sha256"] != entry["sha256"]:
+            problems[rel] = "checksum mismatch"
     return problems
 
 
+# ----------------------------------------------------------------------------------------------
+# Fetching (the ``tuneline fetch`` command)
+# ----------------------------------------------------------------------------------------------
 def fetch_release(store: Store, model_name: str, release_id: str, dest: Path) -> dict[str, Any]:
-    """Download a release (``LATEST`` or an id) into ``dest`` and verify every checksum."""
-    if release_id == "LATEST":
-        release_id = store.read_bytes(f"releases/{safe_key(model_name)}/LATEST").decode().strip()
-    prefix = f"releases/{safe_key(model_name)}/{safe_key(release_id)}"
-    manifest = store.read_json(f"{prefix}/manifest.json")
-    bad = []
-    for rel, entry in manifest["files"].items():
-        target = dest / rel
-        store.download_file(f"{prefix}/{rel}", target)
-        if sha256_file(target) != entry["sha256"]:
-            bad.append(rel)
-    (dest / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
-    if bad:
-        raise ReleaseError(f"release {model_name}/{release_id}: checksum mismatch for {', '.join(bad)}")
+    """Download a release (``LATEST`` or an id) into ``dest`` and verify every file's size and SHA-256
+    against the manifest. Files land in ``dest`` only when all of them are right; on a mismatch
+    nothing is left behind and ``ReleaseError`` names the bad files."""
+    dest = Path(dest)
+    if dest.exists() and any(dest.iterdir()):
+        raise ReleaseError(f"destination {dest} is not empty")
+    if release_id == LATEST:
+        release_id = latest_release(store, model_name)
+        if release_id is None:
+            raise ReleaseError(f"no release of {model_name!r} at {store.where()} ({LATEST} is missing)")
+    prefix = release_prefix(model_name, release_id)
+    if not store.exists(f"{prefix}/{MANIFEST}"):
+        raise ReleaseError(f"no complete release {model_name}/{release_id} at {store.where()} (no {MANIFEST})")
+    manifest = store.read_json(f"{prefix}/{MANIFEST}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.partial-"))
+    try:
+        bad = []
+        for rel, entry in sorted(manifest["files"].items()):
+            rel = safe_key(rel)  # the manifest is data from the store: never a path outside dest
+            target = tmp / rel
+            store.download_file(f"{prefix}/{rel}", target)
+            if target.stat().st_size != entry["size"] or sha256_file(target) != entry["sha256"]:
+                bad.append(rel)
+        if bad:
+            raise ReleaseError(f"release {model_name}/{release_id} at {store.where()}: checksum mismatch for {', '.join(bad)}; nothing was kept")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+        if dest.exists():
+            dest.rmdir()
+        tmp.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
 
+# ----------------------------------------------------------------------------------------------
+# Prefect task
+# ----------------------------------------------------------------------------------------------
 def fingerprint_of(config: ReleaseParams, adapter: StageRef, merged: StageRef, report: StageRef, dataset: StageRef, params: dict[str, Any], root: str, storage_block: str | None = None) -> str:
     return fingerprint(STAGE, code_version(publish_release), {"config": config, "params": params}, upstream=[adapter.fingerprint, merged.fingerprint, report.fingerprint, dataset.fingerprint])
 
 
-@task(name="release", cache_key_fn=stage_cache_key(STAGE, fingerprint_of), persist_result=True, tags=["cpu"], retries=2, retry_delay_seconds=5)
-def release(config: ReleaseParams, adapter: StageRef, merged: StageRef, report: StageRef, dataset: StageRef, params: dict[str, Any], root: str, storage_block: str | None = None) -> StageRef:
-    """Publish a release; ``manifest.json`` last, then ``LATEST``. CPU."""
-    fp = fingerprint_of(config, adapter, merged, report, dataset, params, root)
-    store = store_for(root, storage_block)
-    if (ref := store.completed(STAGE, fp)) is not None:
-        return ref
-    release_id = release_id_for(store, config.model_name, fp)
+def _release_files(config: ReleaseParams, adapter: StageRef, merged: StageRef, report: StageRef, storage_block: str | None) -> dict[str, Path]:
     files: dict[str, Path] = {}
     parts = {"adapter": adapter, "eval": report} | ({"model": merged} if config.include_merged else {})
     for name, ref in parts.items():
         folder = open_ref(ref, storage_block)
         files.update({f"{name}/{p.relative_to(folder).as_posix()}": p for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith("_")})
+    return files
+
+
+def _worth_retrying(task, task_run, state) -> bool:
+    """Retry transient failures; a missing bucket or rejected credentials fail at once."""
+    return not (isinstance(state.data, StoreError) and state.data.permanent)
+
+
+# Transient failures (the store went away, a timeout) are retried with growing pauses: 10 s, 20 s, 40 s
+# (botocore has already retried each request a few times). A retry continues the same release id.
+@task(name="release", cache_key_fn=stage_cache_key(STAGE, fingerprint_of), persist_result=True, tags=["cpu"],
+      retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=10), retry_jitter_factor=0.5,
+      retry_condition_fn=_worth_retrying)
+def release(config: ReleaseParams, adapter: StageRef, merged: StageRef, report: StageRef, dataset: StageRef, params: dict[str, Any], root: str, storage_block: str | None = None) -> StageRef:
+    """Publish a release; ``manifest.json`` last, then ``LATEST``. CPU and network."""
+    from prefect.artifacts import create_markdown_artifact
+
+    logger = get_run_logger()
+    fp = fingerprint_of(config, adapter, merged, report, dataset, params, root)
+    store = store_for(root, storage_block)
+    store.multipart_threshold = store.multipart_chunksize = config.multipart_chunk_mib << 20
+    store.check()  # a missing bucket or wrong credentials fail here, naming endpoint and bucket
+    if (ref := store.completed(STAGE, fp)) is not None:
+        return ref
+    release_id = release_id_for(store, config.model_name, fp)
+    files = _release_files(config, adapter, merged, report, storage_block)
     eval_report = json.loads((open_ref(report, storage_block) / "report.json").read_text())
-    data_report = dataset.metrics
-    lineage = {
-        "params": params,
-        "code_version": git_commit(),
-        "base_model": params["base_model"],
-        "base_revision": params.get("base_revision"),
-        "data": {"fingerprint": dataset.fingerprint, **data_report},
-        "stages": {r.stage: r.fingerprint for r in (dataset, adapter, merged, report)},
-        "metrics": eval_report["metrics"],
-        "gate": eval_report["gate"],
-        "forced": not eval_report["gate"]["passed"],
-        "flow_run_id": _flow_run_id(),
-    }
+    lineage = build_lineage(params, adapter, merged, report, dataset, eval_report)
+    counts = {"uploaded": 0, "present": 0}
+
+    def progress(rel: str, uploaded: bool) -> None:
+        counts["uploaded" if uploaded else "present"] += 1
+        logger.info("%s %s (%d/%d)", "uploaded" if uploaded else "already there:", rel, sum(counts.values()), len(files) + 1)
+
     with tempfile.TemporaryDirectory(prefix="tuneline-release-") as tmp:
         card = Path(tmp) / "README.md"
         card.write_text(model_card(config.model_name, lineage, eval_report), encoding="utf-8")
         files["README.md"] = card
-        manifest = publish_release(store, config.model_name, release_id, files, lineage)
-    uri = store.uri(f"releases/{safe_key(config.model_name)}/{release_id}")
+        manifest = publish_release(store, config.model_name, release_id, files, lineage, config.verify_upload, progress)
+    uri = store.uri(release_prefix(config.model_name, release_id))
+    size = sum(e["size"] for e in manifest["files"].values())
+    logger.info("released %s: %d files, %.1f MB (%d uploaded, %d already there), checksums verified", uri, len(files), size / 1e6, counts["uploaded"], counts["present"])
+    create_markdown_artifact(
+        key="release", description="The published release",
+        markdown=f"**{config.model_name}** release `{release_id}`\n\n`{uri}`\n\n{len(files)} files, {size / 1e6:.1f} MB, "
+        f"SHA-256 verified ({config.verify_upload}). Fetch it:\n\n```\ntuneline fetch {store.root} {config.model_name} {release_id} ./{config.model_name}\n```",
+    )
     with tempfile.TemporaryDirectory(prefix="tuneline-release-ref-") as tmp:
         (Path(tmp) / "release.json").write_text(json.dumps({"uri": uri, "release_id": release_id}))
-        return store.publish(STAGE, fp, Path(tmp), {"release_uri": uri, "release_id": release_id, "files": len(manifest["files"])})
+        return store.publish(STAGE, fp, Path(tmp), {"release_uri": uri, "release_id": release_id, "files": len(manifest["files"]), "size_bytes": size})
+

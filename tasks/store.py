@@ -22,6 +22,7 @@ can skip what is already there; botocore retries transient errors with exponenti
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -38,7 +39,16 @@ SUCCESS = "_SUCCESS"
 
 
 class StoreError(RuntimeError):
-    """An artifact-store operation failed; the message names the location, never a secret."""
+    """An artifact-store operation failed; the message names the location, never a secret.
+    ``permanent`` marks failures that a retry cannot fix (missing bucket, rejected credentials)."""
+
+    def __init__(self, message: str, permanent: bool = False):
+        super().__init__(message)
+        self.permanent = permanent
+
+
+# S3 error codes that retrying will not fix.
+PERMANENT_S3_ERRORS = frozenset({"NoSuchBucket", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "NoCredentialsError", "InvalidBucketName"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,10 +84,19 @@ def _canonical(value: Any) -> Any:
 
 
 def code_version(obj: Any) -> str:
-    """Hash of the source of the module that defines ``obj``: editing a stage's code reruns it."""
+    """Hash of the source of the module that defines ``obj``: editing a stage's code reruns it.
+
+    Read once per process and module, so it describes the code that is running even if the file
+    changes on disk afterwards."""
     module = inspect.getmodule(obj)
-    source = inspect.getsource(module) if module else repr(obj)
-    return hashlib.sha256(source.encode()).hexdigest()[:12]
+    return _module_hash(module.__name__) if module else hashlib.sha256(repr(obj).encode()).hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=None)
+def _module_hash(name: str) -> str:
+    import sys
+
+    return hashlib.sha256(inspect.getsource(sys.modules[name]).encode()).hexdigest()[:12]
 
 
 def fingerprint(stage: str, code: str, config: Any, upstream: Iterable[str] = (), sources: Iterable[str] = ()) -> str:
@@ -184,11 +203,14 @@ class Store:
         try:
             return fn()
         except ClientError as e:  # keep only the error code: a response may echo request details
-            raise StoreError(self._explain(what, e.response.get("Error", {}).get("Code", "?"))) from None
+            raise self._error(what, e.response.get("Error", {}).get("Code", "?")) from None
         except BotoCoreError as e:
-            raise StoreError(self._explain(what, type(e).__name__)) from None
+            raise self._error(what, type(e).__name__) from None
         except (OSError, ValueError) as e:  # boto3's transfer manager can surface these (e.g. a vanished local file)
-            raise StoreError(self._explain(what, type(e).__name__)) from None
+            raise self._error(what, type(e).__name__) from None
+
+    def _error(self, what: str, code: str) -> StoreError:
+        return StoreError(self._explain(what, code), permanent=code in PERMANENT_S3_ERRORS)
 
     def _explain(self, what: str, code: str) -> str:
         """One readable line per failure: what failed, where, and the likely cause."""
@@ -219,7 +241,7 @@ class Store:
         except StoreError as e:
             code = getattr(e.__context__, "response", {}).get("Error", {}).get("Code") if isinstance(e.__context__, ClientError) else None
             if code in ("404", "NoSuchBucket"):  # HEAD has no body, so a missing bucket is a bare 404
-                raise StoreError(self._explain("head bucket", "NoSuchBucket")) from None
+                raise self._error("head bucket", "NoSuchBucket") from None
             raise
 
     # -- operations -------------------------------------------------------------------------
@@ -307,9 +329,9 @@ class Store:
             code = e.response.get("Error", {}).get("Code", "?")
             if code in ("404", "NoSuchKey", "NotFound"):
                 return None
-            raise StoreError(self._explain(f"head {key}", code)) from None
+            raise self._error(f"head {key}", code) from None
         except Exception as e:  # noqa: BLE001 - connection errors and the like, without their text
-            raise StoreError(self._explain(f"head {key}", type(e).__name__)) from None
+            raise self._error(f"head {key}", type(e).__name__) from None
         return {"size": head["ContentLength"], "sha256": head.get("Metadata", {}).get("sha256")}
 
     def sha256_of(self, key: str, chunk: int = 1 << 20) -> str:
@@ -331,6 +353,13 @@ class Store:
             shutil.copyfile(self.local_path(key), local)
             return
         self._s3(f"download {key}", lambda: self.client.download_file(self.bucket, self._object_key(key), str(local)))
+
+    def delete(self, key: str) -> None:
+        """Remove one object (no error when it is already gone)."""
+        if not self.is_s3:
+            self.local_path(key).unlink(missing_ok=True)
+            return
+        self._s3(f"delete {key}", lambda: self.client.delete_object(Bucket=self.bucket, Key=self._object_key(key)))
 
     def delete_prefix(self, prefix: str) -> None:
         if not self.is_s3:
@@ -453,6 +482,7 @@ def stage_cache_key(stage: str, fingerprint_of: Callable[..., str]) -> Callable[
     def cache_key(context: Any, parameters: dict[str, Any]) -> str:
         fp = fingerprint_of(**parameters)
         store = store_for(parameters["root"], parameters.get("storage_block"))
+        store.check()  # before any write: some S3 servers (SeaweedFS) create a mistyped bucket on PUT
         token_key = f"stages/{stage}/{fp}.cache-key"
         token = None
         if store.completed(stage, fp) is not None and store.exists(token_key):
