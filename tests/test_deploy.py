@@ -114,7 +114,7 @@ def _literal_choices(ann) -> set:
 
 def _enums(node) -> set:
     if isinstance(node, dict):
-        found = set(node.get("enum", []))
+        found = set(node.get("enum", [])) | ({node["const"]} if "const" in node else set())  # a one-value Literal
         return found.union(*(_enums(v) for v in node.values())) if node else found
     if isinstance(node, list):
         return set().union(*(_enums(v) for v in node)) if node else set()
@@ -176,8 +176,11 @@ def test_manual_run_from_the_api_releases_and_a_second_click_waits(service, clie
     assert manifest["params"]["sft"]["max_steps"] == 2
     for name in manifest["files"]:
         assert (release_dir / latest / name).exists(), name
-    # the second run found every stage in the cache: still one release
-    assert [p.name for p in release_dir.iterdir() if p.is_dir()] == [latest]
+    # the run that waited found the training in the cache (same parameters, same fingerprints)
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[b])))
+    assert {t.name.split("-")[0]: t.state.name for t in tasks}["lora_sft"] == "Cached"
 
 
 def test_nightly_collision_cancels_the_new_run(service, client):
@@ -222,3 +225,51 @@ def test_failure_hook_reports_where_operators_look(service, client, monkeypatch)
         "POST", "/events/filter", json={"filter": {"event": {"name": [FAILED_EVENT]}}}).json()["events"])
     assert [e["resource"]["prefect.resource.id"] for e in events] == [f"prefect.flow-run.{run_id}"]
     assert "bad.jsonl" in events[0]["payload"]["reason"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Files that cannot run here (no Docker, no cluster): parsed and cross-checked
+# ----------------------------------------------------------------------------------------------
+def _placeholders(node) -> set[str]:
+    import re
+
+    if isinstance(node, str):
+        return set(re.findall(r"\{\{\s*([\w.]+)\s*\}\}", node))
+    items = node.values() if isinstance(node, dict) else node if isinstance(node, list) else []
+    return set().union(*(_placeholders(v) for v in items)) if items else set()
+
+
+@pytest.mark.parametrize("kind", ["process", "kubernetes"])
+def test_every_pool_template_is_complete(kind):
+    from flows.deploy import base_job_template
+
+    spec = yaml.safe_load(POOLS_FILE.read_text())
+    for name, pool in spec["pools"].items():
+        template = base_job_template(kind, pool.get(kind))  # raises on an override the template lacks
+        declared = set(template["variables"]["properties"])
+        assert _placeholders(template["job_configuration"]) <= declared, name
+        if kind == "kubernetes":
+            container = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+            assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpus }}"
+            gpus = template["variables"]["properties"]["gpus"]["default"]
+            # the pool asks Kubernetes for exactly the GPUs of its profile, on matching nodes
+            from tasks.hardware import PROFILES
+
+            assert gpus == PROFILES[pool["profile"]].requirement.gpus, name
+            assert bool(template["variables"]["properties"]["node_selector"]["default"]) == (gpus > 0), name
+
+
+def test_compose_file_parses_and_wires_server_postgres_s3_and_workers():
+    compose = yaml.safe_load((REPO / "infra" / "compose.yaml").read_text())  # Docker is not available here
+    services = compose["services"]
+    assert {"postgres", "prefect-server", "s3", "worker-cpu", "worker-gpu-0", "deploy"} <= set(services)
+    server = services["prefect-server"]
+    assert "postgresql+asyncpg://" in server["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
+    assert all(p.startswith("127.0.0.1:") for s in services.values() for p in s.get("ports", []))
+    for name in ("worker-cpu", "worker-gpu-0"):
+        env = services[name]["environment"]
+        assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+        assert env["AWS_ENDPOINT_URL"].startswith("http://s3:")
+        assert "${" in env["AWS_SECRET_ACCESS_KEY"]  # from infra/.env, never written in the file
+    gpu = services["worker-gpu-0"]
+    assert "--limit" in gpu["command"] and gpu["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["0"]
