@@ -333,7 +333,7 @@ def release(config: ReleaseParams, adapter: StageRef, merged: StageRef, report: 
 
     def progress(rel: str, uploaded: bool) -> None:
         counts["uploaded" if uploaded else "present"] += 1
-        logger.info("%s %s (%d/%d)", "uploaded" if uploaded else "already there:", rel, sum(counts.values()), len(files) + 1)
+        logger.info("%s %s (%d/%d)", "uploaded" if uploaded else "already there:", rel, sum(counts.values()), len(files))
 
     with tempfile.TemporaryDirectory(prefix="tuneline-release-") as tmp:
         card = Path(tmp) / "README.md"
