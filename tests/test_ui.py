@@ -81,7 +81,14 @@ def test_custom_run_form_submits_a_run_with_the_changed_parameter(service, page)
     page.wait_for_url(re.compile(rf"/deployments/deployment/{manual.id}(\?tab=Runs)?$"))
     with SyncPrefectClient(service.api_url) as client:
         (run,) = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[manual.id])))
+    # The UI confirms with the run's name; the deployment's Runs tab lists it and leads to its page.
+    page.get_by_text(f"{run.name} scheduled to start").first.wait_for()
+    page.goto(f"{service.ui_url}/deployments/deployment/{manual.id}?tab=Runs")
+    page.get_by_role("link", name=run.name).first.click()
+    page.wait_for_url(re.compile(rf"/runs/flow-run/{run.id}"))
     page.get_by_text(run.name).first.wait_for()
+    page.get_by_text("Scheduled").first.wait_for()  # no worker in this test: it waits for one
+    page.wait_for_load_state("networkidle")
     page.screenshot(path=str(SHOTS / "submitted-run.png"), full_page=False)
 
     assert run.deployment_id == manual.id
