@@ -89,6 +89,16 @@ def test_deployments_pools_and_limits_come_from_infra_files(service, client):
         # parameters: the preset, validated and stored in full
         assert d.parameters == {"params": load_params(service.preset).model_dump(mode="json")}
 
+    # the server's scheduler has put the next nights on the calendar, at 01:30 Berlin time
+    from zoneinfo import ZoneInfo
+
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    upcoming = _eventually(lambda: client.read_flow_runs(
+        deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[nightly.id]))), timeout=90)
+    local = [r.expected_start_time.astimezone(ZoneInfo("Europe/Berlin")) for r in upcoming]
+    assert local and all((t.hour, t.minute) == (1, 30) for t in local), local
+
     pools_spec = yaml.safe_load(POOLS_FILE.read_text())
     pools = {p.name: p for p in client.read_work_pools()}
     for name, pool in pools_spec["pools"].items():
@@ -273,3 +283,25 @@ def test_compose_file_parses_and_wires_server_postgres_s3_and_workers():
         assert "${" in env["AWS_SECRET_ACCESS_KEY"]  # from infra/.env, never written in the file
     gpu = services["worker-gpu-0"]
     assert "--limit" in gpu["command"] and gpu["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["0"]
+
+
+def test_deploy_refuses_an_unknown_pool_before_touching_the_server(capsys):
+    from flows.cli import main
+
+    assert main(["deploy", "--pool", "gpu-h100"]) == 1
+    err = capsys.readouterr().err
+    assert "gpu-h100" in err and "work-pools.yaml" in err and "gpu-v100" in err
+
+
+def test_deploy_build_step_rejects_a_bad_preset(tmp_path):
+    from pydantic import ValidationError
+
+    from flows.deploy import deployment_values
+
+    bad = tmp_path / "nightly.yaml"
+    bad.write_text("sft:\n  max_stpes: 10\n")
+    with pytest.raises(ValidationError, match="max_stpes"):
+        deployment_values(str(bad))
+    good = deployment_values(str(REPO / "infra" / "presets" / "nightly.yaml"))
+    assert good["params"] == RetrainParams.model_validate(yaml.safe_load((REPO / "infra" / "presets" / "nightly.yaml").read_text())).model_dump(mode="json")
+    assert good["code_dir"] == str(REPO)
