@@ -97,6 +97,16 @@ def test_s3_source_and_its_fingerprint(tmp_path, s3_server):
         _run(tmp_path, [f"s3://{s3_server.bucket}/nothing"])
 
 
+def test_modelscope_without_the_extra_says_how_to_install(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("modelscope") is not None:
+        pytest.skip("modelscope is installed here")
+    for spec, hub in (("ms://AI-ModelScope/alpaca-gpt4-data-zh#5", "huggingface"), ("AI-ModelScope/alpaca-gpt4-data-zh#5", "modelscope")):
+        with pytest.raises(DataError, match=r"AI-ModelScope/alpaca-gpt4-data-zh \(modelscope\): .*pip install 'tuneline\[modelscope\]'"):
+            _run(tmp_path, [spec], hub=hub)
+
+
 # ----------------------------------------------------------------------------------------------
 # Formats
 # ----------------------------------------------------------------------------------------------
