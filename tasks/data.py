@@ -607,6 +607,7 @@ def _fill(content: Any, name: str, author: str) -> Any:
 @dataclass
 class _SourceReport:
     spec: str
+    fingerprint: str = ""  # the source's content (checksum, ETag, hub revision): lineage for the release
     format: str = "?"
     rows_read: int = 0
     rows_valid: int = 0
@@ -890,6 +891,7 @@ def prepare(
     loaded: dict[int, tuple[list[list[dict[str, str]]], _SourceReport]] = {}
     for k in sorted(range(len(specs)), key=lambda k: specs[k].kind in ("hub", "s3")):
         loaded[k] = load_source(specs[k], config, storage_block)
+        loaded[k][1].fingerprint = source_fingerprint(specs[k], storage_block)
     sampled: list[list[list[dict[str, str]]]] = []
     reports: list[_SourceReport] = []
     for k, spec in enumerate(specs):  # sampling in spec order, so the result does not depend on the reading order
