@@ -18,6 +18,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows.hooks import report_failure
 from flows.params import RetrainParams
 from tasks.data import DataConfig, prepare_dataset
 from tasks.evaluate import evaluate
@@ -31,14 +32,7 @@ class QualityGateFailed(RuntimeError):
     """The tuned model is worse than the base on a gating metric; nothing was released."""
 
 
-def _report_failure(flow, flow_run, state) -> None:
-    """Operators look at ERROR logs and the run's state message: put the reason there."""
-    from prefect.logging import get_logger
-
-    get_logger("tuneline").error("retrain run %s failed: %s", flow_run.name, state.message)
-
-
-@flow(name="retrain", log_prints=True, on_failure=[_report_failure])
+@flow(name="retrain", log_prints=True, on_failure=[report_failure])
 def retrain(params: RetrainParams = RetrainParams()) -> dict[str, Any]:
     """Dataset → LoRA SFT → GRPO (optional) → merge → evaluate (quality gate) → release."""
     logger = get_run_logger()
@@ -49,13 +43,14 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict[str, Any]:
         root = load_store_settings(block)["root"]
     base, revision = params.model.base, params.model.revision
 
-    dataset = prepare_dataset(params.data, root, block)
+    dataset = prepare_dataset(params.data, root, block, model=base, revision=revision)
     adapter = lora_sft(params.sft, dataset, base, revision, root, block)
     if params.grpo.enabled:
         prompts = prepare_dataset(
             DataConfig(datasets=params.grpo.datasets, system_prompt=params.data.system_prompt, model_name=params.data.model_name,
-                       model_author=params.data.model_author, validation_ratio=0.0, seed=params.data.seed),
-            root, block,
+                       model_author=params.data.model_author, validation_ratio=0.0, seed=params.data.seed,
+                       max_length=params.data.max_length),
+            root, block, model=base, revision=revision,
         )
         adapter = grpo(params.grpo, adapter, prompts, base, revision, root, block)
     merged = merge_lora(params.merge, adapter, base, revision, params.sft.profile, root, block)
