@@ -203,6 +203,13 @@ def test_nightly_collision_cancels_the_new_run(service, client):
     assert [s for s, _ in states] == ["CANCELLED", "FAILED"], states
     assert "concurrency limit" in states[0][1]
     assert "missing-rows.jsonl" in states[1][1]  # the failure names the file
+    # the failed nightly is reported where operators look (flows/hooks.py): an artifact on the run
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    failed = next(r for r in runs if r.state.type.value == "FAILED")
+    reports = _eventually(lambda: client.read_artifacts(
+        artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[failed.id]))))
+    assert any(a.key == "retrain-failure" and "missing-rows.jsonl" in a.data for a in reports), reports
 
 
 def test_failure_hook_reports_where_operators_look(service, client, monkeypatch):
@@ -214,8 +221,9 @@ def test_failure_hook_reports_where_operators_look(service, client, monkeypatch)
 
     params = load_params(service.preset, [f"data.datasets=['{service.artifacts.parent / 'bad.jsonl'}']"])
     (service.artifacts.parent / "bad.jsonl").write_text('{"messages": "not a list"}\n')
+    assert report_failure in retrain.on_failure_hooks  # the flow as deployed carries the hook
     with temporary_settings({PREFECT_API_URL: service.api_url}):
-        state = retrain.with_options(on_failure=[report_failure])(params, return_state=True)
+        state = retrain(params, return_state=True)
     assert state.is_failed()
     run_id = state.state_details.flow_run_id
     reason = state.message
@@ -228,12 +236,14 @@ def test_failure_hook_reports_where_operators_look(service, client, monkeypatch)
     ])
     assert any("bad.jsonl" in m for m in errors), errors
     # 2. a markdown artifact under a fixed key, linked to the run
-    (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[ARTIFACT_KEY])))
-    assert artifact.flow_run_id == run_id and "bad.jsonl" in artifact.data
+    (artifact,) = [a for a in client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[ARTIFACT_KEY])))
+                   if a.flow_run_id == run_id]
+    assert "bad.jsonl" in artifact.data
     # 3. an event on the run, for automations and the Event Feed
     events = _eventually(lambda: client.request(
-        "POST", "/events/filter", json={"filter": {"event": {"name": [FAILED_EVENT]}}}).json()["events"])
-    assert [e["resource"]["prefect.resource.id"] for e in events] == [f"prefect.flow-run.{run_id}"]
+        "POST", "/events/filter", json={"filter": {"event": {"name": [FAILED_EVENT]},
+                                                   "resource": {"id": [f"prefect.flow-run.{run_id}"]}}}).json()["events"])
+    assert len(events) == 1
     assert "bad.jsonl" in events[0]["payload"]["reason"]
 
 
