@@ -21,7 +21,7 @@ from prefect import flow, get_run_logger
 from flows.hooks import report_failure
 from flows.params import RetrainParams
 from tasks.data import DataConfig, prepare_dataset
-from tasks.evaluate import evaluate
+from tasks.evaluate import check_eval_data, evaluate
 from tasks.grpo import grpo
 from tasks.merge import merge_lora
 from tasks.release import release
@@ -43,6 +43,7 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict[str, Any]:
         root = load_store_settings(block)["root"]
     base, revision = params.model.base, params.model.revision
 
+    check_eval_data(params.eval, block)  # bad evaluation data fails now, not after hours of training
     dataset = prepare_dataset(params.data, root, block, model=base, revision=revision)
     adapter = lora_sft(params.sft, dataset, base, revision, root, block)
     if params.grpo.enabled:
