@@ -15,7 +15,8 @@ v100      1 GPU ≥ 30 GiB, 7.0 fp16 base  sdpa (no flash-attn on 7.0) 1 process
                               LoRA, loss
                               scaler
 a100x2    2 GPUs ≥ 40 GiB,    bf16       flash_attention_2 when      2 processes (DDP), same global
-          8.0                            installed, else sdpa        batch as v100
+          8.0                            installed, else sdpa        batch as v100, no gradient
+                                                                     checkpointing (measured 2x)
 auto      read from the machine
 ========  ==================  =========  ==========================  ===============================
 """
@@ -115,9 +116,10 @@ PROFILES: dict[str, Profile] = {
         GpuRequirement(2, 40, (8, 0)),
         "bf16",
         nproc=2,
-        gradient_checkpointing=True,
+        # Off: ~2x tokens/s on a 7B at 2048 packed tokens, peak 31 GiB < 40 (docs/benchmarks.md, "SFT").
+        gradient_checkpointing=False,
         prefer_flash_attention=True,
-        notes="bf16, DDP over two processes",
+        notes="bf16, DDP over two processes, no gradient checkpointing",
     ),
 }
 
@@ -174,7 +176,8 @@ def resolve_profile(name: ProfileName, machine: Machine | None = None) -> Profil
     if not machine.gpus:
         return PROFILES["cpu"]
     if max(g.compute_capability for g in machine.gpus) >= (8, 0):  # one Ampere-or-newer card: bf16
-        return Profile("gpu-bf16", GpuRequirement(1, 0, (8, 0)), "bf16", gradient_checkpointing=True, prefer_flash_attention=True)
+        big = min(g.memory_gib for g in machine.gpus) >= 39  # a 7B trains without checkpointing in ~31 GiB
+        return Profile("gpu-bf16", GpuRequirement(1, 0, (8, 0)), "bf16", gradient_checkpointing=not big, prefer_flash_attention=True)
     if satisfies(machine, PROFILES["v100"].requirement):
         return PROFILES["v100"]
     return Profile("gpu-fp16", GpuRequirement(1), "fp16", gradient_checkpointing=True)
@@ -186,7 +189,9 @@ def launch_training(module: str, job: dict[str, Any], job_path: Path, nproc: int
     Training always runs in a child, one process too, so that a crash of training (OOM, NaN abort,
     SIGKILL) is a failed task that Prefect can retry, not a dead flow. The child's output is
     streamed to the terminal (its progress bar) and to ``JOB.log``; on failure the error carries
-    its last lines. If the parent is cancelled, the child's whole process group is stopped."""
+    its last lines. ``JOB.pid`` holds the child's process id while it runs (the child leads its own
+    process group, so ``kill -- -PID`` stops torchrun and its workers). If the parent is cancelled,
+    the child's whole process group is stopped."""
     job_path.write_text(json.dumps(job, indent=2))
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone", "-m", module, str(job_path)]
@@ -196,6 +201,7 @@ def launch_training(module: str, job: dict[str, Any], job_path: Path, nproc: int
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        job_path.with_suffix(".pid").write_text(str(proc.pid))
         try:
             assert proc.stdout is not None
             for line in iter(proc.stdout.readline, b""):
@@ -212,6 +218,7 @@ def launch_training(module: str, job: dict[str, Any], job_path: Path, nproc: int
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
+            job_path.with_suffix(".pid").unlink(missing_ok=True)
     if proc.returncode != 0:
         tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
         raise RuntimeError(f"training process exited with {proc.returncode}; last lines:\n" + "\n".join(tail))

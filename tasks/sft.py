@@ -13,12 +13,23 @@ Features and their trade-offs:
   ``save_total_limit``; a checkpoint counts only once ``_COMPLETE`` is written after it, so a retry
   resumes from the newest complete one (global step, optimizer, scheduler, RNG, data position) and
   never from a half-written one.
+- A row with no trainable (assistant) token left after truncation is an error naming its line,
+  found before the model is loaded: such a micro-batch would train on nothing (a silent zero loss).
+- Non-finite guard: an optimizer step whose loss or gradients are not finite is skipped (no update)
+  and counted; more than ``max_nonfinite_steps`` end the stage with a clear message.
+- Packing (default on): rows are packed into sequences of ``max_length`` (best-fit decreasing) and
+  trained padding-free; position ids keep attention inside each row. Measured faster on an H100,
+  see docs/benchmarks.md ("SFT").
+- Optional DoRA, optional QLoRA (4-bit NF4 base through bitsandbytes, GPU only).
 - Progress: the child appends one JSON line per logging step to ``progress.jsonl``; the task turns
-  it into a Prefect progress artifact. The terminal shows the trainer's own progress bar.
+  it into a Prefect progress artifact. The terminal shows the trainer's own progress bar. Loss,
+  token accuracy and learning rate go to ``curves.png`` (a markdown artifact); tokens/s, peak GPU
+  memory and wall time to the stage's metrics.
 
-Run the plain function without Prefect (what the GPU machine does)::
+Run the plain function without Prefect (what the GPU machine does; Prefect need not be installed)::
 
-    python -m tasks.sft job.json        # job.json: see ``make_job``
+    python -m tasks.sft job.json                                    # one process; job.json: see make_job
+    torchrun --standalone --nproc_per_node 2 -m tasks.sft job.json  # the a100x2 profile
 """
 from __future__ import annotations
 
@@ -30,15 +41,21 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.hardware import PROFILES, ProfileName, launch_training, preflight, resolve_profile
+from tasks.hardware import PROFILES, Profile, ProfileName, launch_training, preflight, resolve_profile
 from tasks.models import resolve_model, training_chat_template
 from tasks.store import StageRef, code_version, fingerprint, open_ref, stage_cache_key, store_for
 
+try:
+    from prefect import task
+except ModuleNotFoundError:  # a GPU worker runs only `train` and may lack Prefect: the task stays a plain function
+    def task(*_args: Any, **_kwargs: Any) -> Any:
+        return lambda fn: fn
+
 STAGE = "sft"
 COMPLETE = "_COMPLETE"
+NONFINITE = "nonfinite.json"
 
 class SFTParams(BaseModel):
     """LoRA SFT settings. Defaults reproduce the ms-swift reference job (Qwen2-7B-Instruct, r8/α32)."""
@@ -50,20 +67,22 @@ class SFTParams(BaseModel):
     lora_alpha: int = Field(default=32, ge=1, le=4096, description="LoRA alpha: the adapter's scale is alpha / r.")
     lora_dropout: float = Field(default=0.05, ge=0.0, le=0.5, description="Dropout on the LoRA input.")
     target_modules: Literal["all-linear"] | list[str] = Field(default="all-linear", description="Modules that get adapters: all-linear, or a list of module names (q_proj, v_proj, ...).")
-    use_dora: bool = Field(default=False, description="DoRA (weight-decomposed LoRA): often a little better, slower.")
+    use_dora: bool = Field(default=False, description="DoRA (weight-decomposed LoRA): often a little better, about 1.5-2x slower steps.")
+    quantization: Literal["none", "4bit"] = Field(default="none", description="QLoRA: 4bit loads the frozen base as NF4 through bitsandbytes (GPU only): about a quarter of the base's memory, slower steps, slightly lower quality. none keeps the profile's precision.")
     learning_rate: float = Field(default=1e-4, gt=0.0, le=1.0, description="Peak learning rate.")
     num_train_epochs: float = Field(default=1.0, gt=0.0, le=100.0, description="Passes over the training split (ignored when max_steps > 0).")
     max_steps: int = Field(default=-1, ge=-1, le=1_000_000, description="Optimizer steps; -1 trains for num_train_epochs.")
-    per_device_batch_size: int = Field(default=1, ge=1, le=512, description="Rows per micro-batch per process.")
+    per_device_batch_size: int = Field(default=1, ge=1, le=512, description="Micro-batch per process: rows, or packed sequences of max_length when packing is on.")
     gradient_accumulation_steps: int = Field(default=16, ge=1, le=1024, description="Micro-batches per optimizer step on one process; with more processes it is divided so that the global batch stays the same.")
-    max_length: int = Field(default=2048, ge=16, le=131072, description="Longest sequence in tokens; longer rows are truncated.")
+    max_length: int = Field(default=2048, ge=16, le=131072, description="Longest sequence in tokens (a packed sequence when packing); longer rows are truncated.")
     warmup_ratio: float = Field(default=0.05, ge=0.0, le=0.5, description="Share of the steps spent warming up the learning rate.")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(default="cosine", description="Learning-rate schedule after warmup.")
-    eval_steps: int = Field(default=50, ge=1, le=1_000_000, description="Evaluate on the validation split every N steps.")
-    save_steps: int = Field(default=50, ge=1, le=1_000_000, description="Checkpoint every N steps (what a retry resumes from).")
-    save_total_limit: int = Field(default=2, ge=1, le=100, description="Checkpoints kept.")
-    logging_steps: int = Field(default=5, ge=1, le=10_000, description="Log loss and learning rate every N steps.")
-    packing: bool = Field(default=False, description="Pack several rows into one sequence: faster on short rows.")
+    eval_steps: int = Field(default=50, ge=1, le=1_000_000, description="Evaluate on the validation split (loss, mean token accuracy) every N steps.")
+    save_steps: int = Field(default=50, ge=1, le=1_000_000, description="Checkpoint every N steps (what a retry resumes from). Smaller loses less work on a crash, costs a save each time.")
+    save_total_limit: int = Field(default=2, ge=2, le=100, description="Checkpoints kept. At least 2, so that a complete one survives while the next is being written.")
+    logging_steps: int = Field(default=5, ge=1, le=10_000, description="Log loss, accuracy and learning rate every N steps.")
+    packing: bool = Field(default=True, description="Pack rows into sequences of max_length (best-fit decreasing) and train padding-free, attention kept inside each row by position ids. Faster (fewer, fuller sequences; see docs/benchmarks.md); a micro-batch then holds several rows, so fewer optimizer steps per epoch. Off: one row per sequence.")
+    max_nonfinite_steps: int = Field(default=10, ge=0, le=100_000, description="Optimizer steps with a non-finite loss or gradient are skipped (no update) and counted; more than this many end the stage with an error. fp16's loss scaler skips a few steps while it finds its scale.")
     seed: int = Field(default=42, ge=0, description="Seed of the adapter initialisation and the data order.")
 
 
@@ -71,93 +90,184 @@ class SFTParams(BaseModel):
 # The plain function: runs in the child process (one per GPU under torchrun)
 # ----------------------------------------------------------------------------------------------
 def _latest_checkpoint(scratch: Path) -> Path | None:
+    """The newest checkpoint with ``_COMPLETE`` in it; a half-written one is never picked."""
     done = [p for p in scratch.glob("checkpoint-*") if (p / COMPLETE).exists()]
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
-def train(job: dict[str, Any]) -> dict[str, Any]:
-    """Train the adapter described by ``job`` (see ``make_job``); return the metrics."""
-    import torch
-    from datasets import load_dataset
+def _remove_incomplete_checkpoints(scratch: Path) -> None:
+    for p in scratch.glob("checkpoint-*"):
+        if not (p / COMPLETE).exists():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def check_quantization(cfg: SFTParams, dtype: str) -> None:
+    """QLoRA needs a GPU and bitsandbytes: say so before anything is loaded."""
+    if cfg.quantization == "none":
+        return
+    if dtype == "fp32":
+        raise ValueError("quantization=4bit (QLoRA) needs a GPU profile (bitsandbytes 4-bit kernels); the cpu profile has none")
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModuleNotFoundError("quantization=4bit (QLoRA) needs bitsandbytes: pip install bitsandbytes")
+
+
+def check_trainable_tokens(tokenizer: Any, data_file: Path, max_length: int) -> int:
+    """Every row must keep at least one assistant token after truncation to ``max_length``, else a
+    micro-batch of it trains on nothing and its loss is a silent 0 (or NaN). Uses TRL's own
+    tokenization call (the chat template's generation markers), before any model is loaded.
+    Returns the number of trainable tokens."""
+    total = 0
+    with open(data_file, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            out = tokenizer.apply_chat_template(
+                json.loads(line)["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+            )
+            n = sum(out["assistant_masks"][:max_length])
+            if n == 0:
+                raise ValueError(
+                    f"{data_file} line {line_no}, field messages: no assistant token within max_length={max_length} "
+                    f"(row is {len(out['input_ids'])} tokens); it would train on nothing. Shorten the prompt, raise "
+                    "max_length or drop the row."
+                )
+            total += n
+    return total
+
+
+def lora_config(cfg: SFTParams) -> Any:
+    """The peft adapter. Its weights stay fp32 under fp16/bf16 autocast (peft's
+    ``autocast_adapter_dtype``) while the frozen base keeps the profile's dtype."""
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
 
-    cfg = SFTParams.model_validate(job["config"])
-    profile = PROFILES.get(job["profile"]) or resolve_profile("auto")  # auto-detected profiles are not in PROFILES
-    scratch, output = Path(job["scratch_dir"]), Path(job["output_dir"])
-    rank = int(os.environ.get("RANK", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    attn, attn_reason = profile.attention()
-    if rank == 0:
-        print(f"[tuneline.sft] profile={profile.name} dtype={profile.dtype} attention={attn} ({attn_reason}) world={world}", flush=True)
-
-    tokenizer = AutoTokenizer.from_pretrained(job["model_dir"])
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    inference_template = tokenizer.chat_template
-    if (training_template := training_chat_template(tokenizer)) is not None:
-        tokenizer.chat_template = training_template
-
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[profile.dtype]
-    model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=dtype, attn_implementation=attn)
-    data = load_dataset("json", data_files={s: str(Path(job["data_dir"]) / f"{s}.jsonl") for s in ("train", "validation")})
-    has_val = len(data["validation"]) > 0
-
-    lora = LoraConfig(
+    return LoraConfig(
         r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
         target_modules=cfg.target_modules, use_dora=cfg.use_dora, task_type="CAUSAL_LM",
     )
-    args = SFTConfig(
-        output_dir=str(scratch),
+
+
+def sft_config(cfg: SFTParams, profile: Profile, output_dir: Path, world: int = 1, evaluate: bool = True, **overrides: Any) -> Any:
+    """TRL's ``SFTConfig`` for our settings on a profile (also what bench/sft_throughput.py times)."""
+    from trl import SFTConfig
+
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(output_dir),
         per_device_train_batch_size=cfg.per_device_batch_size,
         per_device_eval_batch_size=max(1, cfg.per_device_batch_size),
-        gradient_accumulation_steps=max(1, cfg.gradient_accumulation_steps // world),
+        gradient_accumulation_steps=max(1, cfg.gradient_accumulation_steps // world),  # same global batch on N processes
         learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps,
         warmup_steps=cfg.warmup_ratio,  # a float below 1 is a ratio of the total steps
         lr_scheduler_type=cfg.lr_scheduler,
         logging_steps=cfg.logging_steps,
-        eval_strategy="steps" if has_val else "no",
+        eval_strategy="steps" if evaluate else "no",
         eval_steps=cfg.eval_steps,
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
         max_length=cfg.max_length,
         packing=cfg.packing,
+        packing_strategy="bfd",  # best-fit decreasing; TRL trains it padding-free (position ids, no pad tokens)
         assistant_only_loss=True,
         gradient_checkpointing=profile.gradient_checkpointing,
         bf16=profile.dtype == "bf16",
-        fp16=profile.dtype == "fp16",
+        fp16=profile.dtype == "fp16",  # fp16 autocast + accelerate's loss scaler
+        max_grad_norm=1.0,  # clipping also unscales fp16 gradients before the non-finite guard looks
         seed=cfg.seed,
         data_seed=cfg.seed,
         report_to="none",
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
         include_num_input_tokens_seen="non_padding",
-        disable_tqdm=rank != 0,
     )
+    kwargs.update(overrides)
+    return SFTConfig(**kwargs)
+
+
+def train(job: dict[str, Any]) -> dict[str, Any]:
+    """Train the adapter described by ``job`` (see ``make_job``); return the metrics."""
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTTrainer
+
+    cfg = SFTParams.model_validate(job["config"])
+    profile = PROFILES.get(job["profile"]) or resolve_profile("auto")  # auto-detected profiles are not in PROFILES
+    scratch, output, data_dir = Path(job["scratch_dir"]), Path(job["output_dir"]), Path(job["data_dir"])
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    check_quantization(cfg, profile.dtype)
+    attn, attn_reason = profile.attention()
+    if rank == 0:
+        print(f"[tuneline.sft] profile={profile.name} dtype={profile.dtype} attention={attn} ({attn_reason}) "
+              f"processes={world} packing={cfg.packing} quantization={cfg.quantization}", flush=True)
+        _remove_incomplete_checkpoints(scratch)
+
+    # -- setup: tokenizer (training template), data check, model -------------------------------
+    tokenizer = AutoTokenizer.from_pretrained(job["model_dir"])
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    inference_template = tokenizer.chat_template
+    if (training_template := training_chat_template(tokenizer)) is not None:
+        tokenizer.chat_template = training_template
+    check_trainable_tokens(tokenizer, data_dir / "train.jsonl", cfg.max_length)
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[profile.dtype]
+    load_kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn}
+    if cfg.quantization == "4bit":
+        from transformers import BitsAndBytesConfig
+
+        load_kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
+        )
+        load_kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    model = AutoModelForCausalLM.from_pretrained(job["model_dir"], **load_kwargs)
+    splits = [s for s in ("train", "validation") if (data_dir / f"{s}.jsonl").exists() and (data_dir / f"{s}.jsonl").stat().st_size]
+    data = load_dataset("json", data_files={s: str(data_dir / f"{s}.jsonl") for s in splits})
+    has_val = "validation" in data  # an empty validation split means no evaluation
+
+    lora = lora_config(cfg)
+    args = sft_config(cfg, profile, scratch, world=world, evaluate=has_val, disable_tqdm=rank != 0)
 
     class Progress(TrainerCallback):
-        """Append a JSON line per log and mark checkpoints complete once fully written."""
+        """Append a JSON line per log; mark a checkpoint complete once every process wrote its part."""
+
+        tokens_at_start = 0
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.tokens_at_start = int(state.num_input_tokens_seen)  # > 0 on a resumed run
 
         def on_log(self, args, state, control, logs=None, **kw):
             if state.is_world_process_zero and logs:
                 with open(scratch / "progress.jsonl", "a") as f:
-                    f.write(json.dumps({"step": state.global_step, "max_steps": state.max_steps, **logs}) + "\n")
+                    f.write(json.dumps({"step": state.global_step, "max_steps": state.max_steps, "nonfinite_skipped": guard.skipped, **logs}) + "\n")
 
         def on_save(self, args, state, control, **kw):
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.barrier()  # every rank's RNG state is on disk
             if state.is_world_process_zero:
-                (scratch / f"checkpoint-{state.global_step}" / COMPLETE).write_text(str(time.time()))
+                ckpt = scratch / f"checkpoint-{state.global_step}"
+                (ckpt / NONFINITE).write_text(json.dumps({"skipped": guard.skipped}))
+                (ckpt / COMPLETE).write_text(str(time.time()))
+                print(f"[tuneline.sft] {ckpt.name} complete", flush=True)
 
+    guard = _nonfinite_guard(cfg.max_nonfinite_steps)
+    progress = Progress()
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=data["train"],
         eval_dataset=data["validation"] if has_val else None,
-        processing_class=tokenizer, peft_config=lora, callbacks=[Progress()],
+        processing_class=tokenizer, peft_config=lora, callbacks=[progress, guard],
     )
     resume = _latest_checkpoint(scratch)
+    if resume is not None and (resume / NONFINITE).exists():
+        guard.skipped = json.loads((resume / NONFINITE).read_text())["skipped"]
     if rank == 0:
         print(f"[tuneline.sft] {'resuming from ' + resume.name if resume else 'starting from step 0'}", flush=True)
+
+    # -- train ------------------------------------------------------------------------------
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -165,20 +275,24 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
     wall = time.perf_counter() - start
     eval_metrics = trainer.evaluate() if has_val else {}
 
+    # -- save (rank 0) ----------------------------------------------------------------------
+    tokens = int(trainer.state.num_input_tokens_seen)
     metrics = {
         "train_loss": result.training_loss,
         "global_step": trainer.state.global_step,
         "resumed_from_step": int(resume.name.split("-")[1]) if resume else 0,
+        "nonfinite_steps_skipped": guard.skipped,
         "eval_loss": eval_metrics.get("eval_loss"),
         "eval_mean_token_accuracy": eval_metrics.get("eval_mean_token_accuracy"),
-        "train_tokens": int(trainer.state.num_input_tokens_seen),
-        "tokens_per_second": trainer.state.num_input_tokens_seen / wall if wall else None,
+        "train_tokens": tokens,  # non-padding tokens over all processes
+        "tokens_per_second": (tokens - progress.tokens_at_start) / wall if wall else None,  # this attempt only
         "wall_seconds": wall,
-        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
+        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,  # rank 0's card
         "profile": profile.name,
         "dtype": profile.dtype,
         "attention": attn,
         "processes": world,
+        "packing": cfg.packing,
     }
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
@@ -188,7 +302,43 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
         (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (output / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
         _plot_curves(trainer.state.log_history, output / "curves.png")
+        print(f"[tuneline.sft] metrics {json.dumps(metrics)}", flush=True)
     return metrics
+
+
+def _nonfinite_guard(limit: int) -> Any:
+    """A callback that skips optimizer steps with non-finite gradients and counts them.
+
+    Written by hand: transformers only filters non-finite losses out of the *logs*
+    (``logging_nan_inf_filter``) and fp16's loss scaler skips only its own overflows; nothing skips
+    a NaN step in bf16/fp32 or stops a run that keeps producing them. Dropping every gradient
+    before ``optimizer.step()`` makes the step a no-op (torch optimizers skip parameters without
+    a gradient; the loss scaler still records the overflow it saw). The learning-rate schedule
+    still advances, so a skipped step counts as a step."""
+    import torch
+    from transformers import TrainerCallback
+
+    class Guard(TrainerCallback):
+        def __init__(self) -> None:
+            self.limit, self.skipped = limit, 0
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            if not grads or torch.isfinite(torch.nn.utils.get_total_norm(grads)).item():
+                return
+            for p in model.parameters():
+                p.grad = None
+            self.skipped += 1
+            if state.is_world_process_zero:
+                print(f"[tuneline.sft] step {state.global_step + 1}: non-finite loss or gradient, step skipped "
+                      f"({self.skipped} so far, at most {self.limit})", flush=True)
+            if self.skipped > self.limit:
+                raise FloatingPointError(
+                    f"{self.skipped} optimizer steps had a non-finite loss or gradient (limit max_nonfinite_steps="
+                    f"{self.limit}); stopping. Lower the learning rate, check the data, or use bf16 instead of fp16."
+                )
+
+    return Guard()
 
 
 def _plot_curves(history: list[dict[str, Any]], path: Path) -> None:
@@ -239,6 +389,7 @@ def lora_sft(config: SFTParams, dataset: StageRef, base_model: str, base_revisio
     newest complete checkpoint."""
     profile = resolve_profile(config.profile)
     preflight(profile.requirement)  # before anything is loaded
+    check_quantization(config, profile.dtype)
     fp = fingerprint_of(config, dataset, base_model, base_revision, root)
     store = store_for(root, storage_block)
     if (ref := store.completed(STAGE, fp)) is not None:

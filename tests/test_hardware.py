@@ -1,0 +1,88 @@
+"""Hardware profiles, preflight messages, attention selection and the training child process."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from tasks.hardware import PROFILES, GpuInfo, HardwareError, Machine, launch_training, preflight, resolve_profile
+
+V100 = GpuInfo("Tesla V100-SXM2-32GB", 32.0, (7, 0))
+A100 = GpuInfo("NVIDIA A100-SXM4-80GB", 80.0, (8, 0))
+H100 = GpuInfo("NVIDIA H100 80GB HBM3", 79.6, (9, 0))
+T4 = GpuInfo("Tesla T4", 15.0, (7, 5))
+
+
+def test_preflight_names_both_sides():
+    with pytest.raises(HardwareError) as err:
+        preflight(PROFILES["a100x2"].requirement, Machine((V100,)))
+    assert str(err.value) == "needs 2 GPUs ≥ 40 GiB, cc ≥ 8.0; found 1 × Tesla V100-SXM2-32GB 32 GiB, cc 7.0"
+
+    with pytest.raises(HardwareError) as err:
+        preflight(PROFILES["v100"].requirement, Machine())
+    assert str(err.value) == "needs 1 GPU ≥ 30 GiB, cc ≥ 7.0; found no GPU"
+
+    with pytest.raises(HardwareError, match=r"found 2 × Tesla T4 15 GiB, cc 7.5"):
+        preflight(PROFILES["v100"].requirement, Machine((T4, T4)))
+
+
+def test_preflight_passes_when_the_machine_is_enough():
+    machine = Machine((A100, A100))
+    assert preflight(PROFILES["a100x2"].requirement, machine) is machine
+    assert preflight(PROFILES["v100"].requirement, Machine((H100,))).gpus == (H100,)
+    assert preflight(PROFILES["cpu"].requirement, Machine()).gpus == ()
+
+
+@pytest.mark.parametrize(
+    ("gpus", "expected", "dtype", "nproc"),
+    [
+        ((), "cpu", "fp32", 1),
+        ((V100,), "v100", "fp16", 1),
+        ((A100, A100), "a100x2", "bf16", 2),
+        ((H100,), "gpu-bf16", "bf16", 1),  # one Ampere-or-newer card: bf16 on one process
+        ((T4,), "gpu-fp16", "fp16", 1),
+    ],
+)
+def test_auto_profile_follows_the_machine(gpus, expected, dtype, nproc):
+    profile = resolve_profile("auto", Machine(gpus))
+    assert (profile.name, profile.dtype, profile.nproc) == (expected, dtype, nproc)
+    preflight(profile.requirement, Machine(gpus))  # what auto picks always passes its own preflight
+
+
+def test_named_profiles_are_what_the_design_says():
+    v100, pair = PROFILES["v100"], PROFILES["a100x2"]
+    assert (v100.dtype, v100.nproc, v100.gradient_checkpointing) == ("fp16", 1, True)
+    assert (pair.dtype, pair.nproc, pair.gradient_checkpointing) == ("bf16", 2, False)  # ≥ 40 GiB: memory for speed
+    assert resolve_profile("auto", Machine((H100,))).gradient_checkpointing is False
+    assert resolve_profile("auto", Machine((GpuInfo("NVIDIA A10", 24.0, (8, 6)),))).gradient_checkpointing is True
+    assert resolve_profile("v100", Machine()) is v100  # a named profile is taken as asked; preflight judges it
+
+
+def test_detect_machine_sees_no_gpu_when_none_is_visible(monkeypatch):
+    from tasks.hardware import detect_machine
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert detect_machine() == Machine()
+    assert resolve_profile("auto").name == "cpu"
+
+
+def test_flash_attention_is_chosen_only_when_installed(tmp_path, monkeypatch):
+    """The selection, not the kernel: no flash-attn wheel exists for these machines."""
+    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+    pair = PROFILES["a100x2"]
+    assert pair.attention() == ("sdpa", "flash-attn is not installed: falling back to SDPA")
+    assert PROFILES["v100"].attention() == ("sdpa", "profile v100 uses SDPA")
+
+    (tmp_path / "flash_attn").mkdir()  # an installed package, as importlib finds it
+    (tmp_path / "flash_attn" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert pair.attention() == ("flash_attention_2", "flash-attn is installed")
+    assert PROFILES["v100"].attention()[0] == "sdpa"  # cc 7.0 has no flash-attn 2, installed or not
+
+
+def test_training_child_failure_is_an_error_with_its_last_lines(tmp_path):
+    job = tmp_path / "job.json"
+    with pytest.raises(RuntimeError, match=r"exited with 1; last lines:\n(.|\n)*No module named tasks.nonexistent"):
+        launch_training("tasks.nonexistent", {"x": 1}, job, 1)
+    assert (tmp_path / "job.log").exists()
+    assert not (tmp_path / "job.pid").exists()  # removed once the child is gone
