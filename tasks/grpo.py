@@ -223,6 +223,7 @@ def _train(job: dict[str, Any], cfg: GRPOParams, rows: list[dict[str, Any]], rew
         reward_weights=cfg.reward_weights,
         logging_steps=cfg.logging_steps,
         save_strategy="no",
+        gradient_checkpointing=profile.gradient_checkpointing,  # the profile's choice (TRL's default is on)
         use_cpu=on_cpu,
         bf16=profile.dtype == "bf16" and not on_cpu,
         fp16=profile.dtype == "fp16" and not on_cpu,

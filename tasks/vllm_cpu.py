@@ -245,6 +245,7 @@ class VLLMServer:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                          preexec_fn=_own_group_dying_with_parent)
+        print(f"[tuneline.vllm] server pid {self.proc.pid} (leads its own process group)", flush=True)
         while time.monotonic() - t0 < self.start_timeout:
             if self.proc.poll() is not None:
                 tail = self.log_path.read_text(errors="replace").splitlines()[-15:]
