@@ -28,11 +28,16 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
-from prefect import get_run_logger, task
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.hardware import resolve_profile
 from tasks.store import StageRef, code_version, fingerprint, open_ref, stage_cache_key, store_for
+
+try:
+    from prefect import get_run_logger, task
+except ModuleNotFoundError:  # a GPU box may run only the plain `merge` without Prefect: the task stays a plain function
+    def task(*_args: Any, **_kwargs: Any) -> Any:
+        return lambda fn: fn
 
 STAGE = "merge"
 Dtype = Literal["fp32", "fp16", "bf16"]
