@@ -227,7 +227,9 @@ def publish_release(
     manifest = {"model_name": model_name, "release_id": release_id, "created": dt.datetime.now(dt.timezone.utc).isoformat(), **lineage, "files": entries}
     store.write_json(f"{prefix}/{MANIFEST}", manifest)
     current = latest_release(store, model_name)
-    if current is None or current <= release_id:  # ids start with the UTC time: never move LATEST back
+    # Ids start with the UTC time of their first attempt: never move LATEST to an older one. Compare
+    # the time part only — two releases started in the same second are ordered by publication.
+    if current is None or current.split("-", 1)[0] <= release_id.split("-", 1)[0]:
         store.write_bytes(f"releases/{safe_key(model_name)}/{LATEST}", release_id.encode())
     return manifest
 
