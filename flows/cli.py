@@ -35,9 +35,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.params import load_params
     from flows.retrain import retrain
 
-    params = load_params(args.preset, args.set)
-    result = retrain(params)
-    _print_summary(result)
+    from pydantic import ValidationError
+
+    try:
+        params = load_params(args.preset, args.set)
+    except (ValidationError, FileNotFoundError, ValueError) as e:
+        print(f"error: bad parameters: {e}", file=sys.stderr)
+        return 2
+    state = retrain(params, return_state=True)
+    if not state.is_completed():  # the reason (gate, stage error) is also in the run's ERROR log
+        print(f"\nretrain {state.name}: {state.message}", file=sys.stderr)
+        return 1
+    _print_summary(state.result())
     return 0
 
 
