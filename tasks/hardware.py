@@ -97,10 +97,6 @@ class Profile:
             return "sdpa", "flash-attn is not installed: falling back to SDPA"
         return "flash_attention_2", "flash-attn is installed"
 
-    def concurrency_tags(self) -> list[str]:
-        """Prefect tags for concurrency limits: one ``gpu`` slot per GPU-using task run."""
-        return ["gpu", f"gpu:{self.name}"] if self.requirement.gpus else ["cpu"]
-
 
 PROFILES: dict[str, Profile] = {
     "cpu": Profile("cpu", GpuRequirement(0), "fp32", notes="tests and the offline demo"),
