@@ -2,7 +2,7 @@
 
 One declaration per task (``GpuRequirement``) drives three things: the preflight check that fails
 fast, with both sides named, before a model is loaded; the Prefect tags used for GPU concurrency
-limits (``gpu`` and ``gpu:<profile>``); and which work pool a deployment targets.
+limits (the ``gpu`` tag that the work pools limit); and which work pool a deployment targets.
 
 Profiles are data, not ``if`` chains (DESIGN.md, "Hardware"):
 
