@@ -7,18 +7,23 @@ limits (the ``gpu`` tag that the work pools limit); and which work pool a deploy
 Profiles are data, not ``if`` chains (DESIGN.md, "Hardware"):
 
 ========  ==================  =========  ==========================  ===============================
-profile   machine             precision  attention                   layout
+profile   machine             precision  attention (packed rows)     layout
 ========  ==================  =========  ==========================  ===============================
-cpu       no GPU              fp32       sdpa                        1 process (tests, demo)
-v100      1 GPU ≥ 30 GiB, 7.0 fp16 base  sdpa (no flash-attn on 7.0) 1 process, batch 1 × accum 16,
-                              + fp32                                 gradient checkpointing
-                              LoRA, loss
+cpu       no GPU              fp32       SDPA once per row           1 process (tests, demo)
+v100      1 GPU ≥ 30 GiB, 7.0 fp16 base  SDPA once per row (no       1 process, 1 packed sequence
+                              + fp32     flash-attn on 7.0)          per micro-batch, gradient
+                              LoRA, loss                             checkpointing (7B: 15.5 GiB)
                               scaler
-a100x2    2 GPUs ≥ 40 GiB,    bf16       flash_attention_2 when      2 processes (DDP), same global
-          8.0                            installed, else sdpa        batch as v100, no gradient
-                                                                     checkpointing (measured 2x)
-auto      read from the machine
+a100x2    2 GPUs ≥ 40 GiB,    bf16       flash_attention_2 when      2 processes (DDP), same tokens
+          8.0                            installed, else SDPA once   per step; micro-batch and
+                                         per row; liger kernels      checkpointing fitted to memory
+auto      read from the machine: one bf16 card (as a100x2, 1 process) or one fp16 card (as v100)
 ========  ==================  =========  ==========================  ===============================
+
+"Fitted to memory" (``fit_memory``): the SFT stage picks gradient checkpointing and up to
+``packed_sequences`` packed sequences per micro-batch so that the estimated peak stays within 75%
+of the card (``tasks.sft.memory_plan``; a 7B on an 80 GiB card: 3 sequences, no checkpointing,
+51.5 GiB measured). Unpacked rows use plain SDPA. Measurements: docs/benchmarks.md, "SFT".
 """
 from __future__ import annotations
 
@@ -87,15 +92,26 @@ class Profile:
     nproc: int = 1
     gradient_checkpointing: bool = False
     prefer_flash_attention: bool = False
+    packed_sequences: int = 1  # most packed sequences of max_length in one micro-batch
+    # SFT with packing: choose checkpointing and packed sequences (up to the above) from the card's
+    # memory and the model's size (tasks.sft.memory_plan) instead of the fixed values
+    fit_memory: bool = False
+    liger_kernels: bool = False  # liger-kernel's Triton RMSNorm/SwiGLU/RoPE when installed (bf16 cards)
     notes: str = ""
 
-    def attention(self) -> tuple[str, str]:
+    def attention(self, packing: bool = False) -> tuple[str, str]:
         """The attention implementation and why it was chosen (for the log and the metrics)."""
-        if not self.prefer_flash_attention:
-            return "sdpa", f"profile {self.name} uses SDPA"
-        if importlib.util.find_spec("flash_attn") is None:
-            return "sdpa", "flash-attn is not installed: falling back to SDPA"
-        return "flash_attention_2", "flash-attn is installed"
+        from tasks.attention import ATTENTION
+
+        if self.prefer_flash_attention and importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2", "flash-attn is installed"
+        missing = "flash-attn is not installed: " if self.prefer_flash_attention else f"profile {self.name}: "
+        if packing:
+            return ATTENTION, missing + "SDPA once per packed row (tasks/attention.py)"
+        return "sdpa", missing + "SDPA"
+
+    def use_liger(self) -> bool:
+        return self.liger_kernels and importlib.util.find_spec("liger_kernel") is not None
 
 
 PROFILES: dict[str, Profile] = {
@@ -115,6 +131,9 @@ PROFILES: dict[str, Profile] = {
         # Off: ~2x tokens/s on a 7B at 2048 packed tokens, peak 31 GiB < 40 (docs/benchmarks.md, "SFT").
         gradient_checkpointing=False,
         prefer_flash_attention=True,
+        packed_sequences=4,
+        fit_memory=True,
+        liger_kernels=True,
         notes="bf16, DDP over two processes, no gradient checkpointing",
     ),
 }
@@ -172,8 +191,9 @@ def resolve_profile(name: ProfileName, machine: Machine | None = None) -> Profil
     if not machine.gpus:
         return PROFILES["cpu"]
     if max(g.compute_capability for g in machine.gpus) >= (8, 0):  # one Ampere-or-newer card: bf16
-        big = min(g.memory_gib for g in machine.gpus) >= 39  # a 7B trains without checkpointing in ~31 GiB
-        return Profile("gpu-bf16", GpuRequirement(1, 0, (8, 0)), "bf16", gradient_checkpointing=not big, prefer_flash_attention=True)
+        big = min(g.memory_gib for g in machine.gpus) >= 39  # a 7B trains without checkpointing in ~27 GiB
+        return Profile("gpu-bf16", GpuRequirement(1, 0, (8, 0)), "bf16", gradient_checkpointing=not big,
+                       prefer_flash_attention=True, packed_sequences=4, fit_memory=True, liger_kernels=True)
     if satisfies(machine, PROFILES["v100"].requirement):
         return PROFILES["v100"]
     return Profile("gpu-fp16", GpuRequirement(1), "fp16", gradient_checkpointing=True)

@@ -18,8 +18,12 @@ Features and their trade-offs:
 - Non-finite guard: an optimizer step whose loss or gradients are not finite is skipped (no update)
   and counted; more than ``max_nonfinite_steps`` end the stage with a clear message.
 - Packing (default on): rows are packed into sequences of ``max_length`` (best-fit decreasing) and
-  trained padding-free; position ids keep attention inside each row. Measured faster on an H100,
-  see docs/benchmarks.md ("SFT").
+  trained padding-free; attention stays inside each row (flash-attn's varlen kernel where
+  installed, else SDPA once per row: tasks/attention.py). ``batch_plan`` keeps the tokens per
+  optimizer step of the unpacked job (rows per step x mean row length) and lets the profile size
+  the micro-batch. GPU profiles also drop peft's fp32 copies of the adapter inputs and, on bf16
+  cards with liger-kernel installed, use its RMSNorm/SwiGLU/RoPE kernels. Measured on an H200 and
+  checked to learn the same per token: docs/benchmarks.md ("SFT").
 - Optional DoRA, optional QLoRA (4-bit NF4 base through bitsandbytes, GPU only).
 - Progress: the child appends one JSON line per logging step to ``progress.jsonl``; the task turns
   it into a Prefect progress artifact. The terminal shows the trainer's own progress bar. Loss,
@@ -43,6 +47,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks.attention import ATTENTION
+from tasks.attention import register as register_packed_attention
 from tasks.hardware import PROFILES, Profile, ProfileName, launch_training, preflight, resolve_profile
 from tasks.models import resolve_model, training_chat_template
 from tasks.store import StageRef, code_version, fingerprint, open_ref, stage_cache_key, store_for
@@ -72,8 +78,8 @@ class SFTParams(BaseModel):
     learning_rate: float = Field(default=1e-4, gt=0.0, le=1.0, description="Peak learning rate.")
     num_train_epochs: float = Field(default=1.0, gt=0.0, le=100.0, description="Passes over the training split (ignored when max_steps > 0).")
     max_steps: int = Field(default=-1, ge=-1, le=1_000_000, description="Optimizer steps; -1 trains for num_train_epochs.")
-    per_device_batch_size: int = Field(default=1, ge=1, le=512, description="Micro-batch per process: rows, or packed sequences of max_length when packing is on.")
-    gradient_accumulation_steps: int = Field(default=16, ge=1, le=1024, description="Micro-batches per optimizer step on one process; with more processes it is divided so that the global batch stays the same.")
+    per_device_batch_size: int = Field(default=1, ge=1, le=512, description="Rows per micro-batch. With packing on, rows per step = this x gradient_accumulation_steps, and the stage sizes the packed micro-batches itself (see packing).")
+    gradient_accumulation_steps: int = Field(default=16, ge=1, le=1024, description="Micro-batches per optimizer step; rows per step = per_device_batch_size x this, over all processes (with more processes it is divided so that the global batch stays the same).")
     max_length: int = Field(default=2048, ge=16, le=131072, description="Longest sequence in tokens (a packed sequence when packing); longer rows are truncated.")
     warmup_ratio: float = Field(default=0.05, ge=0.0, le=0.5, description="Share of the steps spent warming up the learning rate.")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(default="cosine", description="Learning-rate schedule after warmup.")
@@ -81,7 +87,7 @@ class SFTParams(BaseModel):
     save_steps: int = Field(default=50, ge=1, le=1_000_000, description="Checkpoint every N steps (what a retry resumes from). Smaller loses less work on a crash, costs a save each time.")
     save_total_limit: int = Field(default=2, ge=2, le=100, description="Checkpoints kept. At least 2, so that a complete one survives while the next is being written.")
     logging_steps: int = Field(default=5, ge=1, le=10_000, description="Log loss, accuracy and learning rate every N steps.")
-    packing: bool = Field(default=True, description="Pack rows into sequences of max_length (best-fit decreasing) and train padding-free, attention kept inside each row by position ids. Faster (fewer, fuller sequences; see docs/benchmarks.md); a micro-batch then holds several rows, so fewer optimizer steps per epoch. Off: one row per sequence.")
+    packing: bool = Field(default=True, description="Pack rows into sequences of max_length (best-fit decreasing) and train padding-free, attention kept inside each row. Faster: fuller, fewer launches (see docs/benchmarks.md). An optimizer step still holds about the tokens of per_device_batch_size x gradient_accumulation_steps rows, so the steps per epoch and what is learned per token stay those of the unpacked job; the profile decides how many packed sequences go in one micro-batch. Off: one row per sequence.")
     max_nonfinite_steps: int = Field(default=10, ge=0, le=100_000, description="Optimizer steps with a non-finite loss or gradient are skipped (no update) and counted; more than this many end the stage with an error. fp16's loss scaler skips a few steps while it finds its scale.")
     seed: int = Field(default=42, ge=0, description="Seed of the adapter initialisation and the data order.")
 
@@ -113,12 +119,12 @@ def check_quantization(cfg: SFTParams, dtype: str) -> None:
         raise ModuleNotFoundError("quantization=4bit (QLoRA) needs bitsandbytes: pip install bitsandbytes")
 
 
-def check_trainable_tokens(tokenizer: Any, data_file: Path, max_length: int) -> int:
+def check_trainable_tokens(tokenizer: Any, data_file: Path, max_length: int) -> tuple[int, float]:
     """Every row must keep at least one assistant token after truncation to ``max_length``, else a
     micro-batch of it trains on nothing and its loss is a silent 0 (or NaN). Uses TRL's own
     tokenization call (the chat template's generation markers), before any model is loaded.
-    Returns the number of trainable tokens."""
-    total = 0
+    Returns the number of trainable tokens and the mean row length in tokens (after truncation)."""
+    total, lengths = 0, []
     with open(data_file, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -134,7 +140,8 @@ def check_trainable_tokens(tokenizer: Any, data_file: Path, max_length: int) -> 
                     "max_length or drop the row."
                 )
             total += n
-    return total
+            lengths.append(min(len(out["input_ids"]), max_length))
+    return total, sum(lengths) / max(1, len(lengths))
 
 
 def lora_config(cfg: SFTParams) -> Any:
@@ -148,15 +155,103 @@ def lora_config(cfg: SFTParams) -> Any:
     )
 
 
-def sft_config(cfg: SFTParams, profile: Profile, output_dir: Path, world: int = 1, evaluate: bool = True, **overrides: Any) -> Any:
-    """TRL's ``SFTConfig`` for our settings on a profile (also what bench/sft_throughput.py times)."""
+def batch_plan(cfg: SFTParams, profile: Profile, mean_row_tokens: float | None, world: int = 1) -> tuple[int, int]:
+    """Micro-batch and accumulation steps per process: ``(per_device_train_batch_size,
+    gradient_accumulation_steps)``.
+
+    Unpacked, it is the configured rows per micro-batch, and the accumulation is divided among the
+    processes so that the global batch stays the same. Packed, a micro-batch holds packed sequences
+    of ``max_length`` tokens, and the plan keeps the *tokens* per optimizer step near what the
+    configured rows would hold (rows per step x mean row length), so that packing changes the speed
+    but not the number of optimizer steps per epoch, nor what is learned per token (docs/benchmarks.md,
+    "what is learned"). The profile's ``packed_sequences`` caps the micro-batch (memory), and the
+    rest is accumulation.
+
+    >>> from tasks.hardware import PROFILES
+    >>> batch_plan(SFTParams(), PROFILES["v100"], mean_row_tokens=620)          # 16 rows x 620 = 9,920 tokens
+    (1, 5)
+    >>> batch_plan(SFTParams(packing=False), PROFILES["v100"], mean_row_tokens=620)
+    (1, 16)
+    >>> batch_plan(SFTParams(), PROFILES["cpu"], mean_row_tokens=120)           # under one packed sequence
+    (1, 1)
+    """
+    rows_per_step = cfg.per_device_batch_size * cfg.gradient_accumulation_steps
+    if not cfg.packing or not mean_row_tokens:
+        return cfg.per_device_batch_size, max(1, cfg.gradient_accumulation_steps // world)
+    sequences = max(1, round(rows_per_step * mean_row_tokens / cfg.max_length / world))  # packed sequences per process per step
+    batch = min(profile.packed_sequences, sequences)
+    return batch, max(1, round(sequences / batch))
+
+
+def memory_plan(profile: Profile, model_config: Any, weight_bytes: int, max_length: int, card_gib: float) -> Profile:
+    """The profile with gradient checkpointing and packed sequences per micro-batch chosen to fit
+    the card (profiles with ``fit_memory``; others are returned as they are).
+
+    Peak estimate = weights + 1.2 x activations + 2 GiB, activations per token and layer (bf16)
+    ~ 2 x (10 x hidden + 3 x intermediate) bytes without checkpointing, ~ 2 x hidden with it (plus
+    one layer's worth): within 1.5 GiB above every peak measured for a 7B on an H200 (26.9-51.5 GiB
+    without, 18.4-22.3 GiB with checkpointing; docs/benchmarks.md). The budget is 75% of the card.
+    Small micro-batches are bound by the host, not the GPU, so more packed tokens per micro-batch
+    come first, counting checkpointing's recomputation as a third more work; at equal value no
+    checkpointing wins.
+
+    >>> from types import SimpleNamespace
+    >>> from tasks.hardware import PROFILES
+    >>> qwen2_7b = SimpleNamespace(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28)
+    >>> def plan(gib):
+    ...     p = memory_plan(PROFILES["a100x2"], qwen2_7b, 15_231_233_024, 2048, gib)
+    ...     return p.gradient_checkpointing, p.packed_sequences
+    >>> plan(79.6), plan(39.4), plan(139.8)    # H100 80 GB, A100 40 GB, H200
+    ((False, 3), (True, 4), (False, 4))
+    """
+    import dataclasses
+
+    if not profile.fit_memory:
+        return profile
+    h, i, layers = model_config.hidden_size, model_config.intermediate_size, model_config.num_hidden_layers
+    per_token = {False: 2 * layers * (10 * h + 3 * i), True: 2 * layers * h + 2 * (10 * h + 3 * i)}
+    budget, weights = 0.75 * card_gib, weight_bytes / 2**30
+    best: tuple[float, bool, int] | None = None
+    for checkpointing in (False, True):
+        for seqs in range(1, profile.packed_sequences + 1):
+            peak = weights + 1.2 * seqs * max_length * per_token[checkpointing] / 2**30 + 2
+            value = seqs * (1.0 if checkpointing else 4 / 3)
+            if peak <= budget and (best is None or value > best[0]):
+                best = (value, checkpointing, seqs)
+    _, checkpointing, seqs = best or (0.0, True, 1)  # nothing fits the estimate: the smallest footprint
+    return dataclasses.replace(profile, gradient_checkpointing=checkpointing, packed_sequences=seqs)
+
+
+def skip_adapter_input_casts(model: Any) -> int:
+    """Stop peft from copying every adapted layer's input to the adapter's fp32 dtype.
+
+    peft keeps LoRA weights in fp32 and casts each input to fp32 before the LoRA product; under
+    fp16/bf16 autocast that product runs in half precision anyway, so the cast is a full copy of
+    the input of all 7 projections of every layer, forward and backward, for nothing (with the
+    autocast copies it was ~11% of the GPU time of a 7B step: docs/benchmarks.md, "SFT"). The
+    weights and the optimizer stay fp32. peft's ``helpers.disable_input_dtype_casting`` sets the
+    same switch as a context manager; the stage keeps it off for the whole run. Returns the number
+    of layers switched."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for m in layers:
+        m.cast_input_dtype_enabled = False
+    return len(layers)
+
+
+def sft_config(cfg: SFTParams, profile: Profile, output_dir: Path, world: int = 1, evaluate: bool = True,
+               mean_row_tokens: float | None = None, **overrides: Any) -> Any:
+    """TRL's ``SFTConfig`` for our settings on a profile (also what bench/sft_throughput.py times).
+    ``mean_row_tokens`` (the training rows' mean length) sizes packed batches: see ``batch_plan``."""
     from trl import SFTConfig
 
+    batch, accumulation = batch_plan(cfg, profile, mean_row_tokens, world)
     kwargs: dict[str, Any] = dict(
         output_dir=str(output_dir),
-        per_device_train_batch_size=cfg.per_device_batch_size,
+        per_device_train_batch_size=batch,
         per_device_eval_batch_size=max(1, cfg.per_device_batch_size),
-        gradient_accumulation_steps=max(1, cfg.gradient_accumulation_steps // world),  # same global batch on N processes
+        gradient_accumulation_steps=accumulation,
         learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps,
@@ -175,6 +270,7 @@ def sft_config(cfg: SFTParams, profile: Profile, output_dir: Path, world: int = 
         gradient_checkpointing=profile.gradient_checkpointing,
         bf16=profile.dtype == "bf16",
         fp16=profile.dtype == "fp16",  # fp16 autocast + accelerate's loss scaler
+        use_liger_kernel=profile.use_liger(),  # RMSNorm, SwiGLU, RoPE; TRL fuses the LM head and loss itself
         max_grad_norm=1.0,  # clipping also unscales fp16 gradients before the non-finite guard looks
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -200,10 +296,12 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     check_quantization(cfg, profile.dtype)
-    attn, attn_reason = profile.attention()
+    attn, attn_reason = profile.attention(packing=cfg.packing)
+    if attn == ATTENTION:
+        register_packed_attention()
     if rank == 0:
         print(f"[tuneline.sft] profile={profile.name} dtype={profile.dtype} attention={attn} ({attn_reason}) "
-              f"processes={world} packing={cfg.packing} quantization={cfg.quantization}", flush=True)
+              f"processes={world} packing={cfg.packing} quantization={cfg.quantization} liger_kernels={profile.use_liger()}", flush=True)
         _remove_incomplete_checkpoints(scratch)
 
     # -- setup: tokenizer (training template), data check, model -------------------------------
@@ -213,7 +311,7 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
     inference_template = tokenizer.chat_template
     if (training_template := training_chat_template(tokenizer)) is not None:
         tokenizer.chat_template = training_template
-    check_trainable_tokens(tokenizer, data_dir / "train.jsonl", cfg.max_length)
+    _, mean_row_tokens = check_trainable_tokens(tokenizer, data_dir / "train.jsonl", cfg.max_length)
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[profile.dtype]
     load_kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn}
@@ -225,12 +323,20 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
         )
         load_kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     model = AutoModelForCausalLM.from_pretrained(job["model_dir"], **load_kwargs)
+    if cfg.packing and torch.cuda.is_available():
+        card = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0")))
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        profile = memory_plan(profile, model.config, weight_bytes, cfg.max_length, card.total_memory / 2**30)
     splits = [s for s in ("train", "validation") if (data_dir / f"{s}.jsonl").exists() and (data_dir / f"{s}.jsonl").stat().st_size]
     data = load_dataset("json", data_files={s: str(data_dir / f"{s}.jsonl") for s in splits})
     has_val = "validation" in data  # an empty validation split means no evaluation
 
     lora = lora_config(cfg)
-    args = sft_config(cfg, profile, scratch, world=world, evaluate=has_val, disable_tqdm=rank != 0)
+    args = sft_config(cfg, profile, scratch, world=world, evaluate=has_val, mean_row_tokens=mean_row_tokens, disable_tqdm=rank != 0)
+    if rank == 0:
+        print(f"[tuneline.sft] batch: {args.per_device_train_batch_size} {'packed sequences' if cfg.packing else 'rows'} x "
+              f"{args.gradient_accumulation_steps} accumulation x {world} processes (rows average {mean_row_tokens:.0f} tokens); "
+              f"gradient_checkpointing={args.gradient_checkpointing}", flush=True)
 
     class Progress(TrainerCallback):
         """Append a JSON line per log; mark a checkpoint complete once every process wrote its part."""
@@ -261,6 +367,8 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
         eval_dataset=data["validation"] if has_val else None,
         processing_class=tokenizer, peft_config=lora, callbacks=[progress, guard],
     )
+    if profile.dtype != "fp32":
+        skip_adapter_input_casts(trainer.model)
     resume = _latest_checkpoint(scratch)
     if resume is not None and (resume / NONFINITE).exists():
         guard.skipped = json.loads((resume / NONFINITE).read_text())["skipped"]
@@ -293,6 +401,10 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
         "attention": attn,
         "processes": world,
         "packing": cfg.packing,
+        "micro_batch": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "liger_kernels": bool(args.use_liger_kernel),
     }
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)

@@ -54,7 +54,8 @@ def test_train_reports_curves_metrics_and_skips_a_half_written_checkpoint(tmp_pa
     metrics = train(make_job(_cfg(), tiny_model_dir, data, scratch, "cpu"))
 
     out = capfd.readouterr().out
-    assert "profile=cpu dtype=fp32 attention=sdpa (profile cpu uses SDPA)" in out
+    assert "profile=cpu dtype=fp32 attention=tuneline_packed_sdpa (profile cpu: SDPA once per packed row" in out
+    assert "batch: 1 packed sequences x 1 accumulation x 1 processes" in out  # 2 rows of ~120 tokens < one 256-token sequence
     assert "starting from step 0" in out  # the half-written checkpoint was not picked
     assert metrics["global_step"] == 4 and metrics["resumed_from_step"] == 0
     assert 0.0 <= metrics["eval_mean_token_accuracy"] <= 1.0 and metrics["eval_loss"] > 0
