@@ -9,12 +9,16 @@ and writes the numbers as JSON. Both variants train the same model on the same r
   Token ids are random, so losses say nothing about learning quality, only that training runs;
 - LoRA r8 / alpha 32 / all-linear / dropout 0.05 in every variant.
 
-Variants:
+Variants (``--variants``, comma-separated):
 - ``baseline``: ``SFTConfig(bf16=True, per_device_train_batch_size=1, gradient_accumulation_steps=16,
   gradient_checkpointing=True, max_length=2048, packing=False)`` (plain TRL);
-- ``stage``: ``tasks.sft.sft_config`` on the profile the stage picks on this card (its defaults:
-  padding-free best-fit-decreasing packing to 2048 tokens);
-- ``stage-no-gc``: the same without gradient checkpointing (a lever for cards with memory to spare).
+- ``stage``: ``tasks.sft.sft_config`` as the stage runs it on this card: padding-free best-fit-
+  decreasing packing to 2048 tokens, the batch plan (tokens per step of 16 rows), checkpointing and
+  packed sequences per micro-batch fitted to the card (``memory_plan``), SDPA once per packed row,
+  liger kernels, no fp32 copies of adapter inputs; ``stage:80`` plans as if the card had 80 GiB
+  (an H100); ``v100``: the v100 profile (fp16, checkpointing, one packed sequence per micro-batch);
+  ``a100x2[:GIB]``: that profile on as many processes as ``torchrun`` starts;
+- levers, one at a time: ``pack-b<B>x<A>-<gc|nogc>[-liger][-varlen][-nocast][-fp16]`` (``parse_variant``).
 
 Tokens/s counts non-pad input tokens (``num_input_tokens_seen``) between the end of the warm-up
 steps and the last step, with the GPU synchronised at each step end. MFU = model FLOPs / (time x
@@ -23,9 +27,10 @@ with a frozen base: forward 2N + input-gradient backward 2N over the linear laye
 lm_head, excludes the embedding; recomputation by gradient checkpointing is not counted) plus causal
 attention 6 * layers * hidden * E[len^2]/E[len] per token (per row, as packing keeps rows apart).
 
-Run (device machine; needs trl, datasets, pydantic wheels)::
+Run (device machine; needs trl, datasets, pydantic, liger-kernel wheels)::
 
     CUDA_VISIBLE_DEVICES=0 python bench/sft_throughput.py --out bench.json
+    torchrun --standalone --nproc_per_node 2 bench/sft_throughput.py --variants a100x2   # two cards
     python bench/sft_throughput.py --tiny --steps 2 --warmup 1     # CPU smoke test of the script
 """
 from __future__ import annotations
@@ -33,6 +38,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -80,30 +87,96 @@ def matmul_tflops(n: int = 8192, reps: int = 10) -> float:
     return 2 * n**3 / times[len(times) // 2] / 1e12
 
 
-def run_variant(name, args_fn, model_cfg, tokenizer, rows, steps, warmup, cuda):
+def parse_variant(name: str) -> dict:
+    """A lever variant's settings from its name: ``pack-b4x4-gc-liger`` = packing, 4 packed sequences
+    per micro-batch x 4 accumulation steps, gradient checkpointing on, liger kernels; ``-nogc`` turns
+    checkpointing off; ``-fp16`` runs the v100 profile's precision (fp16 autocast + loss scaler);
+    ``-varlen`` uses the stage's packed-row attention (tasks/attention.py) instead of SDPA over the
+    whole packed row; ``-nocast`` stops peft's fp32 copies of the adapter inputs
+    (``tasks.sft.skip_adapter_input_casts``)."""
+    m = re.fullmatch(r"pack-b(\d+)x(\d+)-(gc|nogc)((?:-liger|-fp16|-varlen|-nocast)*)", name)
+    if not m:
+        raise SystemExit(f"unknown variant {name!r}: use baseline, stage, v100 or pack-b<B>x<A>-<gc|nogc>[-liger][-varlen][-nocast][-fp16]")
+    return dict(per_device_train_batch_size=int(m[1]), gradient_accumulation_steps=int(m[2]),
+                gradient_checkpointing=m[3] == "gc", use_liger_kernel="-liger" in m[4], fp16="-fp16" in m[4],
+                varlen="-varlen" in m[4], nocast="-nocast" in m[4])
+
+
+def trace_summary(prof, wall: float, micro_batches: int) -> dict:
+    """Where one optimizer step's time goes: host (CPU) time of the ops, device kernel time, launches."""
+    events = prof.key_averages()
+    kernels = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")]  # device-side rows only
+    device = sum(e.self_device_time_total for e in kernels) / 1e6
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+    return {
+        "wall_s": wall, "device_busy_s": device, "device_busy_fraction": device / wall if wall else None,
+        "micro_batches": micro_batches, "kernels_per_micro_batch": sum(e.count for e in kernels) / max(1, micro_batches),
+        "aten_ops_per_micro_batch": sum(e.count for e in events if e.key.startswith("aten::")) / max(1, micro_batches),
+        "host_op_s_per_micro_batch": sum(e.self_cpu_time_total for e in events) / 1e6 / max(1, micro_batches),
+        "top_self_cpu": [(e.key, round(e.self_cpu_time_total / 1e6, 3), e.count) for e in top],
+        "table": events.table(sort_by="self_cpu_time_total", row_limit=25),
+    }
+
+
+def run_variant(name, args_fn, model_cfg, tokenizer, rows, steps, warmup, cuda, trace=False, attn="sdpa", nocast=False,
+                measure_tokens=0, mean_len=620.0):
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, Qwen2Config, TrainerCallback
     from trl import SFTTrainer
 
-    from tasks.sft import SFTParams, lora_config
+    from tasks.attention import ATTENTION, register
+    from tasks.sft import SFTParams, lora_config, skip_adapter_input_casts
 
+    if attn == ATTENTION:
+        register()
+
+    args = args_fn()
+    if measure_tokens:  # enough timed steps for ~measure_tokens tokens, at least 3
+        per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * (2000 if args.packing else mean_len)
+        per_step *= int(os.environ.get("WORLD_SIZE", "1"))
+        steps = warmup + max(3, -(-measure_tokens // int(per_step)))
+        args.max_steps = steps
+    if trace:
+        args.max_steps = steps + 1
     torch.manual_seed(0)
     with torch.device("cuda" if cuda else "cpu"):
-        model = AutoModelForCausalLM.from_config(Qwen2Config(**model_cfg), dtype=torch.bfloat16 if cuda else torch.float32, attn_implementation="sdpa")
+        dtype = (torch.float16 if args.fp16 else torch.bfloat16) if cuda else torch.float32
+        model = AutoModelForCausalLM.from_config(Qwen2Config(**model_cfg), dtype=dtype, attn_implementation=attn)
     n_linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     marks: list[tuple[float, int]] = []
+    traced: dict = {}
 
     class Clock(TrainerCallback):
+        """Times each optimizer step; with ``trace``, profiles one extra step after the timed ones."""
+
+        prof = None
+
+        def on_step_begin(self, args, state, control, **kw):
+            if trace and state.global_step == steps:
+                if cuda:
+                    torch.cuda.synchronize()
+                acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+                self.prof = torch.profiler.profile(activities=acts)
+                self.prof.__enter__()
+                self.t = time.perf_counter()
+
         def on_step_end(self, args, state, control, **kw):
             if cuda:
                 torch.cuda.synchronize()
+            if self.prof is not None:
+                wall = time.perf_counter() - self.t
+                self.prof.__exit__(None, None, None)
+                traced.update(trace_summary(self.prof, wall, args.gradient_accumulation_steps))
+                self.prof = None
+                return
             marks.append((time.perf_counter(), int(state.num_input_tokens_seen)))
 
-    args = args_fn()
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                          peft_config=lora_config(SFTParams(lora_rank=8, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")),
                          callbacks=[Clock()])
+    if nocast:
+        skip_adapter_input_casts(trainer.model)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -121,7 +194,15 @@ def run_variant(name, args_fn, model_cfg, tokenizer, rows, steps, warmup, cuda):
         "gradient_checkpointing": args.gradient_checkpointing,
         "packing": args.packing,
         "measured_steps": len(marks) - warmup,
+        "micro_batch": args.per_device_train_batch_size,
+        "accumulation": args.gradient_accumulation_steps,
+        "liger": bool(args.use_liger_kernel),
+        "dtype": "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32",
+        "attention": attn,
+        "adapter_input_casts": not nocast,
     }
+    if traced:
+        out["trace"] = traced
     del trainer, model
     gc.collect()
     if cuda:
@@ -134,8 +215,15 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny model on CPU (smoke test of the script)")
     ap.add_argument("--steps", type=int, default=7, help="optimizer steps per variant, warm-up included")
     ap.add_argument("--warmup", type=int, default=2, help="steps left out of the timing")
+    ap.add_argument("--measure-tokens", type=int, default=0,
+                    help="time each variant over about this many tokens (at least 3 steps) instead of --steps")
     ap.add_argument("--tokenizer", default=".carry/smollm2", help="any tokenizer folder: only its pad id is used (data is pre-tokenized)")
-    ap.add_argument("--variants", default="baseline,stage,stage-no-gc")
+    ap.add_argument("--variants", default="baseline,stage,stage:80,v100",
+                    help="comma-separated: baseline, stage (the stage's defaults on this card), stage:GIB (its plan for a "
+                         "card of GIB GiB), stage-no-gc, v100 (the v100 profile's settings: fp16, its batch and checkpointing), "
+                         "a100x2[:GIB] (that profile's settings, as many processes as torchrun starts), or a lever "
+                         "pack-b<B>x<A>-<gc|nogc>[-liger][-varlen][-nocast][-fp16]")
+    ap.add_argument("--trace", default="", help="comma-separated variants to profile (torch.profiler) over one extra step")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     opts = ap.parse_args()
 
@@ -143,17 +231,22 @@ def main() -> None:
     from transformers import AutoTokenizer
     from trl import SFTConfig
 
-    from tasks.hardware import detect_machine, resolve_profile
-    from tasks.sft import SFTParams, sft_config
+    from tasks.attention import ATTENTION
+    from tasks.hardware import PROFILES, detect_machine, resolve_profile
+    from tasks.sft import SFTParams, memory_plan, sft_config
 
     cuda = torch.cuda.is_available() and not opts.tiny
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if cuda and world > 1:  # under torchrun: one card per process (the Trainer runs DDP)
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    say = print if rank == 0 else (lambda *a, **k: None)
     model_cfg = TINY if opts.tiny else QWEN2_7B
     tokenizer = AutoTokenizer.from_pretrained(opts.tokenizer)
     rows, lengths = make_rows(3000 if not opts.tiny else 400, model_cfg["vocab_size"], seed=0)
-    card = torch.cuda.get_device_name(0) if cuda else "cpu"
+    card = (f"{world} x " if world > 1 else "") + (torch.cuda.get_device_name() if cuda else "cpu")
     peak = matmul_tflops() if cuda else float("nan")
     profile = resolve_profile("auto", detect_machine()) if cuda else resolve_profile("cpu")
-    print(f"card: {card}; bf16 matmul {peak:.0f} TFLOP/s; stage profile {profile.name}; rows: mean {lengths.mean():.0f} "
+    say(f"card: {card}; bf16 matmul {peak:.0f} TFLOP/s; stage profile {profile.name}; rows: mean {lengths.mean():.0f} "
           f"tokens, min {lengths.min()}, max {lengths.max()}", flush=True)
     tmp = Path("/tmp/sft-bench")
     common = dict(max_steps=opts.steps, logging_steps=1, save_strategy="no", report_to="none",
@@ -161,37 +254,79 @@ def main() -> None:
     if opts.tiny:
         common.update(use_cpu=True)
     stage_cfg = SFTParams(max_steps=opts.steps, logging_steps=1)
+    stage_attn = profile.attention(packing=True)[0]
+    card_gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30 if cuda else 0.0
+
+    def fitted(prof, gib: float | None = None):
+        """The profile as the stage fits it to this card (or to a card of ``gib`` GiB) for this model."""
+        from transformers import AutoModelForCausalLM, Qwen2Config
+
+        config = Qwen2Config(**model_cfg)
+        with torch.device("meta"):
+            params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+        return memory_plan(prof, config, params * 2, 2048, gib or card_gib) if cuda else prof
+
     variants = {
         "baseline": lambda: SFTConfig(output_dir=str(tmp / "b"), bf16=cuda, per_device_train_batch_size=1, gradient_accumulation_steps=16,
                                       gradient_checkpointing=True, max_length=2048, packing=False, **common),
-        "stage": lambda: sft_config(stage_cfg, profile, tmp / "s", evaluate=False, assistant_only_loss=False, bf16=cuda, **common),
-        "stage-no-gc": lambda: sft_config(stage_cfg, profile, tmp / "n", evaluate=False, assistant_only_loss=False, bf16=cuda,
-                                          gradient_checkpointing=False, **common),
+        "stage": lambda: sft_config(stage_cfg, fitted(profile), tmp / "s", evaluate=False, assistant_only_loss=False, bf16=cuda,
+                                    mean_row_tokens=float(lengths.mean()), **common),
+        "a100x2": lambda: sft_config(stage_cfg, fitted(PROFILES["a100x2"]), tmp / "a", world=world, evaluate=False, assistant_only_loss=False,
+                                     bf16=cuda, mean_row_tokens=float(lengths.mean()), **common),
+        "v100": lambda: sft_config(stage_cfg, PROFILES["v100"], tmp / "v", evaluate=False, assistant_only_loss=False,
+                                   fp16=cuda, bf16=False, mean_row_tokens=float(lengths.mean()), **common),
     }
+    # how each variant runs: (attention implementation, peft's adapter-input casts skipped)
+    how = {"baseline": ("sdpa", False), "stage": (stage_attn, cuda),
+           "v100": (PROFILES["v100"].attention(packing=True)[0], cuda), "a100x2": (PROFILES["a100x2"].attention(packing=True)[0], cuda)}
+    for name in opts.variants.split(","):
+        if name.startswith(("stage:", "a100x2:")):  # the stage's plan for a card of that many GiB (stage:80 = an H100)
+            base, gib = name.split(":")
+            prof = profile if base == "stage" else PROFILES["a100x2"]
+            how[name] = how[base]
+            variants[name] = lambda prof=prof, gib=float(gib), name=name: sft_config(
+                stage_cfg, fitted(prof, gib), tmp / name.replace(":", "-"), world=world, evaluate=False, assistant_only_loss=False,
+                bf16=cuda, mean_row_tokens=float(lengths.mean()), **common)
+        elif name not in variants:
+            lever = parse_variant(name)
+            how[name] = (ATTENTION if lever.pop("varlen") else "sdpa", lever.pop("nocast"))
+            if not cuda:
+                lever.update(fp16=False, use_liger_kernel=False)  # CPU smoke test: fp32, no Triton
+            variants[name] = lambda lever=lever, name=name: sft_config(
+                stage_cfg, profile, tmp / name, evaluate=False, assistant_only_loss=False, **{"bf16": cuda and not lever["fp16"], **common, **lever})
+    trace = set(filter(None, opts.trace.split(",")))
     e_len2 = float((lengths.astype(float) ** 2).mean() / lengths.mean())
     results = []
     for name in opts.variants.split(","):
         try:
-            r = run_variant(name, variants[name], model_cfg, tokenizer, rows, opts.steps, opts.warmup, cuda)
+            attn, nocast = how[name]
+            r = run_variant(name, variants[name], model_cfg, tokenizer, rows, opts.steps, opts.warmup, cuda, trace=name in trace,
+                            attn=attn, nocast=nocast, measure_tokens=opts.measure_tokens, mean_len=float(lengths.mean()))
         except torch.OutOfMemoryError as e:
             r = {"variant": name, "error": f"out of memory: {e}"[:200]}
         if "error" not in r:
             flops_tok = 4 * r["n_linear"] + 6 * model_cfg["num_hidden_layers"] * model_cfg["hidden_size"] * e_len2
-            r["mfu"] = r["tokens_per_s"] * flops_tok / (peak * 1e12) if cuda else float("nan")
+            r["mfu"] = r["tokens_per_s"] * flops_tok / (peak * 1e12 * world) if cuda else float("nan")
+            r["processes"] = world
         results.append(r)
-        print(json.dumps(r), flush=True)
+        if "trace" in r:
+            say(r["trace"].pop("table"), flush=True)
+        say(json.dumps(r), flush=True)
+        if opts.out and rank == 0:  # partial results survive a run cut short
+            Path(opts.out).write_text(json.dumps({"card": card, "results": results}, indent=2))
 
     base = next((r for r in results if r["variant"] == "baseline" and "error" not in r), None)
-    print(f"\n{card}, bf16 matmul {peak:.0f} TFLOP/s, Qwen2-7B architecture (random weights), LoRA r8/a32 all-linear")
-    print(f"{'variant':<13} {'tokens/s':>9} {'MFU':>6} {'peak GiB':>9} {'s/step':>7} {'tok/step':>9} {'final loss':>10} {'x base':>7}")
+    say(f"\n{card}, bf16 matmul {peak:.0f} TFLOP/s, Qwen2-7B architecture (random weights), LoRA r8/a32 all-linear")
+    say(f"{'variant':<22} {'tokens/s':>9} {'MFU':>6} {'peak GiB':>9} {'s/step':>7} {'tok/step':>9} {'final loss':>10} {'x base':>7} {'GPU busy':>8}")
     for r in results:
         if "error" in r:
-            print(f"{r['variant']:<13} {r['error']}")
+            say(f"{r['variant']:<22} {r['error']}")
             continue
         ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
-        print(f"{r['variant']:<13} {r['tokens_per_s']:9.0f} {r['mfu']:6.1%} {r['peak_gib']:9.1f} {r['seconds_per_step']:7.2f} "
-              f"{r['tokens_per_step']:9.0f} {r['final_loss']:10.3f} {ratio:7.2f}")
-    if opts.out:
+        busy = r.get("trace", {}).get("device_busy_fraction")
+        say(f"{r['variant']:<22} {r['tokens_per_s']:9.0f} {r['mfu']:6.1%} {r['peak_gib']:9.1f} {r['seconds_per_step']:7.2f} "
+              f"{r['tokens_per_step']:9.0f} {r['final_loss']:10.3f} {ratio:7.2f} {'' if busy is None else f'{busy:8.0%}'}")
+    if opts.out and rank == 0:
         Path(opts.out).write_text(json.dumps({"card": card, "matmul_tflops": peak, "profile": profile.name, "results": results,
                                               "rows_mean_len": float(lengths.mean())}, indent=2))
 
