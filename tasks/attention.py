@@ -9,10 +9,11 @@ call on an H200). Measured in docs/benchmarks.md ("SFT").
 
 ``packed_sdpa`` runs SDPA once per conversation, causal and unmasked, so the flash kernel computes
 only each row's own triangle. flash-attn's ``flash_attn_varlen_func`` does the same in one launch
-and is preferred where it is installed (``Profile.attention``); PyTorch has no varlen entry point of
-its own for training (its nested-tensor SDPA does not take grouped key/value heads), hence this
-small loop. It registers under ``ATTENTION`` with transformers' ``AttentionInterface`` and keeps
-plain SDPA for anything that is not a packed row (evaluation batches, generation).
+and is preferred where it is installed (``Profile.attention``); transformers ships no varlen SDPA,
+hence this small loop (a launch per row and layer: its host cost starts to show at 16k tokens per
+micro-batch; PyTorch's nested-tensor SDPA, one launch for all rows, was not tried). It registers
+under ``ATTENTION`` with transformers' ``AttentionInterface`` and keeps plain SDPA for anything
+that is not a packed row (evaluation batches, generation).
 """
 from __future__ import annotations
 
