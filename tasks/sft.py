@@ -174,6 +174,8 @@ def batch_plan(cfg: SFTParams, profile: Profile, mean_row_tokens: float | None, 
     (1, 16)
     >>> batch_plan(SFTParams(), PROFILES["cpu"], mean_row_tokens=120)           # under one packed sequence
     (1, 1)
+    >>> batch_plan(SFTParams(), PROFILES["a100x2"], mean_row_tokens=620, world=2)  # 9,920 tokens over 2 processes
+    (2, 1)
     """
     rows_per_step = cfg.per_device_batch_size * cfg.gradient_accumulation_steps
     if not cfg.packing or not mean_row_tokens:
