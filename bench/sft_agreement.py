@@ -81,7 +81,7 @@ def main() -> None:
     from tasks.attention import ATTENTION, register
     from tasks.hardware import detect_machine, resolve_profile
     from tasks.models import training_chat_template
-    from tasks.sft import SFTParams, check_trainable_tokens, lora_config, sft_config, skip_adapter_input_casts
+    from tasks.sft import SFTParams, check_trainable_tokens, lora_config, sft_config, skip_adapter_input_casts, speed_settings
 
     spec = importlib.util.spec_from_file_location("sft_throughput", Path(__file__).with_name("sft_throughput.py"))
     throughput = importlib.util.module_from_spec(spec)
@@ -129,7 +129,7 @@ def main() -> None:
         elif name.startswith("stage"):  # stage, stage+liger: the stage's defaults (and liger kernels)
             extra = {"use_liger_kernel": True} if "+liger" in name else {}
             args = sft_config(stage_cfg, profile, tmp / name, evaluate=False, mean_row_tokens=mean_len, **{**common, **extra})
-            attn, nocast = profile.attention(packing=True)[0], profile.dtype != "fp32"  # as tasks.sft.train does
+            attn, _, nocast = speed_settings(profile, packing=True)
         else:
             lever = throughput.parse_variant(name)
             attn, nocast = ATTENTION if lever.pop("varlen") else "sdpa", lever.pop("nocast")

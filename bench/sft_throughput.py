@@ -220,7 +220,7 @@ def main() -> None:
     ap.add_argument("--tokenizer", default=".carry/smollm2", help="any tokenizer folder: only its pad id is used (data is pre-tokenized)")
     ap.add_argument("--variants", default="baseline,stage,stage:80,v100",
                     help="comma-separated: baseline, stage (the stage's defaults on this card), stage:GIB (its plan for a "
-                         "card of GIB GiB), stage-no-gc, v100 (the v100 profile's settings: fp16, its batch and checkpointing), "
+                         "card of GIB GiB), v100 (the v100 profile's settings: fp16, its batch and checkpointing), "
                          "a100x2[:GIB] (that profile's settings, as many processes as torchrun starts), or a lever "
                          "pack-b<B>x<A>-<gc|nogc>[-liger][-varlen][-nocast][-fp16]")
     ap.add_argument("--trace", default="", help="comma-separated variants to profile (torch.profiler) over one extra step")
@@ -233,7 +233,7 @@ def main() -> None:
 
     from tasks.attention import ATTENTION
     from tasks.hardware import PROFILES, detect_machine, resolve_profile
-    from tasks.sft import SFTParams, memory_plan, sft_config
+    from tasks.sft import SFTParams, memory_plan, sft_config, speed_settings
 
     cuda = torch.cuda.is_available() and not opts.tiny
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
@@ -254,7 +254,6 @@ def main() -> None:
     if opts.tiny:
         common.update(use_cpu=True)
     stage_cfg = SFTParams(max_steps=opts.steps, logging_steps=1)
-    stage_attn = profile.attention(packing=True)[0]
     card_gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30 if cuda else 0.0
 
     def fitted(prof, gib: float | None = None):
@@ -277,8 +276,8 @@ def main() -> None:
                                    fp16=cuda, bf16=False, mean_row_tokens=float(lengths.mean()), **common),
     }
     # how each variant runs: (attention implementation, peft's adapter-input casts skipped)
-    how = {"baseline": ("sdpa", False), "stage": (stage_attn, cuda),
-           "v100": (PROFILES["v100"].attention(packing=True)[0], cuda), "a100x2": (PROFILES["a100x2"].attention(packing=True)[0], cuda)}
+    how = {"baseline": ("sdpa", False), **{name: speed_settings(prof, packing=True)[::2] for name, prof in
+                                           (("stage", profile), ("v100", PROFILES["v100"]), ("a100x2", PROFILES["a100x2"]))}}
     for name in opts.variants.split(","):
         if name.startswith(("stage:", "a100x2:")):  # the stage's plan for a card of that many GiB (stage:80 = an H100)
             base, gib = name.split(":")

@@ -225,6 +225,16 @@ def memory_plan(profile: Profile, model_config: Any, weight_bytes: int, max_leng
     return dataclasses.replace(profile, gradient_checkpointing=checkpointing, packed_sequences=seqs)
 
 
+def speed_settings(profile: Profile, packing: bool) -> tuple[str, str, bool]:
+    """What the stage trains with on a profile: the attention implementation (registered with
+    transformers when it is ours), why it was chosen, and whether peft's adapter-input copies are
+    skipped (under fp16/bf16 autocast). The benchmarks take it from here, so they time what runs."""
+    attn, reason = profile.attention(packing=packing)
+    if attn == ATTENTION:
+        register_packed_attention()
+    return attn, reason, profile.dtype != "fp32"
+
+
 def skip_adapter_input_casts(model: Any) -> int:
     """Stop peft from copying every adapted layer's input to the adapter's fp32 dtype.
 
@@ -299,9 +309,7 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     check_quantization(cfg, profile.dtype)
-    attn, attn_reason = profile.attention(packing=cfg.packing)
-    if attn == ATTENTION:
-        register_packed_attention()
+    attn, attn_reason, skip_casts = speed_settings(profile, cfg.packing)
     if rank == 0:
         print(f"[tuneline.sft] profile={profile.name} dtype={profile.dtype} attention={attn} ({attn_reason}) "
               f"processes={world} packing={cfg.packing} quantization={cfg.quantization} liger_kernels={profile.use_liger()}", flush=True)
@@ -370,7 +378,7 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
         eval_dataset=data["validation"] if has_val else None,
         processing_class=tokenizer, peft_config=lora, callbacks=[progress, guard],
     )
-    if profile.dtype != "fp32":
+    if skip_casts:
         skip_adapter_input_casts(trainer.model)
     resume = _latest_checkpoint(scratch)
     if resume is not None and (resume / NONFINITE).exists():
