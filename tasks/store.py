@@ -463,35 +463,3 @@ def open_ref(ref: StageRef, storage_block: str | None = None) -> Path:
     local.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(local)
     return local
-
-
-# ----------------------------------------------------------------------------------------------
-# Prefect cache keys
-# ----------------------------------------------------------------------------------------------
-def stage_cache_key(stage: str, fingerprint_of: Callable[..., str]) -> Callable[[Any, dict[str, Any]], str]:
-    """A Prefect ``cache_key_fn`` for a stage task whose parameters include ``root``.
-
-    Prefect's default policy adds the run id and never reuses across runs; ours is the stage's
-    fingerprint. Written by hand for one more rule Prefect lacks: a cached result whose folder was
-    deleted must recompute, not return a ref to nothing. So the key also carries a token kept beside
-    the stage folder (``stages/<stage>/<fp>.cache-key``): while the folder is complete the token stays
-    and the key hits; once the folder is gone a fresh token is written, the key misses, the stage
-    runs again and its new result is stored under the new key.
-    """
-
-    def cache_key(context: Any, parameters: dict[str, Any]) -> str:
-        fp = fingerprint_of(**parameters)
-        store = store_for(parameters["root"], parameters.get("storage_block"))
-        store.check()  # before any write: some S3 servers (SeaweedFS) create a mistyped bucket on PUT
-        token_key = f"stages/{stage}/{fp}.cache-key"
-        token = None
-        if store.completed(stage, fp) is not None and store.exists(token_key):
-            token = store.read_bytes(token_key).decode().strip()
-        if not token:
-            import uuid
-
-            token = uuid.uuid4().hex[:8]
-            store.write_bytes(token_key, token.encode())
-        return f"tuneline-{stage}-{fp}-{token}"
-
-    return cache_key
