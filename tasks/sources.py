@@ -1,0 +1,408 @@
+"""Reading rows from where data lives, for any stage: local files (json, jsonl, parquet, csv) and folders
+of them, S3 objects, hub datasets (Hugging Face, ModelScope) and the built-in sets (self-cognition,
+generated arithmetic), with fingerprints of their content.
+
+Shared by the data stage (``read_source``, ``source_fingerprint``) and the evaluation stage
+(``load_rows``, ``file_source_fingerprint``). It imports no stage: a caller passes what it needs
+(seed, storage block, the spec text for messages) and the exception class to raise (``error``), so
+each stage reports bad input with its own error type.
+
+Readers yield ``RawRow``s: a row that cannot be read at all (a bad line of a ``.jsonl`` file) is a
+row with an ``error``, so the caller decides whether it stops the run or is dropped and counted. A
+file that cannot be parsed as a whole (truncated ``.json``, bad bytes in a ``.json`` / ``.csv``)
+raises: its rows cannot be located.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+from tasks.store import sha256_file, store_for
+
+RESOURCES = Path(__file__).parent / "resources"
+SELF_COGNITION = "swift/self-cognition"
+ARITHMETIC = "tuneline/arithmetic"
+FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+EVAL_SUFFIXES = (".json", ".jsonl", ".parquet")  # what load_rows treats as a file; anything else is a hub id
+
+Kind = Literal["builtin", "s3", "local", "hub"]
+ErrorType = type[Exception]
+
+
+class SourceError(ValueError):
+    """Bad source input; the message names the source (file) and, where there is one, the row."""
+
+
+@dataclass
+class RawRow:
+    """One row as read, before any format check."""
+
+    where: str  # file (or hub id) for messages
+    index: int  # row index; in JSON lines the 0-based line number
+    row: Any  # the parsed value (a dict for a well-formed row); None when ``error`` is set
+    error: str | None = None  # why the row could not be read at all
+    line: int | None = None  # 1-based line number (JSON lines only)
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: every format yields RawRows
+# ----------------------------------------------------------------------------------------------
+def read_file(path: Path, where: str | None = None, *, error: ErrorType = SourceError) -> Iterator[RawRow]:
+    """Rows of a local file, by suffix: ``.parquet``, ``.jsonl``, ``.csv``; anything else is JSON (a
+    list of rows, ``{"key": [rows]}``, or one object per line). ``where`` names the file in errors.
+
+    >>> import tempfile
+    >>> p = Path(tempfile.mkdtemp()) / "rows.jsonl"
+    >>> _ = p.write_text('{"q": 1}\\n\\nnot json\\n')
+    >>> [(r.index, r.row, r.error) for r in read_file(p)]
+    [(0, {'q': 1}, None), (2, None, 'invalid JSON (Expecting value at column 1)')]
+    """
+    where = where or str(path)
+    data = path.read_bytes()
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for i, row in enumerate(pq.read_table(io.BytesIO(data)).to_pylist()):
+            yield RawRow(where, i, row)
+        return
+    if path.suffix == ".jsonl":
+        yield from _read_jsonl(where, data)
+        return
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise error(f"{where}: line {line}: invalid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+    if path.suffix == ".csv":
+        for i, row in enumerate(csv.DictReader(io.StringIO(text, newline=""))):
+            yield RawRow(where, i, {k: v for k, v in row.items() if k is not None})
+        return
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # a .json file holding one object per line
+            yield from _read_jsonl(where, data)
+            return
+        hint = " (the file looks truncated)" if e.pos >= len(text.rstrip()) else ""
+        raise error(f"{where}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}{hint}") from None
+    if isinstance(rows, dict) and len(rows) == 1 and isinstance(next(iter(rows.values())), list):
+        rows = next(iter(rows.values()))  # {"data": [...]}
+    if not isinstance(rows, list):
+        raise error(f"{where}: expected a JSON list of rows (or use .jsonl), got a {type(rows).__name__}")
+    for i, row in enumerate(rows):
+        yield RawRow(where, i, row)
+
+
+def _read_jsonl(where: str, data: bytes) -> Iterator[RawRow]:
+    """JSON lines, read by hand rather than with datasets' json loader: a bad line must be reported
+    (or dropped) by its row, and datasets' loader fails the whole file with a pyarrow message."""
+    for i, line in enumerate(data.split(b"\n")):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            reason = f"invalid UTF-8 (byte 0x{line[e.start]:02x} at column {e.start})"
+            yield RawRow(where, i, None, reason, i + 1)
+            continue
+        except json.JSONDecodeError as e:
+            yield RawRow(where, i, None, f"invalid JSON ({e.msg} at column {e.colno})", i + 1)
+            continue
+        yield RawRow(where, i, row, None, i + 1)
+
+
+def source_kind(source: str) -> Kind:
+    """builtin, s3, local (a path, or a name with a data-file suffix) or hub.
+
+    >>> [source_kind(s) for s in ("swift/self-cognition", "s3://b/k.jsonl", "./x", "a.csv", "openai/gsm8k")]
+    ['builtin', 's3', 'local', 'local', 'hub']
+    """
+    if source in (SELF_COGNITION, ARITHMETIC):
+        return "builtin"
+    if source.startswith("s3://"):
+        return "s3"
+    path = Path(source)
+    if source.startswith((".", "/", "~")) or path.suffix in FILE_SUFFIXES or path.expanduser().exists():
+        return "local"
+    return "hub"
+
+
+def local_files(
+    source: str,
+    subset: str | None = None,
+    *,
+    name: str | None = None,
+    check: bool = True,
+    error: ErrorType = SourceError,
+) -> list[Path]:
+    """The data files of a local source: the file itself, or every data file under the folder (or its
+    ``subset``: a file stem or a sub-folder). ``name`` (the spec as written) names it in errors;
+    ``check=False`` returns what exists instead of raising."""
+    name = name or source
+    path = Path(source).expanduser()
+    if path.is_file():
+        if subset:
+            raise error(f"dataset spec {name!r}: a single file has no subsets (got :{subset})")
+        return [path]
+    if path.is_dir():
+        base = path
+        if subset:
+            sub = path / subset
+            found = [p for p in path.iterdir() if p.is_file() and p.stem == subset and p.suffix in FILE_SUFFIXES]
+            if sub.is_dir():
+                base = sub
+            elif found:
+                return sorted(found)
+            else:
+                names = {p.stem for p in path.iterdir() if p.suffix in FILE_SUFFIXES}
+                names |= {p.name for p in path.iterdir() if p.is_dir()}
+                available = ", ".join(sorted(names)) or "none"
+                raise error(f"dataset spec {name!r}: no subset {subset!r} in {path}; available: {available}")
+        files = sorted(p for p in base.rglob("*") if p.is_file() and p.suffix in FILE_SUFFIXES)
+        if not files and check:
+            raise error(f"dataset folder {base} holds no {'/'.join(FILE_SUFFIXES)} file")
+        return files
+    if check:
+        raise error(f"dataset file not found: {path} (spec {name!r})")
+    return []
+
+
+# ----------------------------------------------------------------------------------------------
+# S3, hubs, built-in sets
+# ----------------------------------------------------------------------------------------------
+def s3_objects(source: str, storage_block: str | None = None) -> list[tuple[str, str]]:
+    """(key relative to the bucket, ETag) of the object ``s3://bucket/key``, or of every data file under
+    the prefix. Endpoint and credentials from the environment, or the storage block."""
+    bucket, _, key = source[5:].partition("/")
+    store = store_for(f"s3://{bucket}", storage_block)
+    keys = (
+        [key] if Path(key).suffix in FILE_SUFFIXES else [k for k in store.list(key) if Path(k).suffix in FILE_SUFFIXES]
+    )
+    return [(k, store.client.head_object(Bucket=bucket, Key=k)["ETag"].strip('"')) for k in keys]
+
+
+def read_s3(source: str, storage_block: str | None = None, *, error: ErrorType = SourceError) -> Iterator[RawRow]:
+    """Rows of an S3 object or of every data file under a prefix (each downloaded to a temp folder)."""
+    bucket = source[5:].partition("/")[0]
+    store = store_for(f"s3://{bucket}", storage_block)
+    try:
+        objects = s3_objects(source, storage_block)
+    except Exception as e:
+        raise error(f"{source}: cannot read from S3 ({type(e).__name__})") from None
+    if not objects:
+        raise error(f"{source}: no {'/'.join(FILE_SUFFIXES)} object found")
+    with tempfile.TemporaryDirectory(prefix="tuneline-s3-") as tmp:
+        for key, _ in objects:
+            local = Path(tmp) / key
+            store.download_file(key, local)
+            yield from read_file(local, f"s3://{bucket}/{key}", error=error)
+
+
+def read_hub(
+    source: str,
+    subset: str | None = None,
+    hub: str = "huggingface",
+    *,
+    name: str | None = None,
+    error: ErrorType = SourceError,
+) -> Iterator[RawRow]:
+    """The ``train`` split of a hub dataset: Hugging Face through ``datasets``, or ModelScope (extra)."""
+    where = f"{source} ({hub})"
+    if hub == "modelscope":
+        try:
+            from modelscope import MsDataset
+        except ImportError:
+            raise error(
+                f"{where}: ModelScope datasets need the modelscope extra: pip install 'tuneline[modelscope]'"
+            ) from None
+        try:
+            rows = MsDataset.load(source, subset_name=subset or "default", split="train").to_hf_dataset()
+        except Exception as e:
+            raise error(f"{where}: cannot load ({type(e).__name__}: {str(e)[:300]})") from None
+    else:
+        import os
+
+        import datasets
+
+        if not (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")):
+            try:  # a quick probe: an unreachable hub makes load_dataset retry for a minute
+                from huggingface_hub import HfApi
+
+                HfApi().dataset_info(source, timeout=10)
+            except Exception as e:
+                raise error(
+                    f"{where}: cannot reach the dataset on the hub ({type(e).__name__}: {str(e)[:200]}); "
+                    "set HF_HUB_OFFLINE=1 to use the local cache"
+                ) from None
+        try:
+            rows = datasets.load_dataset(source, subset, split="train")
+        except Exception as e:  # missing subset, unknown id, no network: all end the same way, with the reason
+            raise error(f"{where}: cannot load {name or source!r} ({type(e).__name__}: {str(e)[:300]})") from None
+    for i, row in enumerate(rows):
+        yield RawRow(where, i, dict(row))
+
+
+def read_builtin(
+    source: str, subset: str | None = None, *, seed: int = 0, name: str | None = None, error: ErrorType = SourceError
+) -> Iterator[RawRow]:
+    """The built-in sets as query/response rows: 1000 arithmetic questions drawn from ``seed``, or the
+    self-cognition set (subsets default, en, zh; ``{{NAME}}`` / ``{{AUTHOR}}`` left for the caller).
+
+    >>> [r.row["query"] for r in read_builtin(ARITHMETIC, seed=1)][:2]
+    ['What is 19 + 74?', 'What is 34 - 17?']
+    """
+    if source == ARITHMETIC:
+        rng = random.Random(seed)
+        for i in range(1000):
+            a, b, op = rng.randint(2, 99), rng.randint(2, 99), rng.choice("+-*")
+            value = a + b if op == "+" else a - b if op == "-" else a * b
+            row = {"query": f"What is {a} {op} {b}?", "response": f"{a} {op} {b} = {value}. The answer is {value}."}
+            yield RawRow(ARITHMETIC, i, row)
+        return
+    subsets = {"default": ("en", "zh"), "en": ("en",), "zh": ("zh",)}
+    if (subset or "default") not in subsets:
+        raise error(
+            f"dataset spec {name or source!r}: {SELF_COGNITION} has no subset {subset!r}; "
+            f"available: {', '.join(subsets)}"
+        )
+    langs = subsets[subset or "default"]
+    for raw in read_file(RESOURCES / "self_cognition.jsonl", error=error):
+        if isinstance(raw.row, dict) and raw.row.get("lang") in langs:
+            yield RawRow(SELF_COGNITION, raw.index, {"query": raw.row["query"], "response": raw.row["response"]})
+
+
+def read_source(
+    source: str,
+    subset: str | None = None,
+    *,
+    hub: str = "huggingface",
+    name: str | None = None,
+    seed: int = 0,
+    storage_block: str | None = None,
+    error: ErrorType = SourceError,
+) -> Iterator[RawRow]:
+    """Every row of one source, whatever its kind (see ``source_kind``). ``name``: the spec as
+    written, for messages; ``seed``: the generated sets; ``storage_block``: S3 credentials."""
+    kind = source_kind(source)
+    if kind == "builtin":
+        return read_builtin(source, subset, seed=seed, name=name, error=error)
+    if kind == "local":
+        files = local_files(source, subset, name=name, error=error)
+        return (raw for path in files for raw in read_file(path, error=error))
+    if kind == "s3":
+        return read_s3(source, storage_block, error=error)
+    return read_hub(source, subset, hub, name=name, error=error)
+
+
+def source_fingerprint(
+    source: str,
+    subset: str | None = None,
+    *,
+    hub: str = "huggingface",
+    name: str | None = None,
+    storage_block: str | None = None,
+    error: ErrorType = SourceError,
+) -> str:
+    """``name@content``: checksums for local files, ETags for S3, the hub revision for hub ids. A source
+    that cannot be reached now gets a marker (reading it reports why); only a local spec that can never
+    be read (a subset of a single file, a missing subset) raises ``error``."""
+    name = name or source
+    kind = source_kind(source)
+    if kind == "builtin":
+        return f"{name}@{sha256_file(RESOURCES / 'self_cognition.jsonl')[:12]}"
+    if kind == "local":
+        files = local_files(source, subset, name=name, check=False, error=error)
+        if not files:
+            return f"{name}@missing"
+        return name + "@" + hashlib.sha256("".join(f"{p}:{sha256_file(p)}" for p in files).encode()).hexdigest()[:16]
+    if kind == "s3":
+        try:
+            return name + "@" + ",".join(etag for _, etag in s3_objects(source, storage_block))
+        except Exception as e:  # unreachable S3: the stage itself reports it
+            return f"{name}@unresolved:{type(e).__name__}"
+    if hub == "huggingface":
+        try:
+            from huggingface_hub import HfApi
+
+            return f"{name}@{HfApi().dataset_info(source, timeout=10).sha}"
+        except Exception:  # offline: the id is all we know; loading reports the real error
+            return f"{name}@unresolved"
+    return f"{name}@modelscope"
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole sets as lists of rows (the evaluation stage's loader)
+# ----------------------------------------------------------------------------------------------
+def _is_file(source: str) -> bool:
+    """Narrower than ``source_kind``: an evaluation set is a .json, .jsonl or .parquet file; any other
+    bare name is a hub id."""
+    return source.startswith(("s3://", ".", "/", "~")) or Path(source).suffix in EVAL_SUFFIXES
+
+
+def _file_rows(path: Path, name: str, error: ErrorType) -> list[Any]:
+    """Every row of a local file, in order; the first unreadable row raises ``error``."""
+    if not path.is_file():
+        raise error(f"evaluation data not found: {name}")
+    rows: list[Any] = []
+    for raw in read_file(path, name, error=error):
+        if raw.error:
+            at = f" (line {raw.line})" if raw.line else ""
+            raise error(f"{name}: row {len(rows)}{at}: {raw.error}")
+        rows.append(raw.row)
+    return rows
+
+
+def load_rows(
+    source: str,
+    subset: str | None = None,
+    split: str = "test",
+    storage_block: str | None = None,
+    error: ErrorType = SourceError,
+) -> list[dict[str, Any]]:
+    """Rows of a whole set: a local file (.json, .jsonl, .parquet), an ``s3://`` URI of one (downloaded
+    to a temp file), or a hub dataset id (``datasets.load_dataset`` with ``subset`` and ``split``).
+    Bad input raises ``error`` naming the file and row.
+
+    >>> import tempfile
+    >>> p = Path(tempfile.mkdtemp()) / "rows.jsonl"
+    >>> _ = p.write_text('{"q": 1}\\n{"q": 2\\n')
+    >>> class EvalError(ValueError): ...
+    >>> load_rows(str(p), error=EvalError)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    tasks.sources.EvalError: .../rows.jsonl: row 1 (line 2): invalid JSON (Expecting ',' delimiter at column 8)
+    """
+    if source.startswith("s3://"):
+        parent, _, key = source.rpartition("/")
+        suffix = Path(key).suffix
+        if suffix not in EVAL_SUFFIXES:
+            raise error(f"{source}: expected a .json, .jsonl or .parquet file")
+        with tempfile.TemporaryDirectory(prefix="tuneline-evaldata-") as tmp:
+            local = Path(tmp) / f"data{suffix}"
+            store_for(parent, storage_block).download_file(key, local)
+            return _file_rows(local, source, error)
+    if _is_file(source):
+        return _file_rows(Path(source).expanduser(), source, error)
+    import datasets
+
+    return list(datasets.load_dataset(source, subset, split=split))
+
+
+def file_source_fingerprint(source: str) -> str:
+    """What a set's content is: ``source@checksum`` for a local file, the URI or hub id otherwise.
+
+    >>> file_source_fingerprint("openai/gsm8k")
+    'openai/gsm8k'
+    """
+    path = Path(source).expanduser()
+    if not source.startswith("s3://") and _is_file(source) and path.is_file():
+        return f"{source}@{sha256_file(path)[:16]}"
+    return source
