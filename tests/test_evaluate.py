@@ -1,6 +1,7 @@
 """Evaluation stage: scoring on crafted outputs, the data loader, engine selection, the quality gate
 on real (tiny) models, and the gate inside the real retrain flow (Failed run, nothing released;
 force_release releases)."""
+
 from __future__ import annotations
 
 import json
@@ -47,12 +48,12 @@ def test_gsm8k_scoring_right_wrong_and_unparsable(gsm8k_file):
     assert all(g == r["answer"].rsplit("####", 1)[1].strip().replace(",", "") for g, r in zip(golds, rows))
     wrong = str(int(float(golds[3])) + 1)
     completions = [
-        f"Step one... step two.\n#### {golds[0]}",                      # GSM8K marker
-        f"Adding it all up gives \\boxed{{{golds[1]}}}.",                 # boxed
-        f"So she ends up with {golds[2]} in total.",                     # last number
-        f"The answer is {wrong}.\n#### {wrong}",                         # wrong
-        "I am not sure how to solve this problem.",                     # unparsable: no answer at all
-        "",                                                              # empty
+        f"Step one... step two.\n#### {golds[0]}",  # GSM8K marker
+        f"Adding it all up gives \\boxed{{{golds[1]}}}.",  # boxed
+        f"So she ends up with {golds[2]} in total.",  # last number
+        f"The answer is {wrong}.\n#### {wrong}",  # wrong
+        "I am not sure how to solve this problem.",  # unparsable: no answer at all
+        "",  # empty
     ]
     accuracy, details = score_gsm8k(rows, completions)
     assert [d["correct"] for d in details] == [True, True, True, False, False, False]
@@ -72,7 +73,12 @@ def test_humaneval_canonical_solutions_score_one_through_the_suite_path():
     chatty = [f"Here you go:\n```python\n{p['prompt']}{p['canonical_solution']}```\nHope it helps." for p in problems]
     assert score_humaneval(problems, chatty, cfg)[0] == 1.0
     # Wrong code, unparsable prose and an attempt to exit early all fail.
-    bad = ["    return None\n", "I cannot write code.", "```python\nimport sys\nsys.exit(0)\n```", "```python\ndef broken(:\n```"]
+    bad = [
+        "    return None\n",
+        "I cannot write code.",
+        "```python\nimport sys\nsys.exit(0)\n```",
+        "```python\ndef broken(:\n```",
+    ]
     score, details = score_humaneval(problems, bad, cfg)
     assert score == 0.0 and all(d["status"] in ("failed", "timeout") for d in details)
 
@@ -147,9 +153,17 @@ def test_engine_selection():
 def test_gate_rules_and_reasons():
     cfg = EvalParams()
     base = {"validation_loss": 1.0, "token_accuracy": 0.6, "gsm8k_accuracy": 0.35, "humaneval_pass_at_1": 0.2}
-    ok = quality_gate(base, {"validation_loss": 1.019, "token_accuracy": 0.1, "gsm8k_accuracy": 0.341, "humaneval_pass_at_1": 0.5}, cfg)
-    assert ok["passed"] and {c["metric"] for c in ok["checks"]} == {"validation_loss", "gsm8k_accuracy", "humaneval_pass_at_1"}
-    bad = quality_gate(base, {"validation_loss": 1.03, "token_accuracy": 0.6, "gsm8k_accuracy": 0.31, "humaneval_pass_at_1": float("nan")}, cfg)
+    better = {"validation_loss": 1.019, "token_accuracy": 0.1, "gsm8k_accuracy": 0.341, "humaneval_pass_at_1": 0.5}
+    ok = quality_gate(base, better, cfg)
+    gated = {"validation_loss", "gsm8k_accuracy", "humaneval_pass_at_1"}
+    assert ok["passed"] and {c["metric"] for c in ok["checks"]} == gated
+    worse = {
+        "validation_loss": 1.03,
+        "token_accuracy": 0.6,
+        "gsm8k_accuracy": 0.31,
+        "humaneval_pass_at_1": float("nan"),
+    }
+    bad = quality_gate(base, worse, cfg)
     assert not bad["passed"]
     assert bad["reasons"] == [
         "validation_loss 1.03 > base 1 × (1 + 0.02)",
@@ -158,7 +172,8 @@ def test_gate_rules_and_reasons():
     ]
     # Tolerances and the list of gating metrics are parameters.
     loose = EvalParams(loss_tolerance=0.05, accuracy_tolerance=0.05, gate_metrics=["validation_loss", "gsm8k_accuracy"])
-    assert quality_gate(base, {"validation_loss": 1.03, "gsm8k_accuracy": 0.31, "humaneval_pass_at_1": 0.0}, loose)["passed"]
+    tuned = {"validation_loss": 1.03, "gsm8k_accuracy": 0.31, "humaneval_pass_at_1": 0.0}
+    assert quality_gate(base, tuned, loose)["passed"]
 
 
 def _degraded_copy(model_dir: Path, out: Path) -> Path:
@@ -180,17 +195,27 @@ def test_all_suites_on_tiny_models_gate_blocks_a_worse_model(tiny_model_dir, gsm
     data_dir.mkdir()
     with open(data_dir / "validation.jsonl", "w") as f:
         for r in rows[:8]:
-            f.write(json.dumps({"messages": [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]}) + "\n")
+            messages = [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]
+            f.write(json.dumps({"messages": messages}) + "\n")
     worse = _degraded_copy(tiny_model_dir, tmp_path / "worse")
     cfg = EvalParams(
-        gsm8k_data=str(gsm8k_file), gsm8k_max_rows=4, gsm8k_max_new_tokens=16, humaneval_max_problems=3,
-        humaneval_max_new_tokens=16, max_new_tokens=12, identity_max_new_tokens=8, prompts=["Who are you?", "你是谁？"],
+        gsm8k_data=str(gsm8k_file),
+        gsm8k_max_rows=4,
+        gsm8k_max_new_tokens=16,
+        humaneval_max_problems=3,
+        humaneval_max_new_tokens=16,
+        max_new_tokens=12,
+        identity_max_new_tokens=8,
+        prompts=["Who are you?", "你是谁？"],
         validation_max_rows=8,
     )
-    report = evaluate_models(cfg, str(tiny_model_dir), str(worse), str(data_dir), "Quokka", "the Tuneline team", "You are helpful.")
+    report = evaluate_models(
+        cfg, str(tiny_model_dir), str(worse), str(data_dir), "Quokka", "the Tuneline team", "You are helpful."
+    )
 
     base, tuned = report["metrics"]["base"], report["metrics"]["tuned"]
-    assert set(base) == set(tuned) == {"validation_loss", "perplexity", "token_accuracy", "gsm8k_accuracy", "humaneval_pass_at_1", "self_cognition_accuracy"}
+    scored = {"gsm8k_accuracy", "humaneval_pass_at_1", "self_cognition_accuracy"}
+    assert set(base) == set(tuned) == {"validation_loss", "perplexity", "token_accuracy", *scored}
     assert report["sizes"] == {"validation": 8, "gsm8k": 4, "humaneval": 3}
     assert base["validation_loss"] == pytest.approx(math.log(49152), abs=0.2)  # a random model: ~uniform
     assert tuned["validation_loss"] > 1.5 * base["validation_loss"]
@@ -202,10 +227,11 @@ def test_all_suites_on_tiny_models_gate_blocks_a_worse_model(tiny_model_dir, gsm
     gate = report["gate"]
     assert not gate["passed"]
     assert len(gate["reasons"]) == 1 and gate["reasons"][0].startswith("validation_loss ")
-    assert {c["metric"] for c in gate["checks"]} == {"validation_loss", "gsm8k_accuracy", "humaneval_pass_at_1", "self_cognition_accuracy"}
+    assert {c["metric"] for c in gate["checks"]} == {"validation_loss", *scored}
     table = {r["metric"]: r for r in metrics_table(report)}
     assert table["validation_loss"]["gate"] == "FAIL" and table["perplexity"]["gate"] == "-"
-    assert table["validation_loss"]["delta"] == pytest.approx(tuned["validation_loss"] - base["validation_loss"], abs=1e-3)
+    delta = tuned["validation_loss"] - base["validation_loss"]
+    assert table["validation_loss"]["delta"] == pytest.approx(delta, abs=1e-3)
     md = samples_markdown(report)
     assert "FAILED — validation_loss" in md and "你是谁？" in md and "HumanEval/0" in md
 
@@ -230,10 +256,20 @@ def test_retrain_flow_gate_blocks_release_and_force_releases(smollm2_dir, tmp_pa
     # A destructive learning rate (0.1, 100x the demo's) wrecks the real SmolLM2 (validation loss ~3.5 -> ~50):
     # the gate must stop the release.
     overrides = [
-        f"model.base={smollm2_dir}", "data.datasets=['swift/self-cognition#24']", "data.validation_ratio=0.2",
-        "sft.profile=cpu", "sft.max_steps=2", "sft.learning_rate=0.1", "sft.per_device_batch_size=2",
-        "sft.gradient_accumulation_steps=1", "sft.max_length=64", "sft.warmup_ratio=0.0", "merge.dtype=fp32",
-        "eval.suites=[validation]", "release.model_name=blocked", f"artifact_root={root}",
+        f"model.base={smollm2_dir}",
+        "data.datasets=['swift/self-cognition#24']",
+        "data.validation_ratio=0.2",
+        "sft.profile=cpu",
+        "sft.max_steps=2",
+        "sft.learning_rate=0.1",
+        "sft.per_device_batch_size=2",
+        "sft.gradient_accumulation_steps=1",
+        "sft.max_length=64",
+        "sft.warmup_ratio=0.0",
+        "merge.dtype=fp32",
+        "eval.suites=[validation]",
+        "release.model_name=blocked",
+        f"artifact_root={root}",
     ]
     state = retrain(load_params(None, overrides), return_state=True)
     assert state.is_failed()
@@ -241,10 +277,12 @@ def test_retrain_flow_gate_blocks_release_and_force_releases(smollm2_dir, tmp_pa
     assert Store(str(root)).list("releases") == []
 
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+        )
     by_key = {a.key: a for a in artifacts}
-    table = json.loads(by_key["eval-metrics"].data) if isinstance(by_key["eval-metrics"].data, str) else by_key["eval-metrics"].data
+    data = by_key["eval-metrics"].data
+    table = json.loads(data) if isinstance(data, str) else data
     assert [r["gate"] for r in table if r["metric"] == "validation_loss"] == ["FAIL"]
     assert "FAILED — validation_loss" in by_key["eval-samples"].data
 

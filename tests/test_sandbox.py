@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import select
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -24,7 +23,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tasks import sandbox  # noqa: E402
-from tasks.sandbox import ExecResult, check_humaneval, load_humaneval, pass_at_1, run_program  # noqa: E402
+from tasks.evaluate.humaneval import load_humaneval  # noqa: E402
+from tasks.sandbox import ExecResult, check_humaneval, pass_at_1, run_program  # noqa: E402
 
 SLACK_S = 1.5  # process start-up + namespace setup + teardown
 ADD = {
@@ -306,8 +306,9 @@ def test_killing_its_parent_and_the_flow_fails(sentinel):
 
 
 def test_plain_kill_parent_is_a_failure():
-    result, elapsed = timed(ADD, body("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nreturn a + b"),
-                            timeout_s=5)
+    result, elapsed = timed(
+        ADD, body("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nreturn a + b"), timeout_s=5
+    )
     if os.geteuid() == 0 and sandbox.sandbox_mode() != "userns":
         assert not result.passed and result.status == "failed", result
     assert elapsed < 5 + SLACK_S
