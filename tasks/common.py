@@ -65,9 +65,22 @@ def metrics_markdown(metrics: dict[str, Any], keys: list[str] | None = None) -> 
     return "| metric | value |\n|---|---|\n" + "\n".join(lines)
 
 
+def _in_prefect_run() -> bool:
+    """Inside a flow or task run. Checked first: outside one, Prefect would start a temporary server
+    just to store an artifact that no run shows."""
+    try:
+        from prefect.context import FlowRunContext, TaskRunContext
+
+        return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def publish_markdown(key: str, markdown: str, description: str) -> bool:
     """A Prefect markdown artifact; False (and nothing raised) outside a Prefect run, where a plain
     call of a stage has nowhere to report."""
+    if not _in_prefect_run():
+        return False
     try:
         from prefect.artifacts import create_markdown_artifact
 
@@ -79,6 +92,8 @@ def publish_markdown(key: str, markdown: str, description: str) -> bool:
 
 def publish_table(key: str, table: list[dict[str, Any]], description: str) -> bool:
     """A Prefect table artifact; False outside a Prefect run (see ``publish_markdown``)."""
+    if not _in_prefect_run():
+        return False
     try:
         from prefect.artifacts import create_table_artifact
 
@@ -86,6 +101,47 @@ def publish_table(key: str, table: list[dict[str, Any]], description: str) -> bo
         return True
     except Exception:  # noqa: BLE001 - no run context, or no Prefect at all
         return False
+
+
+class ProgressReporter:
+    """Mirror a training child's ``progress.jsonl`` (one JSON line per logging step, with ``step``
+    and ``max_steps``) into a Prefect progress artifact, at most every few seconds."""
+
+    def __init__(self, path: Path, key: str, description: str):
+        self.path, self.key, self.description = path, key, description
+        self.artifact_id: Any = None
+        self.last = 0.0
+
+    def update(self, force: bool = False) -> None:
+        import json
+        import time
+
+        if not force and time.monotonic() - self.last < 3:
+            return
+        self.last = time.monotonic()
+        if not self.path.exists():
+            return
+        lines = self.path.read_text().strip().splitlines()
+        if not lines:
+            return
+        last = json.loads(lines[-1])
+        percent = 100.0 * last["step"] / max(1, last.get("max_steps") or 1)
+        if not _in_prefect_run():
+            return
+        try:
+            from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+            if self.artifact_id is None:
+                self.artifact_id = create_progress_artifact(
+                    progress=percent, key=self.key, description=self.description
+                )
+            else:
+                update_progress_artifact(self.artifact_id, progress=percent)
+        except Exception:  # noqa: BLE001 - outside a Prefect run (plain call) there is nowhere to report
+            pass
+
+    def finish(self) -> None:
+        self.update(force=True)
 
 
 def run_logger() -> Any:

@@ -12,10 +12,10 @@ Rewards come from ``tasks/rewards.py`` by name (``accuracy``, ``format``, ``over
 ``repetition``) or as a ``module:function`` import path, with optional weights and settings
 (``reward_settings: {format: {pattern: "^<answer>"}}``).
 
-Rollouts: transformers ``generate`` by default. ``use_vllm`` asks for vLLM: colocated in the training
-process on one GPU (``vllm_mode=colocate``), or, with two GPUs (``server``), a ``trl vllm-serve`` on the
+Rollouts: transformers ``generate`` by default. ``vllm.enabled`` asks for vLLM: colocated in the training
+process on one GPU (``vllm.mode=colocate``), or, with two GPUs (``server``), a ``trl vllm-serve`` on the
 second card that this stage starts, owns and always stops (success, failure, cancellation). vLLM has
-its own venv (``vllm_python``, made by ``python -m tasks.vllm_cpu ensure-venv``); the training child
+its own venv (``vllm.python``, made by ``python -m tasks.vllm_cpu ensure-venv``); the training child
 re-executes itself under it. On a CPU box the same runs on vllm-cpu with the patches in
 ``tasks/vllm_cpu.py`` (docs/vllm-cpu.md). Without vLLM the stage falls back to transformers and says so
 in the log and in the metric ``rollout_engine``.
@@ -28,120 +28,34 @@ Run the plain function without Prefect::
 
     python -m tasks.grpo job.json        # job: config, model_dir, adapter_dir, data_dir, output_dir, ...
 """
+
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-try:
-    from prefect import task
-except ModuleNotFoundError:  # the training child may run in the vLLM venv, which has no Prefect
-
-    def task(**_kwargs: Any):  # type: ignore[no-redef]
-        return lambda fn: fn
-
+from tasks.common import (
+    load_tokenizer,
+    metrics_markdown,
+    picture_markdown,
+    publish_markdown,
+    publish_table,
+    run_logger,
+    task,
+    torch_dtype,
+)
+from tasks.fingerprints import code_version, fingerprint
+from tasks.grpo_plan import GRPOParams, resolve_rewards, rollout_plan, to_prompt_rows
 from tasks.hardware import PROFILES, detect_machine, launch_training, preflight, resolve_profile
-from tasks.models import resolve_model
-from tasks.store import StageRef, code_version, fingerprint, open_ref, stage_cache_key, store_for
+from tasks.stage import StageContext, Workspace, run_stage, stage_cache_key
+from tasks.store import StageRef
 
 STAGE = "grpo"
 LOG = "[tuneline.grpo]"
-
-
-class GRPOParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    enabled: bool = Field(default=False, description="Run GRPO after SFT. Off: the SFT adapter goes straight to merge.")
-    datasets: list[str] = Field(default=["tuneline/arithmetic#256"], min_length=1, description="Prompt sources (SOURCE[#N], as for the dataset stage); the last assistant turn is the reference answer.")
-    rewards: list[str] = Field(default=["accuracy", "format"], min_length=1, description="Reward functions: accuracy, format, overlong, repetition, or a module:function import path.")
-    reward_weights: list[float] | None = Field(default=None, description="One weight per reward (same order); empty: all 1. The advantage uses the weighted sum.")
-    reward_settings: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Settings per reward name, passed to its factory, e.g. {format: {pattern: '^<answer>'}, overlong: {max_length: 256, cache_length: 64}}.")
-    num_generations: int = Field(default=8, ge=2, le=256, description="Completions sampled per prompt: the group GRPO normalises over. More: better advantage estimates, slower steps.")
-    max_completion_length: int = Field(default=256, ge=4, le=32768, description="Longest completion in tokens. Longer lets the model reason, costs rollout time and memory.")
-    temperature: float = Field(default=1.0, gt=0.0, le=2.0, description="Sampling temperature of the rollouts. Too low: the group agrees, reward variance and learning vanish.")
-    beta: float = Field(default=0.0, ge=0.0, le=1.0, description="KL penalty against the reference model (0: no reference model, less memory).")
-    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = Field(default="dapo", description="GRPO loss normalisation (TRL's loss_type).")
-    learning_rate: float = Field(default=1e-5, gt=0.0, le=1.0, description="Peak learning rate.")
-    max_steps: int | None = Field(default=100, ge=1, le=1_000_000, description="Optimizer steps; empty: train num_train_epochs over the prompts.")
-    num_train_epochs: float = Field(default=1.0, gt=0.0, le=1000.0, description="Epochs over the prompts, used when max_steps is empty.")
-    per_device_batch_size: int = Field(default=8, ge=1, le=1024, description="Completions per micro-batch per process (a multiple of num_generations when accumulation is 1).")
-    gradient_accumulation_steps: int = Field(default=1, ge=1, le=1024, description="Micro-batches per optimizer step.")
-    use_vllm: bool = Field(default=False, description="Generate rollouts with vLLM (colocated on one GPU, a server on the second of two). Without vLLM: transformers, said in the log and metrics.")
-    vllm_mode: Literal["auto", "colocate", "server"] = Field(default="auto", description="auto: server when the machine has 2+ GPUs, else colocate. server: this stage starts, owns and stops `trl vllm-serve`.")
-    vllm_python: str | None = Field(default=None, max_length=1000, description="Python of a venv with vLLM + TRL (e.g. .venv-vllm/bin/python); the training child runs under it. Empty: the current one.")
-    vllm_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(default="auto", description="vLLM weights dtype. bfloat16: ~2x faster rollouts on CPU; float32: rollouts match the fp32 policy exactly.")
-    vllm_enforce_eager: bool = Field(default=False, description="Skip vLLM's torch.compile/CUDA graphs: seconds instead of minutes of start-up, slower decoding. Turn on for CPU and short runs.")
-    vllm_max_model_length: int = Field(default=2048, ge=64, le=131072, description="vLLM context (prompt + completion) in tokens; less KV cache memory when smaller.")
-    vllm_verify_sync: bool = Field(default=False, description="After training, sync the policy to vLLM once more and check vLLM's temperature-0 completion equals transformers' greedy one (exact only with vllm_dtype float32).")
-    num_samples: int = Field(default=16, ge=0, le=1000, description="Sample completions (with their rewards) kept in the stage folder and the run's artifact.")
-    logging_steps: int = Field(default=1, ge=1, le=10_000, description="Log every N steps.")
-    seed: int = Field(default=42, ge=0, description="Seed.")
-
-    @model_validator(mode="after")
-    def _check(self) -> "GRPOParams":
-        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
-            raise ValueError(f"reward_weights has {len(self.reward_weights)} values for {len(self.rewards)} rewards {self.rewards}")
-        unknown = sorted(set(self.reward_settings) - set(self.rewards))
-        if unknown:
-            raise ValueError(f"reward_settings for {unknown}, which is not in rewards {self.rewards}")
-        if (self.per_device_batch_size * self.gradient_accumulation_steps) % self.num_generations:
-            raise ValueError(f"per_device_batch_size × gradient_accumulation_steps ({self.per_device_batch_size} × {self.gradient_accumulation_steps}) must be a multiple of num_generations ({self.num_generations})")
-        return self
-
-
-# ----------------------------------------------------------------------------------------------
-# Checks that run before anything expensive
-# ----------------------------------------------------------------------------------------------
-
-
-def resolve_rewards(cfg: GRPOParams) -> list[Any]:
-    """The reward callables (``ValueError`` naming the reward when one is unknown or misconfigured)."""
-    from tasks.rewards import resolve_reward
-
-    return [resolve_reward(name, **cfg.reward_settings.get(name, {})) for name in cfg.rewards]
-
-
-def to_prompt_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of the dataset stage as GRPO rows: ``prompt`` (messages) and ``answer`` (reference).
-    A malformed row is an error naming the file, the row and the field."""
-    rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}, row {i}"
-        try:
-            messages = json.loads(line)["messages"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{where}, field 'messages': not a JSON object with messages ({e})") from None
-        if not isinstance(messages, list) or len(messages) < 2:
-            raise ValueError(f"{where}, field 'messages': needs a prompt and a reference answer (at least 2 turns)")
-        last = messages[-1]
-        if not isinstance(last, dict) or last.get("role") != "assistant" or not isinstance(last.get("content"), str) or not last["content"].strip():
-            raise ValueError(f"{where}, field 'messages[-1]': the last turn must be the assistant's reference answer")
-        if not any(isinstance(m, dict) and m.get("role") == "user" for m in messages[:-1]):
-            raise ValueError(f"{where}, field 'messages': the prompt has no user turn")
-        rows.append({"prompt": messages[:-1], "answer": last["content"]})
-    if not rows:
-        raise ValueError(f"{path}: no prompts")
-    return rows
-
-
-def rollout_plan(cfg: GRPOParams, gpus: int, vllm_installed: bool) -> dict[str, Any]:
-    """Which engine generates the rollouts, and why (for the log and the metrics)."""
-    if not cfg.use_vllm:
-        return {"engine": "transformers", "mode": None, "reason": "use_vllm is off"}
-    if not vllm_installed:
-        return {"engine": "transformers", "mode": None, "reason": "use_vllm is on but vLLM is not installed in this Python: falling back to transformers generation"}
-    mode = cfg.vllm_mode if cfg.vllm_mode != "auto" else ("server" if gpus >= 2 else "colocate")
-    where = "CPU (vllm-cpu)" if gpus == 0 else (f"GPU {gpus - 1}, training on GPU 0" if mode == "server" else "the training GPU")
-    return {"engine": "vllm", "mode": mode, "reason": f"vLLM {mode} on {where}"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,22 +87,38 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
     if plan["mode"] == "server":
         from tasks.vllm_cpu import VLLMServer
 
-        server = VLLMServer(job["model_dir"], scratch / "vllm-server.log", max_model_len=cfg.vllm_max_model_length,
-                            dtype=cfg.vllm_dtype, enforce_eager=cfg.vllm_enforce_eager,
-                            gpus=str(gpus - 1) if gpus >= 2 else None)
+        server = VLLMServer(
+            job["model_dir"],
+            scratch / "vllm-server.log",
+            max_model_len=cfg.vllm.max_model_length,
+            dtype=cfg.vllm.dtype,
+            enforce_eager=cfg.vllm.enforce_eager,
+            gpus=str(gpus - 1) if gpus >= 2 else None,
+        )
         with server:
             metrics = _train(job, cfg, rows, rewards, plan, server)
-        metrics["vllm_server"] = {"startup_seconds": server.startup_seconds, "stopped": server.stopped_how, "left_behind": server.left_behind}
+        metrics["vllm_server"] = {
+            "startup_seconds": server.startup_seconds,
+            "stopped": server.stopped_how,
+            "left_behind": server.left_behind,
+        }
         (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
         return metrics
     return _train(job, cfg, rows, rewards, plan, None)
 
 
-def _train(job: dict[str, Any], cfg: GRPOParams, rows: list[dict[str, Any]], rewards: list[Any], plan: dict[str, Any], server: Any) -> dict[str, Any]:
+def _train(
+    job: dict[str, Any],
+    cfg: GRPOParams,
+    rows: list[dict[str, Any]],
+    rewards: list[Any],
+    plan: dict[str, Any],
+    server: Any,
+) -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from trl import GRPOConfig, GRPOTrainer
 
     profile = PROFILES.get(job["profile"]) or resolve_profile("auto")
@@ -196,16 +126,18 @@ def _train(job: dict[str, Any], cfg: GRPOParams, rows: list[dict[str, Any]], rew
     on_cpu = not torch.cuda.is_available()
     if plan["engine"] == "vllm":
         _setup_vllm(cfg, plan, on_cpu, scratch)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[profile.dtype]
-    tokenizer = AutoTokenizer.from_pretrained(job["adapter_dir"])
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    dtype = torch_dtype(profile.dtype)
+    tokenizer = load_tokenizer(job["adapter_dir"])
     base = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=dtype)
     model = PeftModel.from_pretrained(base, job["adapter_dir"], is_trainable=True)
     vllm_args: dict[str, Any] = {}
     if plan["engine"] == "vllm":
-        vllm_args = {"use_vllm": True, "vllm_mode": plan["mode"], "vllm_max_model_length": cfg.vllm_max_model_length,
-                     "vllm_enable_sleep_mode": False}
+        vllm_args = {
+            "use_vllm": True,
+            "vllm_mode": plan["mode"],
+            "vllm_max_model_length": cfg.vllm.max_model_length,
+            "vllm_enable_sleep_mode": False,
+        }
         if server is not None:
             vllm_args.update(vllm_server_base_url=server.base_url, vllm_server_timeout=60)
     args = GRPOConfig(
@@ -232,7 +164,9 @@ def _train(job: dict[str, Any], cfg: GRPOParams, rows: list[dict[str, Any]], rew
         dataloader_num_workers=0,
         **vllm_args,
     )
-    trainer = GRPOTrainer(model=model, reward_funcs=rewards, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    trainer = GRPOTrainer(
+        model=model, reward_funcs=rewards, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+    )
     timing = _instrument(trainer, cfg.num_samples)
     start = time.perf_counter()
     trainer.train()
@@ -247,7 +181,11 @@ def _train(job: dict[str, Any], cfg: GRPOParams, rows: list[dict[str, Any]], rew
         "reward_first": reward_curve[0] if reward_curve else None,
         "reward_last": reward_curve[-1] if reward_curve else None,
         "reward_std_mean": _mean([h["reward_std"] for h in history if "reward_std" in h]),
-        "reward_means": {k.split("/")[1]: v for k, v in next((h for h in reversed(history) if "reward" in h), {}).items() if k.startswith("rewards/") and k.endswith("/mean")},
+        "reward_means": {
+            k.split("/")[1]: v
+            for k, v in next((h for h in reversed(history) if "reward" in h), {}).items()
+            if k.startswith("rewards/") and k.endswith("/mean")
+        },
         "rollout_engine": plan["engine"],
         "rollout_mode": plan["mode"],
         "rollout_reason": plan["reason"],
@@ -260,7 +198,7 @@ def _train(job: dict[str, Any], cfg: GRPOParams, rows: list[dict[str, Any]], rew
         "device": torch.cuda.get_device_name(0) if not on_cpu else "cpu",
         "python": sys.executable,
     }
-    if plan["engine"] == "vllm" and cfg.vllm_verify_sync:
+    if plan["engine"] == "vllm" and cfg.vllm.verify_sync:
         metrics["vllm_sync_check"] = _verify_vllm_sync(trainer, tokenizer, rows)
     output.mkdir(parents=True, exist_ok=True)
     trainer.model.save_pretrained(output)
@@ -272,7 +210,11 @@ def _train(job: dict[str, Any], cfg: GRPOParams, rows: list[dict[str, Any]], rew
         plot_rewards(history, output / "rewards.png")
     except ImportError:  # no matplotlib in this venv: the Prefect task draws it
         pass
-    print(f"{LOG} done: {steps} steps, reward {metrics['reward_first']} -> {metrics['reward_last']}, rollouts by {plan['engine']}", flush=True)
+    print(
+        f"{LOG} done: {steps} steps, reward {metrics['reward_first']} -> {metrics['reward_last']}, rollouts by "
+        f"{plan['engine']}",
+        flush=True,
+    )
     return metrics
 
 
@@ -281,7 +223,7 @@ def _setup_vllm(cfg: GRPOParams, plan: dict[str, Any], on_cpu: bool, scratch: Pa
     from tasks import vllm_cpu
 
     if plan["mode"] == "colocate":
-        vllm_cpu.patch_colocate_llm_kwargs(dtype=cfg.vllm_dtype, enforce_eager=cfg.vllm_enforce_eager)
+        vllm_cpu.patch_colocate_llm_kwargs(dtype=cfg.vllm.dtype, enforce_eager=cfg.vllm.enforce_eager)
         if on_cpu:
             vllm_cpu.patch_colocate_sync()
     elif on_cpu:
@@ -292,7 +234,7 @@ def _instrument(trainer: Any, num_samples: int) -> dict[str, Any]:
     """Rollout tokens and seconds (TRL logs neither), weight syncs, and sample completions with rewards."""
     from transformers import TrainerCallback
 
-    from tasks.rewards import completion_text
+    from tasks.scoring import completion_text
 
     timing: dict[str, Any] = {"tokens": 0, "seconds": 0.0, "syncs": 0, "sync_seconds": 0.0, "samples": []}
     generate = trainer._generate
@@ -322,38 +264,59 @@ def _instrument(trainer: Any, num_samples: int) -> dict[str, Any]:
             logs_ = trainer._logs
             names = list(logs_["rewards"])
             for i, (prompt, completion) in enumerate(zip(logs_["prompt"], logs_["completion"])):
-                user = [m["content"] for m in prompt if m.get("role") == "user"] if isinstance(prompt, list) else [prompt]
-                timing["samples"].append({
-                    "step": state.global_step, "prompt": (user or [""])[-1], "completion": completion_text(completion),
-                    **{n: logs_["rewards"][n][i] for n in names}, "advantage": logs_["advantages"][i],
-                })
+                user = (
+                    [m["content"] for m in prompt if m.get("role") == "user"] if isinstance(prompt, list) else [prompt]
+                )
+                timing["samples"].append(
+                    {
+                        "step": state.global_step,
+                        "prompt": (user or [""])[-1],
+                        "completion": completion_text(completion),
+                        **{n: logs_["rewards"][n][i] for n in names},
+                        "advantage": logs_["advantages"][i],
+                    }
+                )
             del timing["samples"][: max(0, len(timing["samples"]) - num_samples)]
 
     trainer.add_callback(Samples())
     return timing
 
 
-def _verify_vllm_sync(trainer: Any, tokenizer: Any, rows: list[dict[str, Any]], n_prompts: int = 2, max_tokens: int = 12) -> dict[str, Any]:
+def _verify_vllm_sync(
+    trainer: Any, tokenizer: Any, rows: list[dict[str, Any]], n_prompts: int = 2, max_tokens: int = 12
+) -> dict[str, Any]:
     """Sync the trained policy to vLLM, then compare vLLM's temperature-0 completion with transformers'
     greedy completion of the same policy (LoRA merged), and of the base model (adapter off)."""
     import torch
     from vllm import SamplingParams
 
     policy = trainer.model
-    prompt_ids = [tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False) for r in rows[:n_prompts]]
+    prompt_ids = [
+        tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False) for r in rows[:n_prompts]
+    ]
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompt_ids]
     vgen = trainer.vllm_generation
     vgen.sync_weights()
-    outs = vgen.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids],
-                             sampling_params=SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=False)
+    outs = vgen.llm.generate(
+        [{"prompt_token_ids": ids} for ids in prompt_ids],
+        sampling_params=SamplingParams(temperature=0.0, max_tokens=max_tokens),
+        use_tqdm=False,
+    )
     vllm_ids = [list(o.outputs[0].token_ids) for o in outs]
 
     def greedy() -> list[list[int]]:
         res = []
         for ids in prompt_ids:
-            g = policy.generate(torch.tensor([ids], device=policy.device), attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=policy.device),
-                                max_new_tokens=max_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
-            res.append(g[: len(g) - next((i for i, t in enumerate(reversed(g)) if t != tokenizer.pad_token_id), 0)] if g else g)
+            g = policy.generate(
+                torch.tensor([ids], device=policy.device),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=policy.device),
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )[0, len(ids) :].tolist()
+            res.append(
+                g[: len(g) - next((i for i, t in enumerate(reversed(g)) if t != tokenizer.pad_token_id), 0)] if g else g
+            )
         return res
 
     policy.eval()
@@ -374,7 +337,10 @@ def _verify_vllm_sync(trainer: Any, tokenizer: Any, rows: list[dict[str, Any]], 
         "transformers_policy": [tokenizer.decode(h) for h in hf_policy],
         "transformers_base": [tokenizer.decode(b) for b in hf_base],
     }
-    print(f"{LOG} vLLM sync check: {result['identical']}/{result['prompts']} prompts identical to transformers greedy", flush=True)
+    print(
+        f"{LOG} vLLM sync check: {result['identical']}/{result['prompts']} prompts identical to transformers greedy",
+        flush=True,
+    )
     return result
 
 
@@ -415,18 +381,28 @@ def plot_rewards(history: list[dict[str, Any]], path: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def fingerprint_of(config: GRPOParams, adapter: StageRef, dataset: StageRef, base_model: str, base_revision: str, root: str, storage_block: str | None = None) -> str:
-    cfg = {"config": config, "model": base_model, "revision": base_revision, "profile": resolve_profile("auto").name}
+def fingerprint_of(config: GRPOParams, adapter: StageRef, dataset: StageRef, ctx: StageContext) -> str:
+    cfg = {
+        "config": config,
+        "model": ctx.base_model,
+        "revision": ctx.base_revision,
+        "profile": resolve_profile("auto").name,
+    }
     return fingerprint(STAGE, code_version(train), cfg, upstream=[adapter.fingerprint, dataset.fingerprint])
 
 
-def make_job(config: GRPOParams, model_dir: Path, adapter_dir: Path, data_dir: Path, scratch: Path, profile: str) -> dict[str, Any]:
+def make_job(
+    config: GRPOParams, model_dir: Path, adapter_dir: Path, data_dir: Path, scratch: Path, profile: str
+) -> dict[str, Any]:
     """The child's job file. ``python`` is the vLLM venv's interpreter when one is configured."""
     python = None
-    if config.use_vllm and config.vllm_python:
-        python = os.path.abspath(os.path.expanduser(config.vllm_python))
+    if config.vllm.enabled and config.vllm.python:
+        python = os.path.abspath(os.path.expanduser(config.vllm.python))
         if not os.access(python, os.X_OK):
-            raise ValueError(f"grpo.vllm_python: {python} is not an executable Python (make one: python -m tasks.vllm_cpu ensure-venv .venv-vllm)")
+            raise ValueError(
+                f"grpo.vllm.python: {python} is not an executable Python (make one: python -m tasks.vllm_cpu "
+                "ensure-venv .venv-vllm)"
+            )
     return {
         "config": config.model_dump(mode="json"),
         "model_dir": str(model_dir),
@@ -440,7 +416,7 @@ def make_job(config: GRPOParams, model_dir: Path, adapter_dir: Path, data_dir: P
 
 
 @task(name="grpo", cache_key_fn=stage_cache_key(STAGE, fingerprint_of), persist_result=True, tags=["gpu"], retries=1)
-def grpo(config: GRPOParams, adapter: StageRef, dataset: StageRef, base_model: str, base_revision: str, root: str, storage_block: str | None = None) -> StageRef:
+def grpo(config: GRPOParams, adapter: StageRef, dataset: StageRef, ctx: StageContext) -> StageRef:
     """GRPO on top of the SFT adapter; returns the new adapter.
 
     Resources: the GPUs of the machine's profile (1 GPU colocated, or 2 with a vLLM server on the
@@ -448,45 +424,41 @@ def grpo(config: GRPOParams, adapter: StageRef, dataset: StageRef, base_model: s
     profile = resolve_profile("auto")
     preflight(profile.requirement)
     resolve_rewards(config)  # a bad reward name or setting fails here, before any model is loaded
-    fp = fingerprint_of(config, adapter, dataset, base_model, base_revision, root)
-    store = store_for(root, storage_block)
-    if (ref := store.completed(STAGE, fp)) is not None:
-        return ref
-    data_dir = open_ref(dataset, storage_block)
-    to_prompt_rows(data_dir / "train.jsonl")  # malformed rows fail here, naming file, row and field
-    scratch = store.scratch_dir(STAGE, fp)
-    job = make_job(config, resolve_model(base_model, base_revision), open_ref(adapter, storage_block), data_dir, scratch, profile.name)
-    launch_training("tasks.grpo", job, scratch / "job.json", 1)
-    output = Path(job["output_dir"])
-    metrics = json.loads((output / "metrics.json").read_text())
-    if not (output / "rewards.png").exists():
-        plot_rewards(json.loads((output / "log_history.json").read_text()), output / "rewards.png")
-    _publish_report(output, metrics)
-    ref = store.publish(STAGE, fp, output, metrics)
-    shutil.rmtree(scratch, ignore_errors=True)
-    return ref
+
+    def build(work: Workspace) -> dict[str, Any]:
+        assert work.scratch is not None
+        data_dir = ctx.open(dataset)
+        to_prompt_rows(data_dir / "train.jsonl")  # malformed rows fail here, naming file, row and field
+        job = make_job(config, ctx.model_dir(), ctx.open(adapter), data_dir, work.scratch, profile.name)
+        launch_training("tasks.grpo", job, work.scratch / "job.json", 1)
+        metrics = json.loads((work.out / "metrics.json").read_text())
+        if not (work.out / "rewards.png").exists():
+            plot_rewards(json.loads((work.out / "log_history.json").read_text()), work.out / "rewards.png")
+        _publish_report(work.out, metrics)
+        return metrics
+
+    return run_stage(STAGE, fingerprint_of(config, adapter, dataset, ctx), ctx, build, resumable=True)
 
 
 def _publish_report(output: Path, metrics: dict[str, Any]) -> None:
     """Prefect artifacts: the reward picture with the headline metrics, and the samples table."""
-    import base64
-
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-    from prefect.logging import get_run_logger
-
-    try:
-        logger = get_run_logger()
-        logger.info("GRPO rollouts: %s (%s)", metrics["rollout_engine"], metrics["rollout_reason"])
-        png = base64.b64encode((output / "rewards.png").read_bytes()).decode()
-        keys = ["steps", "reward_first", "reward_last", "rollout_engine", "rollout_reason", "rollout_tokens_per_second", "step_seconds"]
-        rows = "\n".join(f"| {k} | {metrics.get(k)} |" for k in keys)
-        create_markdown_artifact(key="grpo-rewards", markdown=f"![reward curve and per-reward means](data:image/png;base64,{png})\n\n| metric | value |\n|---|---|\n{rows}",
-                                 description="GRPO reward curve and per-reward means")
-        samples = json.loads((output / "samples.json").read_text())
-        if samples:
-            create_table_artifact(key="grpo-samples", table=samples, description="GRPO sample completions and their rewards")
-    except Exception as e:  # noqa: BLE001 - outside a Prefect run (plain call) there is nowhere to report
-        print(f"{LOG} no Prefect artifacts: {type(e).__name__}: {e}", flush=True)
+    run_logger().info("GRPO rollouts: %s (%s)", metrics["rollout_engine"], metrics["rollout_reason"])
+    keys = [
+        "steps",
+        "reward_first",
+        "reward_last",
+        "rollout_engine",
+        "rollout_reason",
+        "rollout_tokens_per_second",
+        "step_seconds",
+    ]
+    publish_markdown(
+        "grpo-rewards",
+        picture_markdown(output / "rewards.png", "reward curve and per-reward means") + metrics_markdown(metrics, keys),
+        "GRPO reward curve and per-reward means",
+    )
+    if samples := json.loads((output / "samples.json").read_text()):
+        publish_table("grpo-samples", samples, "GRPO sample completions and their rewards")
 
 
 if __name__ == "__main__":

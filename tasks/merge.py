@@ -3,7 +3,7 @@
 Resource profile: CPU by default (fp32 reference pass + the merged model: about 3× the model's fp16
 size in RAM, e.g. ~45 GB for a 7B model); ``device: cuda`` does the same on one GPU, much faster.
 
-It runs *before* evaluation, so that what is evaluated is exactly what ships (DESIGN.md).
+It runs *before* evaluation, so that what is evaluated is exactly what ships (docs/design.md).
 
 1. base (fp32) + adapter → reference logits on a fixed batch of chat prompts;
 2. peft's ``merge_and_unload``, cast to the pinned dtype — by default the dtype the adapter was
@@ -20,27 +20,23 @@ Run it without Prefect::
     python -c "from pathlib import Path; from tasks.merge import *; \
         print(merge(MergeParams(dtype='bf16'), 'BASE_DIR', Path('ADAPTER_DIR'), Path('OUT_DIR'), 'bf16'))"
 """
+
 from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks.common import Dtype, load_tokenizer, run_logger, task, torch_dtype
+from tasks.fingerprints import code_version, fingerprint
 from tasks.hardware import resolve_profile
-from tasks.store import StageRef, code_version, fingerprint, open_ref, stage_cache_key, store_for
-
-try:
-    from prefect import get_run_logger, task
-except ModuleNotFoundError:  # a GPU box may run only the plain `merge` without Prefect: the task stays a plain function
-    def task(*_args: Any, **_kwargs: Any) -> Any:
-        return lambda fn: fn
+from tasks.stage import StageContext, Workspace, run_stage, stage_cache_key
+from tasks.store import StageRef
 
 STAGE = "merge"
-Dtype = Literal["fp32", "fp16", "bf16"]
 # (atol, rtol) of max|Δlogit| by dtype, relative to the largest reference logit. Measured by
 # bench/merge_tolerance.py on SmolLM2-135M: casting the merged weights moves logits by 0.67 % of
 # max|logit| in bf16 and 0.18 % in fp16 (2e-6 in fp32); the bounds leave ~3× room.
@@ -64,12 +60,23 @@ class MergeParams(BaseModel):
         "bf16 on a100x2, fp32 on cpu). fp32 doubles the size for no gain at inference; fp16 on a bf16-trained model "
         "may overflow.",
     )
-    device: Literal["cpu", "cuda"] = Field(default="cpu", description="Where to merge: cpu (any machine, slow for 7B) or cuda (one GPU, fast; needs ~3× the fp16 model size in GPU memory).")
-    max_shard_size: str = Field(default="2GB", pattern=r"^\d+(MB|GB)$", description="Largest safetensors shard: smaller shards upload and resume in finer pieces, more files.")
+    device: Literal["cpu", "cuda"] = Field(
+        default="cpu",
+        description="Where to merge: cpu (any machine, slow for 7B) or cuda (one GPU, fast; needs ~3× the fp16 model "
+        "size in GPU memory).",
+    )
+    max_shard_size: str = Field(
+        default="2GB",
+        pattern=r"^\d+(MB|GB)$",
+        description="Largest safetensors shard: smaller shards upload and resume in finer pieces, more files.",
+    )
     tolerance: float | None = Field(
-        default=None, gt=0, le=100,
+        default=None,
+        gt=0,
+        le=100,
         description="Largest allowed |Δlogit| between the merged model and base + adapter. Empty = the dtype's "
-        "default (atol + rtol · max|logit|, see TOLERANCE). Raise it only with a reason: a loose bound lets a broken merge ship.",
+        "default (atol + rtol · max|logit|, see TOLERANCE). Raise it only with a reason: a loose bound lets a broken "
+        "merge ship.",
     )
 
 
@@ -82,30 +89,28 @@ def merge(config: MergeParams, base_dir: str, adapter_dir: Path, out_dir: Path, 
     return verify_merged(out_dir, reference, dtype, config.device, config.tolerance)
 
 
-def _torch_dtype(dtype: str):
-    import torch
-
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-
-
-def merge_and_save(base_dir: str, adapter_dir: Path, out_dir: Path, dtype: Dtype, device: str = "cpu", max_shard_size: str = "2GB") -> dict[str, Any]:
+def merge_and_save(
+    base_dir: str, adapter_dir: Path, out_dir: Path, dtype: Dtype, device: str = "cpu", max_shard_size: str = "2GB"
+) -> dict[str, Any]:
     """Save the merged model in ``out_dir``; return the reference (batch and base + adapter logits)
     that ``verify_merged`` checks the saved folder against."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)  # the SFT stage saved it with the inference chat template
+    tokenizer = load_tokenizer(adapter_dir)  # the SFT stage saved it with the inference chat template
     # Reference in fp32, so that the check measures the merge and the cast, not the reference's rounding.
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device)
     model = PeftModel.from_pretrained(base, adapter_dir).eval()
     batch = _verify_batch(tokenizer, device)
     with torch.no_grad():
         reference = model(**batch).logits.float().cpu()
-        with model.disable_adapter():  # how much the adapter changes the logits: a check weaker than this proves nothing
+        with (
+            model.disable_adapter()
+        ):  # how much the adapter changes the logits: a check weaker than this proves nothing
             base_logits = model(**batch).logits.float().cpu()
-        merged = model.merge_and_unload().to(_torch_dtype(dtype))
-    merged.config.dtype = _torch_dtype(dtype)  # config.json states what the shards hold
+        merged = model.merge_and_unload().to(torch_dtype(dtype))
+    merged.config.dtype = torch_dtype(dtype)  # config.json states what the shards hold
     out_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out_dir, max_shard_size=max_shard_size, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
@@ -118,7 +123,9 @@ def merge_and_save(base_dir: str, adapter_dir: Path, out_dir: Path, dtype: Dtype
     return {"batch": {k: v.cpu() for k, v in batch.items()}, "logits": reference, "adapter_effect": effect}
 
 
-def verify_merged(merged_dir: Path, reference: dict[str, Any], dtype: Dtype, device: str = "cpu", tolerance: float | None = None) -> dict[str, Any]:
+def verify_merged(
+    merged_dir: Path, reference: dict[str, Any], dtype: Dtype, device: str = "cpu", tolerance: float | None = None
+) -> dict[str, Any]:
     """Load the saved merged model and compare its logits with base + adapter's; raise ``MergeError``
     when the largest difference exceeds the tolerance. Writes ``merge-verification.json`` either way."""
     import torch
@@ -174,8 +181,6 @@ def _verify_batch(tokenizer, device: str):
         tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
         for p in VERIFY_PROMPTS
     ]
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return tokenizer(texts, return_tensors="pt", padding=True).to(device)
 
 
@@ -190,34 +195,44 @@ def merge_dtype(config: MergeParams, adapter: StageRef, sft_profile: str) -> Dty
 # ----------------------------------------------------------------------------------------------
 # Prefect task
 # ----------------------------------------------------------------------------------------------
-def fingerprint_of(config: MergeParams, adapter: StageRef, base_model: str, base_revision: str, sft_profile: str, root: str, storage_block: str | None = None) -> str:
-    cfg = {"config": config, "dtype": merge_dtype(config, adapter, sft_profile), "model": base_model, "revision": base_revision}
+def fingerprint_of(config: MergeParams, adapter: StageRef, sft_profile: str, ctx: StageContext) -> str:
+    cfg = {
+        "config": config,
+        "dtype": merge_dtype(config, adapter, sft_profile),
+        "model": ctx.base_model,
+        "revision": ctx.base_revision,
+    }
     return fingerprint(STAGE, code_version(merge), cfg, upstream=[adapter.fingerprint])
 
 
 @task(name="merge_lora", cache_key_fn=stage_cache_key(STAGE, fingerprint_of), persist_result=True, tags=["cpu"])
-def merge_lora(config: MergeParams, adapter: StageRef, base_model: str, base_revision: str, sft_profile: str, root: str, storage_block: str | None = None) -> StageRef:
+def merge_lora(config: MergeParams, adapter: StageRef, sft_profile: str, ctx: StageContext) -> StageRef:
     """Merge the adapter into the base model and verify the result. CPU (or one GPU with device=cuda)."""
-    from tasks.models import model_revision, resolve_model
+    from tasks.models import model_revision
 
-    fp = fingerprint_of(config, adapter, base_model, base_revision, sft_profile, root)
-    store = store_for(root, storage_block)
-    if (ref := store.completed(STAGE, fp)) is not None:
-        return ref
     dtype = merge_dtype(config, adapter, sft_profile)
-    base_dir = resolve_model(base_model, base_revision)
-    with tempfile.TemporaryDirectory(prefix="tuneline-merge-") as tmp:
-        metrics = merge(config, str(base_dir), open_ref(adapter, storage_block), Path(tmp), dtype)
+
+    def build(work: Workspace) -> dict[str, Any]:
+        base_dir = ctx.model_dir()
+        metrics = merge(config, str(base_dir), ctx.open(adapter), work.out, dtype)
         # The exact weights merged into, for the release's lineage (a hub commit, not just "main").
-        metrics["base_revision_resolved"] = model_revision(base_model, base_dir)
-        logger = get_run_logger()
+        metrics["base_revision_resolved"] = model_revision(ctx.base_model, base_dir)
+        logger = run_logger()
         logger.info(
             "merged in %s: max |Δlogit| %.3g ≤ %.3g, %d shard(s), %.1f MB",
-            dtype, metrics["max_logit_diff"], metrics["tolerance"], metrics["shards"], metrics["size_bytes"] / 1e6,
+            dtype,
+            metrics["max_logit_diff"],
+            metrics["tolerance"],
+            metrics["shards"],
+            metrics["size_bytes"] / 1e6,
         )
         if metrics["adapter_effect"] is not None and metrics["adapter_effect"] <= metrics["tolerance"]:
             logger.warning(
                 "the adapter moves logits by at most %.3g, within the merge tolerance %.3g: the check cannot tell "
-                "this merge from no merge (undertrained adapter?)", metrics["adapter_effect"], metrics["tolerance"],
+                "this merge from no merge (undertrained adapter?)",
+                metrics["adapter_effect"],
+                metrics["tolerance"],
             )
-        return store.publish(STAGE, fp, Path(tmp), metrics)
+        return metrics
+
+    return run_stage(STAGE, fingerprint_of(config, adapter, sft_profile, ctx), ctx, build)

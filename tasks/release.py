@@ -32,6 +32,7 @@ Fetch a release and verify every checksum::
     tuneline fetch s3://bucket/prefix my-model LATEST ./here            # AWS_* from the environment
     tuneline fetch --block nightly s3://bucket/prefix my-model 20250101T000000Z-abcd1234 ./here
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -45,11 +46,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from prefect import get_run_logger, task
 from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.store import StageRef, Store, StoreError, code_version, fingerprint, open_ref, safe_key, sha256_file, stage_cache_key, store_for
+from tasks.common import publish_markdown, run_logger, task
+from tasks.fingerprints import code_version, fingerprint
+from tasks.stage import StageContext, Workspace, run_stage, stage_cache_key
+from tasks.store import StageRef, Store, StoreError, safe_key, sha256_file
 
 STAGE = "release"
 MANIFEST = "manifest.json"
@@ -63,8 +66,16 @@ class ReleaseError(RuntimeError):
 class ReleaseParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model_name: str = Field(default="qwen2-7b-instruct-tuneline", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", description="Name of the released model: the folder under releases/.")
-    include_merged: bool = Field(default=True, description="Also publish the merged model (the full weights, ~15 GB for 7B in 16 bits), not only the adapter (~tens of MB).")
+    model_name: str = Field(
+        default="qwen2-7b-instruct-tuneline",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+        description="Name of the released model: the folder under releases/.",
+    )
+    include_merged: bool = Field(
+        default=True,
+        description="Also publish the merged model (the full weights, ~15 GB for 7B in 16 bits), not only the adapter "
+        "(~tens of MB).",
+    )
     verify_upload: Literal["content", "metadata"] = Field(
         default="content",
         description="How each uploaded file is checked against the store before the manifest is written. content: read "
@@ -72,7 +83,9 @@ class ReleaseParams(BaseModel):
         "SHA-256 recorded at upload (fast; does not prove the bytes).",
     )
     multipart_chunk_mib: int = Field(
-        default=64, ge=5, le=5120,
+        default=64,
+        ge=5,
+        le=5120,
         description="Files larger than this go up in parts of this size (S3: ≥ 5 MiB a part, ≤ 10,000 parts). Smaller "
         "parts resume finer after a failure; larger parts mean fewer requests.",
     )
@@ -88,7 +101,13 @@ def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
         if out.returncode == 0:
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=10)
+            dirty = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=here,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
             return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         pass
@@ -111,7 +130,14 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def build_lineage(params: dict[str, Any], adapter: StageRef, merged: StageRef, report: StageRef, dataset: StageRef, eval_report: dict[str, Any]) -> dict[str, Any]:
+def build_lineage(
+    params: dict[str, Any],
+    adapter: StageRef,
+    merged: StageRef,
+    report: StageRef,
+    dataset: StageRef,
+    eval_report: dict[str, Any],
+) -> dict[str, Any]:
     """Everything needed to know where a release came from (the manifest adds the files)."""
     sources = [
         {
@@ -148,11 +174,14 @@ def build_lineage(params: dict[str, Any], adapter: StageRef, merged: StageRef, r
 def model_card(model_name: str, lineage: dict[str, Any], report: dict[str, Any]) -> str:
     """The release's ``README.md``: what it is, how it scores against the base, how it was made."""
     base, tuned = report["metrics"]["base"], report["metrics"]["tuned"]
-    rows = "\n".join(f"| {k} | {base[k]:.4f} | {tuned[k]:.4f} | {tuned[k] - base[k]:+.4f} |" for k in base if k in tuned)
+    rows = "\n".join(
+        f"| {k} | {base[k]:.4f} | {tuned[k]:.4f} | {tuned[k] - base[k]:+.4f} |" for k in base if k in tuned
+    )
     gate = report["gate"]
     merge = lineage.get("merge", {})
     sources = "\n".join(
-        f"- `{s['spec']}`: {s['rows_sampled']} rows sampled of {s['rows_read']}" + (f" (fingerprint `{s['fingerprint']}`)" if s.get("fingerprint") else "")
+        f"- `{s['spec']}`: {s['rows_sampled']} rows sampled of {s['rows_read']}"
+        + (f" (fingerprint `{s['fingerprint']}`)" if s.get("fingerprint") else "")
         for s in lineage["data"].get("sources", [])
     )
     return (
@@ -160,12 +189,14 @@ def model_card(model_name: str, lineage: dict[str, Any], report: dict[str, Any])
         + (f", resolved `{lineage['base_revision_resolved']}`" if lineage.get("base_revision_resolved") else "")
         + f") made by tuneline (code `{lineage['code_version']}`, Prefect flow run `{lineage.get('flow_run_id')}`).\n\n"
         f"Files: `adapter/` (LoRA adapter), `model/` (merged weights, {merge.get('dtype')}; max |Δlogit| against "
-        f"base + adapter {merge.get('max_logit_diff') or 0:.3g} ≤ {merge.get('tolerance') or 0:.3g}), `eval/`, `manifest.json` "
+        f"base + adapter {merge.get('max_logit_diff') or 0:.3g} ≤ {merge.get('tolerance') or 0:.3g}), `eval/`, "
+        "`manifest.json` "
         f"(lineage and SHA-256 of every file).\n\n"
         f"## Evaluation (base vs this model)\n\n| metric | base | tuned | delta |\n|---|---|---|---|\n{rows}\n\n"
         f"Quality gate: **{'passed' if gate['passed'] else 'FAILED: ' + '; '.join(gate['reasons'])}**"
         f"{' (release forced by a person)' if lineage.get('forced') else ''}\n\n"
-        f"## Training data\n\nDataset fingerprint `{lineage['data']['fingerprint']}`: {lineage['data'].get('train_rows')} train rows, "
+        f"## Training data\n\nDataset fingerprint `{lineage['data']['fingerprint']}`: "
+        f"{lineage['data'].get('train_rows')} train rows, "
         f"{lineage['data'].get('validation_rows')} validation rows.\n\n{sources}\n\n"
         f"## Parameters\n\n```json\n{json.dumps(lineage['params'], indent=2, ensure_ascii=False)}\n```\n"
     )
@@ -223,8 +254,17 @@ def publish_release(
     if problems:
         for rel in problems:  # so that a retry uploads them again instead of trusting their metadata
             store.delete(f"{prefix}/{rel}")
-        raise ReleaseError(f"release {model_name}/{release_id} at {store.where()} does not match what was uploaded: " + "; ".join(f"{k}: {v}" for k, v in problems.items()))
-    manifest = {"model_name": model_name, "release_id": release_id, "created": dt.datetime.now(dt.timezone.utc).isoformat(), **lineage, "files": entries}
+        raise ReleaseError(
+            f"release {model_name}/{release_id} at {store.where()} does not match what was uploaded: "
+            + "; ".join(f"{k}: {v}" for k, v in problems.items())
+        )
+    manifest = {
+        "model_name": model_name,
+        "release_id": release_id,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(),
+        **lineage,
+        "files": entries,
+    }
     store.write_json(f"{prefix}/{MANIFEST}", manifest)
     current = latest_release(store, model_name)
     # Ids start with the UTC time of their first attempt: never move LATEST to an older one. Compare
@@ -234,7 +274,9 @@ def publish_release(
     return manifest
 
 
-def verify_files(store: Store, prefix: str, entries: dict[str, dict[str, Any]], how: Literal["content", "metadata"] = "content") -> dict[str, str]:
+def verify_files(
+    store: Store, prefix: str, entries: dict[str, dict[str, Any]], how: Literal["content", "metadata"] = "content"
+) -> dict[str, str]:
     """Compare each file in the store with its entry (size and SHA-256); return ``{key: problem}``."""
     problems = {}
     for rel, entry in entries.items():
@@ -280,7 +322,10 @@ def fetch_release(store: Store, model_name: str, release_id: str, dest: Path) ->
             if target.stat().st_size != entry["size"] or sha256_file(target) != entry["sha256"]:
                 bad.append(rel)
         if bad:
-            raise ReleaseError(f"release {model_name}/{release_id} at {store.where()}: checksum mismatch for {', '.join(bad)}; nothing was kept")
+            raise ReleaseError(
+                f"release {model_name}/{release_id} at {store.where()}: checksum mismatch for {', '.join(bad)}; "
+                "nothing was kept"
+            )
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
         if dest.exists():
             dest.rmdir()
@@ -293,16 +338,33 @@ def fetch_release(store: Store, model_name: str, release_id: str, dest: Path) ->
 # ----------------------------------------------------------------------------------------------
 # Prefect task
 # ----------------------------------------------------------------------------------------------
-def fingerprint_of(config: ReleaseParams, adapter: StageRef, merged: StageRef, report: StageRef, dataset: StageRef, params: dict[str, Any], root: str, storage_block: str | None = None) -> str:
-    return fingerprint(STAGE, code_version(publish_release), {"config": config, "params": params}, upstream=[adapter.fingerprint, merged.fingerprint, report.fingerprint, dataset.fingerprint])
+def fingerprint_of(
+    config: ReleaseParams,
+    adapter: StageRef,
+    merged: StageRef,
+    report: StageRef,
+    dataset: StageRef,
+    params: dict[str, Any],
+    ctx: StageContext,
+) -> str:
+    upstream = [adapter.fingerprint, merged.fingerprint, report.fingerprint, dataset.fingerprint]
+    return fingerprint(STAGE, code_version(publish_release), {"config": config, "params": params}, upstream=upstream)
 
 
-def _release_files(config: ReleaseParams, adapter: StageRef, merged: StageRef, report: StageRef, storage_block: str | None) -> dict[str, Path]:
+def _release_files(
+    config: ReleaseParams, adapter: StageRef, merged: StageRef, report: StageRef, ctx: StageContext
+) -> dict[str, Path]:
     files: dict[str, Path] = {}
     parts = {"adapter": adapter, "eval": report} | ({"model": merged} if config.include_merged else {})
     for name, ref in parts.items():
-        folder = open_ref(ref, storage_block)
-        files.update({f"{name}/{p.relative_to(folder).as_posix()}": p for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith("_")})
+        folder = ctx.open(ref)
+        files.update(
+            {
+                f"{name}/{p.relative_to(folder).as_posix()}": p
+                for p in sorted(folder.rglob("*"))
+                if p.is_file() and not p.name.startswith("_")
+            }
+        )
     return files
 
 
@@ -313,44 +375,70 @@ def _worth_retrying(task, task_run, state) -> bool:
 
 # Transient failures (the store went away, a timeout) are retried with growing pauses: 10 s, 20 s, 40 s
 # (botocore has already retried each request a few times). A retry continues the same release id.
-@task(name="release", cache_key_fn=stage_cache_key(STAGE, fingerprint_of), persist_result=True, tags=["cpu"],
-      retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=10), retry_jitter_factor=0.5,
-      retry_condition_fn=_worth_retrying)
-def release(config: ReleaseParams, adapter: StageRef, merged: StageRef, report: StageRef, dataset: StageRef, params: dict[str, Any], root: str, storage_block: str | None = None) -> StageRef:
+@task(
+    name="release",
+    cache_key_fn=stage_cache_key(STAGE, fingerprint_of),
+    persist_result=True,
+    tags=["cpu"],
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=10),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=_worth_retrying,
+)
+def release(
+    config: ReleaseParams,
+    adapter: StageRef,
+    merged: StageRef,
+    report: StageRef,
+    dataset: StageRef,
+    params: dict[str, Any],
+    ctx: StageContext,
+) -> StageRef:
     """Publish a release; ``manifest.json`` last, then ``LATEST``. CPU and network."""
-    from prefect.artifacts import create_markdown_artifact
-
-    logger = get_run_logger()
-    fp = fingerprint_of(config, adapter, merged, report, dataset, params, root)
-    store = store_for(root, storage_block)
+    logger = run_logger()
+    fp = fingerprint_of(config, adapter, merged, report, dataset, params, ctx)
+    store = ctx.store()
     store.multipart_threshold = store.multipart_chunksize = config.multipart_chunk_mib << 20
     store.check()  # a missing bucket or wrong credentials fail here, naming endpoint and bucket
-    if (ref := store.completed(STAGE, fp)) is not None:
-        return ref
-    release_id = release_id_for(store, config.model_name, fp)
-    files = _release_files(config, adapter, merged, report, storage_block)
-    eval_report = json.loads((open_ref(report, storage_block) / "report.json").read_text())
-    lineage = build_lineage(params, adapter, merged, report, dataset, eval_report)
-    counts = {"uploaded": 0, "present": 0}
 
-    def progress(rel: str, uploaded: bool) -> None:
-        counts["uploaded" if uploaded else "present"] += 1
-        logger.info("%s %s (%d/%d)", "uploaded" if uploaded else "already there:", rel, sum(counts.values()), len(files))
+    def build(work: Workspace) -> dict[str, Any]:
+        release_id = release_id_for(store, config.model_name, fp)
+        files = _release_files(config, adapter, merged, report, ctx)
+        eval_report = json.loads((ctx.open(report) / "report.json").read_text())
+        lineage = build_lineage(params, adapter, merged, report, dataset, eval_report)
+        counts = {"uploaded": 0, "present": 0}
 
-    with tempfile.TemporaryDirectory(prefix="tuneline-release-") as tmp:
-        card = Path(tmp) / "README.md"
-        card.write_text(model_card(config.model_name, lineage, eval_report), encoding="utf-8")
-        files["README.md"] = card
-        manifest = publish_release(store, config.model_name, release_id, files, lineage, config.verify_upload, progress)
-    uri = store.uri(release_prefix(config.model_name, release_id))
-    size = sum(e["size"] for e in manifest["files"].values())
-    logger.info("released %s: %d files, %.1f MB (%d uploaded, %d already there), checksums verified", uri, len(files), size / 1e6, counts["uploaded"], counts["present"])
-    create_markdown_artifact(
-        key="release", description="The published release",
-        markdown=f"**{config.model_name}** release `{release_id}`\n\n`{uri}`\n\n{len(files)} files, {size / 1e6:.1f} MB, "
-        f"SHA-256 verified ({config.verify_upload}). Fetch it:\n\n```\ntuneline fetch {store.root} {config.model_name} {release_id} ./{config.model_name}\n```",
-    )
-    with tempfile.TemporaryDirectory(prefix="tuneline-release-ref-") as tmp:
-        (Path(tmp) / "release.json").write_text(json.dumps({"uri": uri, "release_id": release_id}))
-        return store.publish(STAGE, fp, Path(tmp), {"release_uri": uri, "release_id": release_id, "files": len(manifest["files"]), "size_bytes": size})
+        def progress(rel: str, uploaded: bool) -> None:
+            counts["uploaded" if uploaded else "present"] += 1
+            logger.info(
+                "%s %s (%d/%d)", "uploaded" if uploaded else "already there:", rel, sum(counts.values()), len(files)
+            )
 
+        with tempfile.TemporaryDirectory(prefix="tuneline-release-") as tmp:
+            card = Path(tmp) / "README.md"
+            card.write_text(model_card(config.model_name, lineage, eval_report), encoding="utf-8")
+            files["README.md"] = card
+            manifest = publish_release(
+                store, config.model_name, release_id, files, lineage, config.verify_upload, progress
+            )
+        uri = store.uri(release_prefix(config.model_name, release_id))
+        size = sum(e["size"] for e in manifest["files"].values())
+        logger.info(
+            "released %s: %d files, %.1f MB (%d uploaded, %d already there), checksums verified",
+            uri,
+            len(files),
+            size / 1e6,
+            counts["uploaded"],
+            counts["present"],
+        )
+        publish_markdown(
+            "release",
+            f"**{config.model_name}** release `{release_id}`\n\n`{uri}`\n\n{len(files)} files, {size / 1e6:.1f} MB, "
+            f"SHA-256 verified ({config.verify_upload}). Fetch it:\n\n```\ntuneline fetch {store.root} "
+            f"{config.model_name} {release_id} ./{config.model_name}\n```",
+            "The published release",
+        )
+        (work.out / "release.json").write_text(json.dumps({"uri": uri, "release_id": release_id}))
+        return {"release_uri": uri, "release_id": release_id, "files": len(manifest["files"]), "size_bytes": size}
+
+    return run_stage(STAGE, fp, ctx, build, store=store)

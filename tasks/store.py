@@ -1,16 +1,15 @@
 """The artifact store: one root — a local folder or ``s3://bucket/prefix`` — holding every stage's output.
 
-Layout under the root (DESIGN.md, "Contracts between stages")::
+Layout under the root (docs/design.md, "Contracts between stages")::
 
     stages/<stage>/<fingerprint>/      written once when the stage completes, then immutable;
                                        ``_SUCCESS`` (the stage's ref as JSON) is written last
     scratch/<stage>/<fingerprint>/     work in progress (checkpoints) that a retry resumes from
     releases/<model>/<release_id>/     what leaves the pipeline; ``manifest.json`` last, then ``LATEST``
 
-A stage's fingerprint is hash(stage name, stage code version, config, upstream fingerprints, source
-data fingerprints). It names the stage's folder and is the Prefect cache key, so a rerun with nothing
-new is all cache hits on any machine that sees the same root. A cache hit whose folder is gone (or
-has no ``_SUCCESS``) is not a hit: the stage runs again.
+A stage's fingerprint (``tasks/fingerprints.py``) names the stage's folder and is the Prefect cache
+key, so a rerun with nothing new is all cache hits on any machine that sees the same root. A cache
+hit whose folder is gone (or has no ``_SUCCESS``) is not a hit: the stage runs again.
 
 S3 goes through boto3 (credentials from the environment, or from a prefect-aws ``AwsCredentials``
 block, see ``blocks/``); an S3-compatible server is chosen with ``endpoint_url`` or the standard
@@ -20,18 +19,17 @@ read differently). Uploads go through boto3's managed transfer (multipart above 
 the file's SHA-256 as object metadata (``x-amz-meta-sha256``), which ``head`` returns, so that a rerun
 can skip what is already there; botocore retries transient errors with exponential backoff.
 """
+
 from __future__ import annotations
 
-import functools
 import hashlib
-import inspect
 import json
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from pydantic import BaseModel, Field
 
@@ -48,7 +46,17 @@ class StoreError(RuntimeError):
 
 
 # S3 error codes that retrying will not fix.
-PERMANENT_S3_ERRORS = frozenset({"NoSuchBucket", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "NoCredentialsError", "InvalidBucketName"})
+PERMANENT_S3_ERRORS = frozenset(
+    {
+        "NoSuchBucket",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "AccessDenied",
+        "403",
+        "NoCredentialsError",
+        "InvalidBucketName",
+    }
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -69,43 +77,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def _canonical(value: Any) -> Any:
-    if isinstance(value, BaseModel):
-        return _canonical(value.model_dump(mode="json"))
-    if isinstance(value, dict):
-        return {str(k): _canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
-    if isinstance(value, (list, tuple)):
-        return [_canonical(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def code_version(obj: Any) -> str:
-    """Hash of the source of the module that defines ``obj``: editing a stage's code reruns it.
-
-    Read once per process and module, so it describes the code that is running even if the file
-    changes on disk afterwards."""
-    module = inspect.getmodule(obj)
-    return _module_hash(module.__name__) if module else hashlib.sha256(repr(obj).encode()).hexdigest()[:12]
-
-
-@functools.lru_cache(maxsize=None)
-def _module_hash(name: str) -> str:
-    import sys
-
-    return hashlib.sha256(inspect.getsource(sys.modules[name]).encode()).hexdigest()[:12]
-
-
-def fingerprint(stage: str, code: str, config: Any, upstream: Iterable[str] = (), sources: Iterable[str] = ()) -> str:
-    payload = json.dumps(
-        {"stage": stage, "code": code, "config": _canonical(config), "upstream": list(upstream), "sources": list(sources)},
-        sort_keys=True,
-        ensure_ascii=False,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,7 +138,11 @@ class Store:
         if not url:
             return "AWS default"
         parts = urlsplit(url)
-        return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))) if parts.hostname else url
+        return (
+            urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+            if parts.hostname
+            else url
+        )
 
     def where(self) -> str:
         """The location for error messages: endpoint and bucket, never credentials."""
@@ -191,8 +166,10 @@ class Store:
                 aws_session_token=creds.get("aws_session_token"),
                 region_name=creds.get("region_name") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
                 config=Config(
-                    retries={"max_attempts": self.max_attempts, "mode": "standard"}, s3={"addressing_style": "path"},
-                    connect_timeout=10, read_timeout=60,
+                    retries={"max_attempts": self.max_attempts, "mode": "standard"},
+                    s3={"addressing_style": "path"},
+                    connect_timeout=10,
+                    read_timeout=60,
                 ),
             )
         return self._client
@@ -239,7 +216,11 @@ class Store:
         try:
             self._s3("head bucket", lambda: self.client.head_bucket(Bucket=self.bucket))
         except StoreError as e:
-            code = getattr(e.__context__, "response", {}).get("Error", {}).get("Code") if isinstance(e.__context__, ClientError) else None
+            code = (
+                getattr(e.__context__, "response", {}).get("Error", {}).get("Code")
+                if isinstance(e.__context__, ClientError)
+                else None
+            )
             if code in ("404", "NoSuchBucket"):  # HEAD has no body, so a missing bucket is a bare 404
                 raise self._error("head bucket", "NoSuchBucket") from None
             raise
@@ -261,7 +242,9 @@ class Store:
     def read_bytes(self, key: str) -> bytes:
         if not self.is_s3:
             return self.local_path(key).read_bytes()
-        return self._s3(f"get {key}", lambda: self.client.get_object(Bucket=self.bucket, Key=self._object_key(key))["Body"].read())
+        return self._s3(
+            f"get {key}", lambda: self.client.get_object(Bucket=self.bucket, Key=self._object_key(key))["Body"].read()
+        )
 
     def write_bytes(self, key: str, data: bytes) -> None:
         if not self.is_s3:
@@ -286,7 +269,9 @@ class Store:
             base = self.local_path(prefix)
             if not base.is_dir():
                 return []
-            return sorted(str(PurePosixPath(prefix) / p.relative_to(base).as_posix()) for p in base.rglob("*") if p.is_file())
+            return sorted(
+                str(PurePosixPath(prefix) / p.relative_to(base).as_posix()) for p in base.rglob("*") if p.is_file()
+            )
         keys: list[str] = []
         strip = len(self.prefix) + 1 if self.prefix else 0
         paginator = self.client.get_paginator("list_objects_v2")
@@ -312,7 +297,12 @@ class Store:
         # boto3's managed transfer does multipart above the threshold and retries parts.
         cfg = TransferConfig(multipart_threshold=self.multipart_threshold, multipart_chunksize=self.multipart_chunksize)
         extra = {"Metadata": {"sha256": sha256}} if sha256 else None
-        self._s3(f"upload {key}", lambda: self.client.upload_file(str(local), self.bucket, self._object_key(key), Config=cfg, ExtraArgs=extra))
+        self._s3(
+            f"upload {key}",
+            lambda: self.client.upload_file(
+                str(local), self.bucket, self._object_key(key), Config=cfg, ExtraArgs=extra
+            ),
+        )
 
     def head(self, key: str) -> dict[str, Any] | None:
         """``{"size": bytes, "sha256": digest or None}`` of an object, or None when it is missing.
@@ -341,7 +331,9 @@ class Store:
 
         def _hash() -> str:
             h = hashlib.sha256()
-            for block in self.client.get_object(Bucket=self.bucket, Key=self._object_key(key))["Body"].iter_chunks(chunk):
+            for block in self.client.get_object(Bucket=self.bucket, Key=self._object_key(key))["Body"].iter_chunks(
+                chunk
+            ):
                 h.update(block)
             return h.hexdigest()
 
@@ -366,7 +358,9 @@ class Store:
             shutil.rmtree(self.local_path(prefix), ignore_errors=True)
             return
         for key in self.list(prefix):
-            self._s3(f"delete {key}", lambda k=key: self.client.delete_object(Bucket=self.bucket, Key=self._object_key(k)))
+            self._s3(
+                f"delete {key}", lambda k=key: self.client.delete_object(Bucket=self.bucket, Key=self._object_key(k))
+            )
 
     def upload_dir(self, local_dir: Path, prefix: str) -> None:
         for path in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):

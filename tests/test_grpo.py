@@ -5,6 +5,7 @@ Data: tests/fixtures/grpo_arithmetic.jsonl, 64 reasoning-gym ``basic_arithmetic`
 ``reasoning_gym.create_dataset('basic_arithmetic', size=64, seed=7, min_terms=2, max_terms=2,
 min_digits=1, max_digits=1)``) as ``{"messages": [user question, assistant answer]}`` rows.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,10 @@ def make_adapter(model_dir: Path, out: Path) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model_dir),
+        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
     return out
@@ -55,9 +58,16 @@ def test_grpo_learns_the_format_on_smollm2(smollm2_dir, smollm2_adapter, tmp_pat
     """A few GRPO steps on the real model: rewards vary inside the groups (something to learn from)
     and the format reward's mean rises; the new adapter, curve and samples are written."""
     config = GRPOParams(
-        enabled=True, rewards=["format"], reward_settings={"format": {"pattern": NUMBER_FIRST}},
-        num_generations=8, per_device_batch_size=16, max_completion_length=6, temperature=1.0,
-        learning_rate=2e-3, max_steps=6, seed=0,
+        enabled=True,
+        rewards=["format"],
+        reward_settings={"format": {"pattern": NUMBER_FIRST}},
+        num_generations=8,
+        per_device_batch_size=16,
+        max_completion_length=6,
+        temperature=1.0,
+        learning_rate=2e-3,
+        max_steps=6,
+        seed=0,
     )
     job = job_for(config, smollm2_dir, smollm2_adapter, data_dir(tmp_path), tmp_path)
     metrics = train(job)
@@ -75,26 +85,41 @@ def test_grpo_learns_the_format_on_smollm2(smollm2_dir, smollm2_adapter, tmp_pat
 
 
 def test_use_vllm_without_vllm_falls_back_and_says_so(tiny_model_dir, tmp_path, capfd):
-    """The project venv has no vLLM: use_vllm still trains, with transformers, and says why."""
+    """The project venv has no vLLM: vllm.enabled still trains, with transformers, and says why."""
     pytest.importorskip("trl")
     import importlib.util
 
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vLLM is installed in this venv")
-    config = GRPOParams(enabled=True, rewards=["format", "repetition"], num_generations=2, per_device_batch_size=2,
-                        max_completion_length=4, max_steps=1, use_vllm=True)
-    job = job_for(config, tiny_model_dir, make_adapter(tiny_model_dir, tmp_path / "adapter"), data_dir(tmp_path, rows=4), tmp_path)
+    config = GRPOParams(
+        enabled=True,
+        rewards=["format", "repetition"],
+        num_generations=2,
+        per_device_batch_size=2,
+        max_completion_length=4,
+        max_steps=1,
+        vllm={"enabled": True},
+    )
+    job = job_for(
+        config, tiny_model_dir, make_adapter(tiny_model_dir, tmp_path / "adapter"), data_dir(tmp_path, rows=4), tmp_path
+    )
     metrics = train(job)
     assert metrics["rollout_engine"] == "transformers"
     assert "vLLM is not installed" in metrics["rollout_reason"]
     assert "vLLM is not installed" in capfd.readouterr().out
 
 
-@pytest.mark.parametrize("line, field", [
-    ('{"text": "hi"}', "field 'messages'"),
-    ('{"messages": [{"role": "user", "content": "2+2?"}]}', "field 'messages'"),
-    ('{"messages": [{"role": "user", "content": "2+2?"}, {"role": "user", "content": "4"}]}', "field 'messages[-1]'"),
-])
+@pytest.mark.parametrize(
+    "line, field",
+    [
+        ('{"text": "hi"}', "field 'messages'"),
+        ('{"messages": [{"role": "user", "content": "2+2?"}]}', "field 'messages'"),
+        (
+            '{"messages": [{"role": "user", "content": "2+2?"}, {"role": "user", "content": "4"}]}',
+            "field 'messages[-1]'",
+        ),
+    ],
+)
 def test_malformed_rows_are_named(tmp_path, line, field):
     good = FIXTURE.read_text().splitlines()[0]
     path = data_dir(tmp_path, text=f"{good}\n{line}") / "train.jsonl"
@@ -110,6 +135,10 @@ def test_bad_parameters_are_named():
         GRPOParams(num_generations=8, per_device_batch_size=6)
     with pytest.raises(ValueError, match="reward_settings for \\['overlong'\\]"):
         GRPOParams(rewards=["format"], reward_settings={"overlong": {"max_length": 8}})
+    with pytest.raises(
+        ValueError, match=r"grpo.use_vllm is now grpo.vllm.enabled"
+    ):  # the old flat key names the new one
+        GRPOParams(use_vllm=True)
 
 
 def test_prefect_task_fails_fast_on_bad_reward_and_publishes_report(tiny_model_dir, tmp_path):
@@ -117,6 +146,7 @@ def test_prefect_task_fails_fast_on_bad_reward_and_publishes_report(tiny_model_d
     adapter with curve + samples, a second run is a cache hit."""
     from prefect import flow
 
+    from tasks.stage import StageContext
     from tasks.store import store_for
 
     store = store_for(str(tmp_path / "root"))
@@ -125,17 +155,28 @@ def test_prefect_task_fails_fast_on_bad_reward_and_publishes_report(tiny_model_d
 
     @flow
     def run(config: GRPOParams):
-        return grpo(config, adapter, dataset, str(tiny_model_dir), "main", str(tmp_path / "root"))
+        return grpo(
+            config, adapter, dataset, ctx=StageContext(base_model=str(tiny_model_dir), root=str(tmp_path / "root"))
+        )
 
     with pytest.raises(ValueError, match="unknown reward 'speed'"):
         run(GRPOParams(enabled=True, rewards=["speed"], num_generations=2, per_device_batch_size=2, max_steps=1))
     assert not (tmp_path / "root" / "scratch" / "grpo").exists()  # nothing started
 
-    config = GRPOParams(enabled=True, rewards=["format", "tasks.rewards:repetition_penalty_reward"],
-                        reward_weights=[1.0, 0.5], num_generations=2, per_device_batch_size=2, max_completion_length=4, max_steps=2)
+    config = GRPOParams(
+        enabled=True,
+        rewards=["format", "tasks.rewards:repetition_penalty_reward"],
+        reward_weights=[1.0, 0.5],
+        num_generations=2,
+        per_device_batch_size=2,
+        max_completion_length=4,
+        max_steps=2,
+    )
     ref = run(config)
     folder = Path(ref.uri)
     assert ref.metrics["steps"] == 2 and ref.metrics["rollout_engine"] == "transformers"
-    assert {"adapter_model.safetensors", "rewards.png", "samples.json", "metrics.json"} <= {p.name for p in folder.iterdir()}
+    assert {"adapter_model.safetensors", "rewards.png", "samples.json", "metrics.json"} <= {
+        p.name for p in folder.iterdir()
+    }
     assert run(config).uri == ref.uri  # cache hit: same folder, no second training
     shutil.rmtree(tmp_path / "root", ignore_errors=True)

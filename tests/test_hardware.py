@@ -1,4 +1,5 @@
 """Hardware profiles, preflight messages, attention selection and the training child process."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -73,7 +74,9 @@ def test_flash_attention_is_chosen_only_when_installed(tmp_path, monkeypatch):
     pair = PROFILES["a100x2"]
     assert pair.attention() == ("sdpa", "flash-attn is not installed: SDPA")
     assert pair.attention(packing=True) == (
-        "tuneline_packed_sdpa", "flash-attn is not installed: SDPA once per packed row (tasks/attention.py)")
+        "tuneline_packed_sdpa",
+        "flash-attn is not installed: SDPA once per packed row (tasks/attention.py)",
+    )
     assert PROFILES["v100"].attention() == ("sdpa", "profile v100: SDPA")
     assert PROFILES["v100"].attention(packing=True)[0] == "tuneline_packed_sdpa"
 
@@ -81,7 +84,9 @@ def test_flash_attention_is_chosen_only_when_installed(tmp_path, monkeypatch):
     (tmp_path / "flash_attn" / "__init__.py").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path))
     assert pair.attention() == pair.attention(packing=True) == ("flash_attention_2", "flash-attn is installed")
-    assert PROFILES["v100"].attention(packing=True)[0] == "tuneline_packed_sdpa"  # cc 7.0: no flash-attn 2, installed or not
+    assert (
+        PROFILES["v100"].attention(packing=True)[0] == "tuneline_packed_sdpa"
+    )  # cc 7.0: no flash-attn 2, installed or not
 
 
 def test_liger_kernels_only_on_bf16_profiles_where_installed(tmp_path, monkeypatch):
@@ -97,7 +102,7 @@ def test_liger_kernels_only_on_bf16_profiles_where_installed(tmp_path, monkeypat
 def test_gpu_profiles_fit_sft_to_the_card_and_the_model():
     from types import SimpleNamespace
 
-    from tasks.sft import memory_plan
+    from tasks.sft_plan import memory_plan
 
     smollm2 = SimpleNamespace(hidden_size=576, intermediate_size=1536, num_hidden_layers=30)
     qwen2_7b = SimpleNamespace(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28)
@@ -108,11 +113,11 @@ def test_gpu_profiles_fit_sft_to_the_card_and_the_model():
         p = memory_plan(profile, config, int(weight_gib * 2**30), 2048, card_gib)
         return p.gradient_checkpointing, p.packed_sequences
 
-    assert plan(auto, smollm2, 0.25, 22.0) == (False, 4)       # a small model: the largest micro-batch, no recomputation
-    assert plan(auto, qwen2_7b, 14.2, 79.6) == (False, 3)      # 7B on 80 GB: 51.5 GiB measured on an H200
-    assert plan(auto, qwen2_7b, 14.2, 39.4) == (True, 4)       # 7B on 40 GB: checkpointing, 4 sequences (18.4 GiB measured)
-    assert plan(auto, qwen2_7b, 14.2, 16.0) == (True, 1)       # nothing fits the estimate: the smallest footprint
-    assert plan(PROFILES["v100"], qwen2_7b, 14.2, 32.0) == (True, 1)   # fixed profiles stay as they are
+    assert plan(auto, smollm2, 0.25, 22.0) == (False, 4)  # a small model: the largest micro-batch, no recomputation
+    assert plan(auto, qwen2_7b, 14.2, 79.6) == (False, 3)  # 7B on 80 GB: 51.5 GiB measured on an H200
+    assert plan(auto, qwen2_7b, 14.2, 39.4) == (True, 4)  # 7B on 40 GB: checkpointing, 4 sequences (18.4 GiB measured)
+    assert plan(auto, qwen2_7b, 14.2, 16.0) == (True, 1)  # nothing fits the estimate: the smallest footprint
+    assert plan(PROFILES["v100"], qwen2_7b, 14.2, 32.0) == (True, 1)  # fixed profiles stay as they are
     assert plan(PROFILES["cpu"], smollm2, 0.5, 0.0) == (False, 1)
 
 

@@ -1,4 +1,5 @@
 """Merge stage: the merged model reproduces base + adapter, a broken merge is caught, dtype is pinned."""
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,9 @@ def adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(1)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    )
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.2)
@@ -70,7 +73,10 @@ def test_merged_weights_are_base_plus_lora_delta_and_folder_is_complete(tiny_mod
     assert metrics["shards"] > 1 and (tmp_path / "model.safetensors.index.json").exists()
     assert (tmp_path / "generation_config.json").exists()
     tok = AutoTokenizer.from_pretrained(tmp_path)
-    assert tok.chat_template == AutoTokenizer.from_pretrained(adapter_dir).chat_template and "<|im_start|>" in tok.chat_template
+    assert (
+        tok.chat_template == AutoTokenizer.from_pretrained(adapter_dir).chat_template
+        and "<|im_start|>" in tok.chat_template
+    )
     assert json.loads((tmp_path / "merge-verification.json").read_text())["verified"] is True
 
 
@@ -117,7 +123,10 @@ def test_dtype_is_pinned_and_16_bit_merges_are_half_the_size(merged):
     sizes = {}
     for dtype, (folder, m, _) in merged.items():
         assert m["saved_dtypes"] == [dtype], m
-        assert json.loads((folder / "config.json").read_text())["dtype"] == {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
+        assert (
+            json.loads((folder / "config.json").read_text())["dtype"]
+            == {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
+        )
         # A 16-bit merge is verified against a bound that the adapter's effect clearly exceeds.
         assert m["verified"] and m["adapter_effect"] > 3 * m["tolerance"], m
         sizes[dtype] = m["size_bytes"]
@@ -138,13 +147,15 @@ def test_failed_verification_fails_the_flow_and_publishes_nothing(tiny_model_dir
     from prefect import flow
 
     from tasks.merge import fingerprint_of, merge_lora
+    from tasks.stage import StageContext
 
     adapter = StageRef(stage="sft", fingerprint="adapter0", uri=str(adapter_dir), metrics={"dtype": "bf16"})
     root = str(tmp_path / "artifacts")
+    ctx = StageContext(base_model=str(tiny_model_dir), root=root)
 
     @flow
     def just_merge(config: MergeParams):
-        return merge_lora(config, adapter, str(tiny_model_dir), "main", "cpu", root)
+        return merge_lora(config, adapter, sft_profile="cpu", ctx=ctx)
 
     # A bound tighter than bf16 rounding: the real check fails, the task fails, the flow stops.
     strict = MergeParams(tolerance=1e-9)
@@ -152,7 +163,7 @@ def test_failed_verification_fails_the_flow_and_publishes_nothing(tiny_model_dir
     assert state.is_failed()
     with pytest.raises(MergeError):
         state.result()
-    assert Store(root).completed("merge", fingerprint_of(strict, adapter, str(tiny_model_dir), "main", "cpu", root)) is None
+    assert Store(root).completed("merge", fingerprint_of(strict, adapter, "cpu", ctx)) is None
 
     ref = just_merge(MergeParams())
     assert ref.metrics["dtype"] == "bf16" and ref.metrics["verified"]

@@ -1,4 +1,5 @@
 """Parameters (what a user types) and the artifact store (where everything lives)."""
+
 from __future__ import annotations
 
 import json
@@ -7,17 +8,35 @@ import pytest
 from pydantic import ValidationError
 
 from flows.params import RetrainParams, load_params
-from tasks.store import StageRef, Store, fingerprint, safe_key, stage_cache_key
+from tasks.fingerprints import fingerprint
+from tasks.stage import StageContext, stage_cache_key
+from tasks.store import StageRef, Store, safe_key
 
 
 # -- parameters ------------------------------------------------------------------------------
 def test_defaults_are_the_ms_swift_reference_job():
     p = RetrainParams()
     assert p.model.base == "Qwen/Qwen2-7B-Instruct"
-    assert p.data.datasets == ["AI-ModelScope/alpaca-gpt4-data-zh#500", "AI-ModelScope/alpaca-gpt4-data-en#500", "swift/self-cognition#500"]
+    assert p.data.datasets == [
+        "AI-ModelScope/alpaca-gpt4-data-zh#500",
+        "AI-ModelScope/alpaca-gpt4-data-en#500",
+        "swift/self-cognition#500",
+    ]
     assert (p.sft.lora_rank, p.sft.lora_alpha, p.sft.target_modules) == (8, 32, "all-linear")
-    assert (p.sft.learning_rate, p.sft.num_train_epochs, p.sft.per_device_batch_size, p.sft.gradient_accumulation_steps) == (1e-4, 1.0, 1, 16)
-    assert (p.sft.max_length, p.sft.warmup_ratio, p.sft.eval_steps, p.sft.save_steps, p.sft.save_total_limit, p.sft.logging_steps) == (2048, 0.05, 50, 50, 2, 5)
+    assert (
+        p.sft.learning_rate,
+        p.sft.num_train_epochs,
+        p.sft.per_device_batch_size,
+        p.sft.gradient_accumulation_steps,
+    ) == (1e-4, 1.0, 1, 16)
+    assert (
+        p.sft.max_length,
+        p.sft.warmup_ratio,
+        p.sft.eval_steps,
+        p.sft.save_steps,
+        p.sft.save_total_limit,
+        p.sft.logging_steps,
+    ) == (2048, 0.05, 50, 50, 2, 5)
     assert p.data.system_prompt == "You are a helpful, witty, and culturally aware assistant."
     assert p.grpo.enabled is False
 
@@ -39,8 +58,14 @@ def test_every_field_has_a_description_for_the_run_form():
 
 @pytest.mark.parametrize(
     "override, field",
-    [("sft.lora_rnk=4", "sft.lora_rnk"), ("sft.lora_rank=0", "sft.lora_rank"), ("sft.learning_rate=abc", "sft.learning_rate"),
-     ("sft.profile=tpu", "sft.profile"), ("data.validation_ratio=2", "data.validation_ratio"), ("unknown=1", "unknown")],
+    [
+        ("sft.lora_rnk=4", "sft.lora_rnk"),
+        ("sft.lora_rank=0", "sft.lora_rank"),
+        ("sft.learning_rate=abc", "sft.learning_rate"),
+        ("sft.profile=tpu", "sft.profile"),
+        ("data.validation_ratio=2", "data.validation_ratio"),
+        ("unknown=1", "unknown"),
+    ],
 )
 def test_bad_parameters_fail_at_validation_naming_the_field(override, field):
     with pytest.raises(ValidationError) as err:
@@ -87,7 +112,11 @@ def test_publish_writes_success_last_and_completed_reads_the_ref(store, tmp_path
     assert store.completed("data", "fp1") is None
     ref = store.publish("data", "fp1", out, {"rows": 2})
     assert store.completed("data", "fp1") == ref
-    assert sorted(store.list("stages/data/fp1")) == ["stages/data/fp1/_SUCCESS", "stages/data/fp1/a.txt", "stages/data/fp1/sub/b.txt"]
+    assert sorted(store.list("stages/data/fp1")) == [
+        "stages/data/fp1/_SUCCESS",
+        "stages/data/fp1/a.txt",
+        "stages/data/fp1/sub/b.txt",
+    ]
     assert json.loads(store.read_bytes("stages/data/fp1/_SUCCESS"))["metrics"] == {"rows": 2}
     # a half-written folder (no _SUCCESS) is not complete
     store.write_bytes("stages/data/fp2/a.txt", b"A")
@@ -96,19 +125,23 @@ def test_publish_writes_success_last_and_completed_reads_the_ref(store, tmp_path
 
 def test_cache_key_is_stable_while_the_folder_exists_and_changes_once_it_is_gone(tmp_path):
     store = Store(str(tmp_path))
-    key_fn = stage_cache_key("data", lambda root, **_: "fp")
-    first = key_fn(None, {"root": str(tmp_path)})
+    key_fn = stage_cache_key("data", lambda ctx, **_: "fp")
+    params = {"ctx": StageContext(base_model="m", root=str(tmp_path))}
+    first = key_fn(None, params)
     (tmp_path / "out").mkdir()
     store.publish("data", "fp", tmp_path / "out", {})
-    assert key_fn(None, {"root": str(tmp_path)}) == first  # complete: the key the result was stored under
-    assert key_fn(None, {"root": str(tmp_path)}) == first
+    assert key_fn(None, params) == first  # complete: the key the result was stored under
+    assert key_fn(None, params) == first
     store.delete_prefix("stages/data/fp")
-    fresh = key_fn(None, {"root": str(tmp_path)})
+    fresh = key_fn(None, params)
     assert fresh != first  # gone: a new key, so Prefect's cached ref to nothing is not used
 
 
 def test_s3_errors_name_the_endpoint_and_bucket_but_no_secret(s3_server):
-    wrong = Store(f"s3://{s3_server.bucket}/x", credentials={"aws_access_key_id": "nobody", "aws_secret_access_key": "very-secret-value"})
+    wrong = Store(
+        f"s3://{s3_server.bucket}/x",
+        credentials={"aws_access_key_id": "nobody", "aws_secret_access_key": "very-secret-value"},
+    )
     with pytest.raises(Exception) as err:
         wrong.write_bytes("k", b"v")
     text = str(err.value)

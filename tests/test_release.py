@@ -1,6 +1,7 @@
 """Release stage against a real S3 server: manifest last, LATEST after it, idempotent reruns, a
 release that survives the server going away, corruption caught by ``tuneline fetch``, clear errors,
 and credentials that never leak."""
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,10 @@ from tests.s3server import S3Server
 
 MODEL = "tiny-tuneline"
 EVAL_REPORT = {
-    "metrics": {"base": {"val_loss": 2.5, "self_cognition_acc": 0.1}, "tuned": {"val_loss": 2.1, "self_cognition_acc": 0.9}},
+    "metrics": {
+        "base": {"val_loss": 2.5, "self_cognition_acc": 0.1},
+        "tuned": {"val_loss": 2.1, "self_cognition_acc": 0.9},
+    },
     "gate": {"passed": True, "reasons": [], "checks": []},
 }
 
@@ -44,13 +48,37 @@ def stage_refs(tmp_path_factory) -> dict[str, StageRef]:
     _write(report / "report.json", json.dumps(EVAL_REPORT).encode())
     return {
         "adapter": StageRef(stage="sft", fingerprint="sft0", uri=str(adapter), metrics={"dtype": "bf16"}),
-        "merged": StageRef(stage="merge", fingerprint="merge0", uri=str(merged), metrics={"dtype": "bf16", "max_logit_diff": 0.01, "tolerance": 0.2, "verified": True, "base_revision_resolved": "abc123"}),
+        "merged": StageRef(
+            stage="merge",
+            fingerprint="merge0",
+            uri=str(merged),
+            metrics={
+                "dtype": "bf16",
+                "max_logit_diff": 0.01,
+                "tolerance": 0.2,
+                "verified": True,
+                "base_revision_resolved": "abc123",
+            },
+        ),
         "report": StageRef(stage="evaluate", fingerprint="eval0", uri=str(report), metrics={}),
-        "dataset": StageRef(stage="data", fingerprint="data0", uri=str(root / "data"), metrics={
-            "train_rows": 90, "validation_rows": 10,
-            "sources": [{"spec": "alpaca_en_demo.json#60", "fingerprint": "alpaca@1234", "rows_read": 100, "rows_sampled": 60},
-                        {"spec": "self-cognition#40", "fingerprint": "self@5678", "rows_read": 108, "rows_sampled": 40}],
-        }),
+        "dataset": StageRef(
+            stage="data",
+            fingerprint="data0",
+            uri=str(root / "data"),
+            metrics={
+                "train_rows": 90,
+                "validation_rows": 10,
+                "sources": [
+                    {
+                        "spec": "alpaca_en_demo.json#60",
+                        "fingerprint": "alpaca@1234",
+                        "rows_read": 100,
+                        "rows_sampled": 60,
+                    },
+                    {"spec": "self-cognition#40", "fingerprint": "self@5678", "rows_read": 108, "rows_sampled": 40},
+                ],
+            },
+        ),
     }
 
 
@@ -90,7 +118,9 @@ def test_rerun_uploads_only_what_is_missing_or_different_and_big_files_go_multip
     manifest = publish_release(store, MODEL, rid, files, {"note": "first"}, on_progress=progress)
     assert counts == {"uploaded": len(files), "present": 0}
     assert latest_release(store, MODEL) == rid
-    head = store.client.head_object(Bucket=s3_server.bucket, Key=store._object_key(f"releases/{MODEL}/{rid}/model/model-00001-of-00002.safetensors"))
+    head = store.client.head_object(
+        Bucket=s3_server.bucket, Key=store._object_key(f"releases/{MODEL}/{rid}/model/model-00001-of-00002.safetensors")
+    )
     assert head["ETag"].strip('"').endswith("-3")  # 12 MiB in 5 MiB parts
     assert manifest["files"]["model/model-00001-of-00002.safetensors"]["size"] == 12 << 20
     assert "model/_SUCCESS" not in manifest["files"]
@@ -173,7 +203,12 @@ def test_fetch_detects_an_object_corrupted_on_the_server(stage_refs, s3_root, s3
     key = store._object_key(f"releases/{MODEL}/{rid}/adapter/adapter_model.safetensors")
     original = store.read_bytes(f"releases/{MODEL}/{rid}/adapter/adapter_model.safetensors")
     corrupted = bytes([original[0] ^ 0xFF]) + original[1:]
-    store.client.put_object(Bucket=s3_server.bucket, Key=key, Body=corrupted, Metadata={"sha256": manifest["files"]["adapter/adapter_model.safetensors"]["sha256"]})
+    store.client.put_object(
+        Bucket=s3_server.bucket,
+        Key=key,
+        Body=corrupted,
+        Metadata={"sha256": manifest["files"]["adapter/adapter_model.safetensors"]["sha256"]},
+    )
     capsys.readouterr()
     assert tuneline(["fetch", s3_root, MODEL, rid, str(tmp_path / "bad")]) == 1
     err = capsys.readouterr().err
@@ -192,7 +227,12 @@ def test_upload_verification_catches_corruption_and_the_retry_repairs_it(stage_r
     def tamper(rel: str, uploaded: bool) -> None:
         if rel == "model/config.json":
             meta = store.head(target)
-            store.client.put_object(Bucket=s3_server.bucket, Key=store._object_key(target), Body=b'{"dtype": "bfloat17"}', Metadata={"sha256": meta["sha256"]})
+            store.client.put_object(
+                Bucket=s3_server.bucket,
+                Key=store._object_key(target),
+                Body=b'{"dtype": "bfloat17"}',
+                Metadata={"sha256": meta["sha256"]},
+            )
 
     with pytest.raises(ReleaseError, match="model/config.json: checksum mismatch"):
         publish_release(store, MODEL, rid, files, {}, on_progress=tamper)
@@ -202,7 +242,10 @@ def test_upload_verification_catches_corruption_and_the_retry_repairs_it(stage_r
 
 
 def test_wrong_credentials_and_missing_bucket_name_endpoint_and_bucket(s3_server, tmp_path, capsys):
-    wrong = Store(f"s3://{s3_server.bucket}/x", credentials={"aws_access_key_id": s3_server.access_key, "aws_secret_access_key": "not-the-secret-4242"})
+    wrong = Store(
+        f"s3://{s3_server.bucket}/x",
+        credentials={"aws_access_key_id": s3_server.access_key, "aws_secret_access_key": "not-the-secret-4242"},
+    )
     with pytest.raises(StoreError) as e:
         wrong.check()
     msg = str(e.value)
@@ -241,6 +284,7 @@ def test_release_task_with_a_block_writes_lineage_and_never_leaks_the_secret(sta
 
     from blocks.storage import ArtifactStore
     from tasks.release import release
+    from tasks.stage import StageContext
 
     secret = f"s3cr3t-{uuid.uuid4().hex}"
     server = S3Server(tmp_path / "weed", secret_key=secret).start()
@@ -248,14 +292,22 @@ def test_release_task_with_a_block_writes_lineage_and_never_leaks_the_secret(sta
         root = f"s3://{server.bucket}/nightly"
         creds = AwsCredentials(aws_access_key_id=server.access_key, aws_secret_access_key=secret)
         ArtifactStore(root=root, endpoint_url=server.endpoint, credentials=creds).save("rel-test", overwrite=True)
-        ArtifactStore(root=f"s3://missing-{server.bucket}/x", endpoint_url=server.endpoint, credentials=creds).save("rel-missing", overwrite=True)
+        ArtifactStore(root=f"s3://missing-{server.bucket}/x", endpoint_url=server.endpoint, credentials=creds).save(
+            "rel-missing", overwrite=True
+        )
         refs = stage_refs
-        params = {"base_model": "tiny/base", "base_revision": "main", "storage_block": "rel-test", "sft": {"max_steps": 3}}
+        params = {
+            "base_model": "tiny/base",
+            "base_revision": "main",
+            "storage_block": "rel-test",
+            "sft": {"max_steps": 3},
+        }
         config = ReleaseParams(model_name=MODEL, multipart_chunk_mib=5)
 
         @flow
         def ship(block: str, where: str):
-            return release(config, refs["adapter"], refs["merged"], refs["report"], refs["dataset"], params, where, block)
+            ctx = StageContext(base_model="tiny/base", root=where, storage_block=block)
+            return release(config, refs["adapter"], refs["merged"], refs["report"], refs["dataset"], params, ctx=ctx)
 
         state = ship("rel-test", root, return_state=True)
         ref = state.result()
@@ -266,7 +318,11 @@ def test_release_task_with_a_block_writes_lineage_and_never_leaks_the_secret(sta
         assert f"missing-{server.bucket}" in str(error.value) and server.endpoint in str(error.value)
 
         # Lineage in the manifest, read back through the fetch command.
-        store = Store(root, endpoint_url=server.endpoint, credentials={"aws_access_key_id": server.access_key, "aws_secret_access_key": secret})
+        store = Store(
+            root,
+            endpoint_url=server.endpoint,
+            credentials={"aws_access_key_id": server.access_key, "aws_secret_access_key": secret},
+        )
         rid = ref.metrics["release_id"]
         assert latest_release(store, MODEL) == rid and rid.endswith("-" + ref.fingerprint[:8])
         manifest = fetch_release(store, MODEL, "LATEST", tmp_path / "fetched")
@@ -276,21 +332,45 @@ def test_release_task_with_a_block_writes_lineage_and_never_leaks_the_secret(sta
         head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
         if head.returncode == 0:  # a checkout without .git records TUNELINE_GIT_COMMIT or "unknown"
             assert manifest["code_version"].startswith(head.stdout.strip())
-        assert manifest["data"]["sources"][0] == {"spec": "alpaca_en_demo.json#60", "fingerprint": "alpaca@1234", "rows_read": 100, "rows_sampled": 60}
+        assert manifest["data"]["sources"][0] == {
+            "spec": "alpaca_en_demo.json#60",
+            "fingerprint": "alpaca@1234",
+            "rows_read": 100,
+            "rows_sampled": 60,
+        }
         assert manifest["metrics"] == EVAL_REPORT["metrics"] and manifest["gate"]["passed"] is True
-        assert set(manifest["files"]) >= {"README.md", "adapter/adapter_model.safetensors", "model/model-00001-of-00002.safetensors", "eval/report.json"}
+        assert set(manifest["files"]) >= {
+            "README.md",
+            "adapter/adapter_model.safetensors",
+            "model/model-00001-of-00002.safetensors",
+            "eval/report.json",
+        }
         assert all(len(e["sha256"]) == 64 and e["size"] > 0 for e in manifest["files"].values())
         card = (tmp_path / "fetched" / "README.md").read_text()
         assert "| self_cognition_acc | 0.1000 | 0.9000 | +0.8000 |" in card and "Quality gate: **passed**" in card
 
         # The secret: not in any stored object, log, artifact, state message or raised error.
-        everything = [store.read_bytes(k) for k in store.list("")] + [Store(str(tmp_path / "fetched")).read_bytes(k) for k in Store(str(tmp_path / "fetched")).list("")]
+        everything = [store.read_bytes(k) for k in store.list("")] + [
+            Store(str(tmp_path / "fetched")).read_bytes(k) for k in Store(str(tmp_path / "fetched")).list("")
+        ]
         APILogWorker.drain_all()
         with get_client(sync_client=True) as client:
-            texts = [log.message for log in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id, failed.state_details.flow_run_id])))]
+            texts = [
+                log.message
+                for log in client.read_logs(
+                    LogFilter(
+                        flow_run_id=LogFilterFlowRunId(
+                            any_=[state.state_details.flow_run_id, failed.state_details.flow_run_id]
+                        )
+                    )
+                )
+            ]
             texts += [json.dumps(a.model_dump(mode="json")) for a in client.read_artifacts()]
             texts += [json.dumps(r.model_dump(mode="json")) for r in client.read_task_runs()]
-            texts += [json.dumps(client.read_flow_run(s.state_details.flow_run_id).model_dump(mode="json")) for s in (state, failed)]
+            texts += [
+                json.dumps(client.read_flow_run(s.state_details.flow_run_id).model_dump(mode="json"))
+                for s in (state, failed)
+            ]
         texts += [str(error.value), repr(error.value), repr(store)]
         assert any("released s3://" in t for t in texts)  # the logs were read
         assert any("tuneline fetch" in t for t in texts)  # the release artifact was read

@@ -1,4 +1,5 @@
 """LoRA SFT stage on the tiny random model (CPU): report, data checks, non-finite guard, crash resume."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,17 @@ def alpaca(shared_data) -> list[dict]:
 
 
 def _cfg(**kw) -> SFTParams:
-    base = dict(profile="cpu", max_steps=4, per_device_batch_size=1, gradient_accumulation_steps=2, max_length=256,
-                learning_rate=1e-3, eval_steps=2, save_steps=2, logging_steps=1)
+    base = dict(
+        profile="cpu",
+        max_steps=4,
+        per_device_batch_size=1,
+        gradient_accumulation_steps=2,
+        max_length=256,
+        learning_rate=1e-3,
+        eval_steps=2,
+        save_steps=2,
+        logging_steps=1,
+    )
     return SFTParams(**{**base, **kw})
 
 
@@ -55,7 +65,9 @@ def test_train_reports_curves_metrics_and_skips_a_half_written_checkpoint(tmp_pa
 
     out = capfd.readouterr().out
     assert "profile=cpu dtype=fp32 attention=tuneline_packed_sdpa (profile cpu: SDPA once per packed row" in out
-    assert "batch: 1 packed sequences x 1 accumulation x 1 processes" in out  # 2 rows of ~120 tokens < one 256-token sequence
+    assert (
+        "batch: 1 packed sequences x 1 accumulation x 1 processes" in out
+    )  # 2 rows of ~120 tokens < one 256-token sequence
     assert "starting from step 0" in out  # the half-written checkpoint was not picked
     assert metrics["global_step"] == 4 and metrics["resumed_from_step"] == 0
     assert 0.0 <= metrics["eval_mean_token_accuracy"] <= 1.0 and metrics["eval_loss"] > 0
@@ -77,7 +89,9 @@ def test_train_reports_curves_metrics_and_skips_a_half_written_checkpoint(tmp_pa
 def test_a_row_without_trainable_tokens_is_an_error_naming_its_line(tmp_path, tiny_model_dir, alpaca):
     long_prompt = {"messages": [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]}
     data = _write(tmp_path / "data", [alpaca[0], alpaca[1], long_prompt, alpaca[2]], [])
-    with pytest.raises(ValueError, match=r"train\.jsonl line 3, field messages: no assistant token within max_length=64"):
+    with pytest.raises(
+        ValueError, match=r"train\.jsonl line 3, field messages: no assistant token within max_length=64"
+    ):
         train(make_job(_cfg(max_length=64), tiny_model_dir, data, tmp_path / "scratch", "cpu"))
 
 
@@ -134,7 +148,9 @@ def test_too_many_nonfinite_steps_end_the_stage(tmp_path, poisoned):
     model_dir, rows = poisoned
     data = _write(tmp_path / "data", rows, [])
     cfg = _cfg(max_steps=8, gradient_accumulation_steps=1, packing=False, save_steps=100, max_nonfinite_steps=1)
-    with pytest.raises(FloatingPointError, match=r"2 optimizer steps had a non-finite loss or gradient \(limit max_nonfinite_steps=1\)"):
+    with pytest.raises(
+        FloatingPointError, match=r"2 optimizer steps had a non-finite loss or gradient \(limit max_nonfinite_steps=1\)"
+    ):
         train(make_job(cfg, model_dir, data, tmp_path / "scratch", "cpu"))
 
 
@@ -144,6 +160,7 @@ def test_retry_after_sigkill_resumes_from_the_newest_complete_checkpoint(tmp_pat
     import torch
 
     from tasks.sft import lora_sft
+    from tasks.stage import StageContext
     from tasks.store import StageRef
 
     data = _write(tmp_path / "data", alpaca[:24], alpaca[24:26])
@@ -165,7 +182,7 @@ def test_retry_after_sigkill_resumes_from_the_newest_complete_checkpoint(tmp_pat
 
     watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     watcher.start()
-    ref = lora_sft(cfg, dataset, str(tiny_model_dir), "test", str(root))
+    ref = lora_sft(cfg, dataset, ctx=StageContext(base_model=str(tiny_model_dir), base_revision="test", root=str(root)))
     watcher.join(timeout=5)
 
     assert 0 < killed["step"] < 8, "the child was killed mid-run, after a checkpoint"
