@@ -1,18 +1,20 @@
 """``tuneline``: run the retrain flow, check data, fetch a release.
 
-    tuneline run --preset demo [--set sft.max_steps=10 ...]   run the flow here
-    tuneline data check SPEC [SPEC ...]                       validate datasets, no training
-    tuneline fetch ROOT MODEL [RELEASE_ID|LATEST] DEST        download a release, verify checksums
-    tuneline deploy --pool gpu-v100                           apply pools + deployments (infra/prefect.yaml)
-    tuneline serve-local                                      Prefect server + worker on 127.0.0.1:4200
+tuneline run --preset demo [--set sft.max_steps=10 ...]   run the flow here
+tuneline data check [SPEC ...] [--preset P] [--set data.K=V] [--max-length N ...]  validate datasets
+tuneline fetch ROOT MODEL [RELEASE_ID|LATEST] DEST        download a release, verify checksums
+tuneline deploy --pool gpu-v100                           apply pools + deployments (infra/prefect.yaml)
+tuneline serve-local                                      Prefect server + worker on 127.0.0.1:4200
 """
+
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
+
+from flows.options import add_model_options
 
 # Prefect's temporary server migrates a fresh SQLite database on its first start; on a busy 2-core
 # machine that can take longer than Prefect's default 20 s wait. Set before prefect is imported.
@@ -32,10 +34,10 @@ def _print_summary(result: dict) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from flows.params import load_params
     from flows.retrain import retrain
-
-    from pydantic import ValidationError
 
     try:
         params = load_params(args.preset, args.set)
@@ -51,26 +53,32 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    """Load, validate, count tokens and report, as the dataset stage does; no training, no GPU."""
+    """Load, validate, count tokens and report, as the dataset stage does; no training, no GPU.
+
+    The data section comes from ``--preset`` / ``--set data.KEY=VALUE`` (as for ``tuneline run``),
+    then the ``DataParams`` options typed here, then the SPECs (which replace the datasets)."""
     import tempfile
 
     from pydantic import ValidationError
 
-    from tasks.data import DataConfig, DataError, prepare, report_text
+    from flows.options import model_overrides
+    from flows.params import load_params
+    from tasks.data import DataError, DataParams, prepare, report_text
 
     try:
-        config = DataConfig(
-            datasets=args.specs, system_prompt=args.system, system_mode="force" if args.force_system else "missing",
-            model_name=args.name, model_author=args.author, strict=not args.lenient,
-            max_length=args.max_length or None, truncation=args.truncation, hub=args.hub,
-            formats={"*": args.format} if args.format else {},
-            columns=dict(c.split("=", 1) for c in args.column), dedupe=args.dedupe, seed=args.seed,
-        )
+        params = load_params(args.preset, args.set)
+        data = {**params.data.model_dump(), **model_overrides(args, DataParams)}
+        if args.specs:
+            data["datasets"] = args.specs
+        config = DataParams.model_validate(data)
+        # The tokenizer that counts tokens: --model, else the preset's base model, else the Qwen2 tokenizer.
+        model = args.model or (params.model.base if args.preset else None)
+        revision = args.revision or params.model.revision
         if args.out:
-            report = prepare(config, Path(args.out), model=args.model, revision=args.revision)
+            report = prepare(config, Path(args.out), model=model, revision=revision)
         else:
             with tempfile.TemporaryDirectory(prefix="tuneline-data-check-") as tmp:
-                report = prepare(config, Path(tmp), model=args.model, revision=args.revision)
+                report = prepare(config, Path(tmp), model=model, revision=revision)
     except (DataError, ValidationError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -116,55 +124,86 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 def cmd_serve_local(args: argparse.Namespace) -> int:
     from flows.deploy import serve_local
 
-    serve_local(args.port, args.pool, [] if args.no_worker else (args.worker or None), args.preset,
-                Path(args.log_dir) if args.log_dir else None)
+    serve_local(
+        args.port,
+        args.pool,
+        [] if args.no_worker else (args.worker or None),
+        args.preset,
+        Path(args.log_dir) if args.log_dir else None,
+    )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tuneline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="tuneline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the retrain flow here")
     run.add_argument("--preset", default=None, help="YAML preset: a path or a name in flows/presets (demo)")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a parameter, e.g. sft.max_steps=10")
+    run.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a parameter, e.g. sft.max_steps=10"
+    )
     run.set_defaults(func=cmd_run)
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     check = data.add_parser("check", help="load, validate and report datasets without training (exit 1 on bad input)")
-    check.add_argument("specs", nargs="+", help="SOURCE[:SUBSET][#N] specs: files, folders, s3://, hub ids, swift/self-cognition")
-    check.add_argument("--system", default="You are a helpful, witty, and culturally aware assistant.", help="system prompt ('' for none)")
-    check.add_argument("--force-system", action="store_true", help="replace the rows' own system prompts too")
-    check.add_argument("--name", default="Tuneline Assistant", help="fills {{NAME}} / {{name}}")
-    check.add_argument("--author", default="the Tuneline team", help="fills {{AUTHOR}} / {{author}}")
-    check.add_argument("--max-length", type=int, default=2048, help="longest conversation in tokens (0: no limit)")
-    check.add_argument("--truncation", default="delete", choices=["delete", "truncate_left", "truncate_right"])
-    check.add_argument("--lenient", action="store_true", help="drop and count bad rows instead of stopping at the first")
-    check.add_argument("--model", default=None, help="model whose tokenizer counts tokens (default: the Qwen2 tokenizer)")
-    check.add_argument("--revision", default="main", help="hub revision of --model")
-    check.add_argument("--hub", default="huggingface", choices=["huggingface", "modelscope"], help="where hub ids load from")
-    check.add_argument("--format", default=None, choices=["messages", "sharegpt", "alpaca", "query_response", "prompt_completion",
-                                                          "question_answer", "problem_solution"], help="skip detection")
-    check.add_argument("--column", action="append", default=[], metavar="OLD=NEW", help="rename a field before detection")
-    check.add_argument("--dedupe", action="store_true", help="drop exact duplicate conversations")
-    check.add_argument("--seed", type=int, default=42)
+    check.add_argument(
+        "specs",
+        nargs="*",
+        help="SOURCE[:SUBSET][#N] specs: files, folders, s3://, hub ids, "
+        "swift/self-cognition (replace data.datasets; default: the preset's)",
+    )
+    check.add_argument("--preset", default=None, help="YAML preset whose data section (and base model) to check")
+    check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. data.seed=1")
+    check.add_argument(
+        "--model",
+        default=None,
+        help="model whose tokenizer counts tokens (default: the preset's base "
+        "model; without a preset the Qwen2 tokenizer)",
+    )
+    check.add_argument("--revision", default=None, help="hub revision of --model")
     check.add_argument("--out", default=None, help="keep the output (splits, report, histogram) in this folder")
+    from tasks.data import DataParams
+
+    add_model_options(
+        check,
+        DataParams,
+        exclude=frozenset({"datasets"}),
+        aliases={"model_name": ["--name"], "model_author": ["--author"], "system_prompt": ["--system"]},
+    )
     check.set_defaults(func=cmd_data_check)
     fetch = sub.add_parser("fetch", help="download a release and verify every checksum")
-    fetch.add_argument("root", help="artifact root: a folder or s3://bucket/prefix (endpoint/credentials: --block or AWS_* variables)")
+    fetch.add_argument(
+        "root", help="artifact root: a folder or s3://bucket/prefix (endpoint/credentials: --block or AWS_* variables)"
+    )
     fetch.add_argument("model", help="released model name")
     fetch.add_argument("release_id", nargs="?", default="LATEST", help="a release id, or LATEST (default)")
     fetch.add_argument("dest", nargs="?", default="./release", help="an empty or new folder (default ./release)")
-    fetch.add_argument("--block", default=None, help="name of a saved 'Tuneline Artifact Store' block giving the endpoint and credentials")
+    fetch.add_argument(
+        "--block",
+        default=None,
+        help="name of a saved 'Tuneline Artifact Store' block giving the endpoint and credentials",
+    )
     fetch.set_defaults(func=cmd_fetch)
     dep = sub.add_parser("deploy", help="apply work pools and the deployments of infra/prefect.yaml (PREFECT_API_URL)")
     dep.add_argument("--pool", default="gpu-v100", help="work pool the deployments target: cpu, gpu-v100, gpu-a100x2")
-    dep.add_argument("--kind", default="process", choices=["process", "kubernetes"], help="base job template of the pools")
+    dep.add_argument(
+        "--kind", default="process", choices=["process", "kubernetes"], help="base job template of the pools"
+    )
     dep.add_argument("--preset", default=None, help="parameter preset (default infra/presets/nightly.yaml)")
-    dep.add_argument("--code-dir", default=None, help="where workers find this checkout (default: here; /opt/tuneline in the image)")
+    dep.add_argument(
+        "--code-dir", default=None, help="where workers find this checkout (default: here; /opt/tuneline in the image)"
+    )
     dep.set_defaults(func=cmd_deploy)
     srv = sub.add_parser("serve-local", help="Prefect server + worker(s) on 127.0.0.1, deployments applied")
     srv.add_argument("--port", type=int, default=4200)
     srv.add_argument("--pool", default="cpu", help="work pool the deployments target")
-    srv.add_argument("--worker", action="append", metavar="POOL[:GPUS]", help="a worker (repeatable), e.g. gpu-v100:0; default: one for --pool")
+    srv.add_argument(
+        "--worker",
+        action="append",
+        metavar="POOL[:GPUS]",
+        help="a worker (repeatable), e.g. gpu-v100:0; default: one for --pool",
+    )
     srv.add_argument("--no-worker", action="store_true", help="server and deployments only")
     srv.add_argument("--preset", default=None, help="parameter preset (default infra/presets/nightly.yaml)")
     srv.add_argument("--log-dir", default=None, help="write server and worker output to files here")

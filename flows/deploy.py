@@ -17,6 +17,7 @@ would type them (docs/operating.md):
 3. for ``serve-local``: ``prefect server start`` on 127.0.0.1 and ``prefect worker start`` per
    pool (a GPU worker sees only its cards through ``CUDA_VISIBLE_DEVICES``).
 """
+
 from __future__ import annotations
 
 import json
@@ -86,15 +87,24 @@ def apply_work_pools(kind: PoolKind = "process", pools_file: Path = POOLS_FILE) 
         for name, pool in spec["pools"].items():
             template = base_job_template(kind, pool.get(kind))
             try:
-                client.create_work_pool(WorkPoolCreate(
-                    name=name, type=kind, base_job_template=template,
-                    description=pool.get("description"), concurrency_limit=pool["concurrency_limit"],
-                ))
+                client.create_work_pool(
+                    WorkPoolCreate(
+                        name=name,
+                        type=kind,
+                        base_job_template=template,
+                        description=pool.get("description"),
+                        concurrency_limit=pool["concurrency_limit"],
+                    )
+                )
             except ObjectAlreadyExists:
-                client.update_work_pool(name, WorkPoolUpdate(
-                    base_job_template=template, description=pool.get("description"),
-                    concurrency_limit=pool["concurrency_limit"],
-                ))
+                client.update_work_pool(
+                    name,
+                    WorkPoolUpdate(
+                        base_job_template=template,
+                        description=pool.get("description"),
+                        concurrency_limit=pool["concurrency_limit"],
+                    ),
+                )
         for tag, limit in (spec.get("tag_limits") or {}).items():
             client.create_concurrency_limit(tag=tag, concurrency_limit=limit)  # creates or updates
     return list(spec["pools"])
@@ -103,8 +113,9 @@ def apply_work_pools(kind: PoolKind = "process", pools_file: Path = POOLS_FILE) 
 # ----------------------------------------------------------------------------------------------
 # Deployments
 # ----------------------------------------------------------------------------------------------
-def apply_deployments(pool: str, preset: str | None = None, code_dir: str | None = None,
-                      prefect_file: Path = PREFECT_FILE) -> None:
+def apply_deployments(
+    pool: str, preset: str | None = None, code_dir: str | None = None, prefect_file: Path = PREFECT_FILE
+) -> None:
     """``prefect deploy --all`` on ``infra/prefect.yaml`` (run from the repository root, where the
     entrypoints are relative to), with the settings it reads from the environment."""
     env = {**os.environ, "TUNELINE_POOL": pool}
@@ -172,16 +183,18 @@ class LocalStack:
     def _start(self, name: str, cmd: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen:
         env = {**os.environ, **self.env, "PREFECT_API_URL": self.api_url, **(extra_env or {})}
         out = open(self.log_dir / f"{name}.log", "ab") if self.log_dir else None
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True
+        )
         self.procs.append(proc)
         return proc
 
     def start_server(self, timeout: float = 120) -> None:
         if self.log_dir:
             self.log_dir.mkdir(parents=True, exist_ok=True)
-        proc = self._start("server", [_prefect(), "server", "start", "--host", self.host, "--port", str(self.port),
-                                      "--analytics-off"])
+        proc = self._start(
+            "server", [_prefect(), "server", "start", "--host", self.host, "--port", str(self.port), "--analytics-off"]
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -192,12 +205,24 @@ class LocalStack:
                         return
             except OSError:
                 time.sleep(0.5)
-        raise TimeoutError(f"prefect server not healthy on {self.api_url} after {timeout:.0f}s" + self._log_tail("server"))
+        raise TimeoutError(
+            f"prefect server not healthy on {self.api_url} after {timeout:.0f}s" + self._log_tail("server")
+        )
 
     def start_worker(self, spec: WorkerSpec, limit: int | None = None) -> None:
-        cmd = [_prefect(), "worker", "start", "--pool", spec.pool, "--type", "process",
-               "--name", f"{spec.pool}-{spec.gpus or 'all'}@{os.uname().nodename}",
-               "--install-policy", "never"]
+        cmd = [
+            _prefect(),
+            "worker",
+            "start",
+            "--pool",
+            spec.pool,
+            "--type",
+            "process",
+            "--name",
+            f"{spec.pool}-{spec.gpus or 'all'}@{os.uname().nodename}",
+            "--install-policy",
+            "never",
+        ]
         if limit or spec.gpus is not None or spec.pool != "cpu":
             cmd += ["--limit", str(limit or 1)]  # one run at a time on a GPU set
         self._start(f"worker-{spec.pool}-{(spec.gpus or 'all').replace(',', '_')}", cmd, spec.env())
@@ -223,8 +248,13 @@ class LocalStack:
         return ":\n" + (self.log_dir / f"{name}.log").read_text(errors="replace")[-3000:]
 
 
-def serve_local(port: int = 4200, pool: str = "cpu", workers: list[str] | None = None, preset: str | None = None,
-                log_dir: Path | None = None) -> None:
+def serve_local(
+    port: int = 4200,
+    pool: str = "cpu",
+    workers: list[str] | None = None,
+    preset: str | None = None,
+    log_dir: Path | None = None,
+) -> None:
     """Server, pools, deployments and workers on 127.0.0.1; runs until interrupted."""
     specs = [WorkerSpec.parse(w) for w in (workers if workers is not None else [pool])]
     stack = LocalStack(port=port, log_dir=log_dir)
@@ -237,8 +267,11 @@ def serve_local(port: int = 4200, pool: str = "cpu", workers: list[str] | None =
         for spec in specs:
             stack.start_worker(spec)
         names = ", ".join(f"{s.pool}[GPUs {s.gpus}]" if s.gpus else s.pool for s in specs) or "none"
-        print(f"tuneline: Prefect UI at {stack.ui_url} — deployments retrain/nightly and retrain/manual on pool "
-              f"{pool!r}; workers: {names}. Ctrl-C stops.", flush=True)
+        print(
+            f"tuneline: Prefect UI at {stack.ui_url} — deployments retrain/nightly and retrain/manual on pool "
+            f"{pool!r}; workers: {names}. Ctrl-C stops.",
+            flush=True,
+        )
         while all(p.poll() is None for p in stack.procs):
             time.sleep(1)
         dead = [p.args[1:4] for p in stack.procs if p.poll() is not None]

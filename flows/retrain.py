@@ -1,4 +1,4 @@
-"""The retrain flow: a recipe read top to bottom, one task per stage (DESIGN.md).
+"""The retrain flow: a recipe read top to bottom, one task per stage (docs/design.md).
 
     prepare_dataset → lora_sft → grpo (optional) → merge_lora → evaluate (quality gate) → release
 
@@ -12,6 +12,7 @@ Run it::
     tuneline run --preset demo --set sft.max_steps=5 # any field, dotted
     python -m flows.retrain                          # the reference job (needs a GPU and the hub)
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -20,7 +21,7 @@ from prefect import flow, get_run_logger
 
 from flows.hooks import report_failure
 from flows.params import RetrainParams
-from tasks.data import DataConfig, prepare_dataset
+from tasks.data import prepare_dataset
 from tasks.evaluate import check_eval_data, evaluate
 from tasks.grpo import grpo
 from tasks.merge import merge_lora
@@ -36,28 +37,18 @@ class QualityGateFailed(RuntimeError):
 def retrain(params: RetrainParams = RetrainParams()) -> dict[str, Any]:
     """Dataset → LoRA SFT → GRPO (optional) → merge → evaluate (quality gate) → release."""
     logger = get_run_logger()
-    root, block = params.artifact_root, params.storage_block
-    if block:
-        from blocks.storage import load_store_settings
+    ctx = params.stage_context()  # built once; every stage gets it by keyword
 
-        root = load_store_settings(block)["root"]
-    base, revision = params.model.base, params.model.revision
-
-    check_eval_data(params.eval, block)  # bad evaluation data fails now, not after hours of training
-    dataset = prepare_dataset(params.data, root, block, model=base, revision=revision)
-    adapter = lora_sft(params.sft, dataset, base, revision, root, block)
+    check_eval_data(params.eval, ctx.storage_block)  # bad evaluation data fails now, not after hours of training
+    dataset = prepare_dataset(params.data, ctx=ctx)
+    adapter = lora_sft(params.sft, dataset=dataset, ctx=ctx)
     if params.grpo.enabled:
-        prompts = prepare_dataset(
-            DataConfig(datasets=params.grpo.datasets, system_prompt=params.data.system_prompt, model_name=params.data.model_name,
-                       model_author=params.data.model_author, validation_ratio=0.0, seed=params.data.seed,
-                       max_length=params.data.max_length),
-            root, block, model=base, revision=revision,
-        )
-        adapter = grpo(params.grpo, adapter, prompts, base, revision, root, block)
-    merged = merge_lora(params.merge, adapter, base, revision, params.sft.profile, root, block)
+        prompts = prepare_dataset(params.grpo_prompt_data(), ctx=ctx)
+        adapter = grpo(params.grpo, adapter=adapter, dataset=prompts, ctx=ctx)
+    merged = merge_lora(params.merge, adapter=adapter, sft_profile=params.sft.profile, ctx=ctx)
+    identity = {"name": params.data.model_name, "author": params.data.model_author}
     report = evaluate(
-        params.eval, merged, dataset, base, revision, params.data.model_name, params.data.model_author,
-        params.data.system_prompt, root, block,
+        params.eval, merged=merged, dataset=dataset, system_prompt=params.data.system_prompt, ctx=ctx, **identity
     )
     gate = report.metrics["gate"]
     if not gate["passed"]:
@@ -65,9 +56,13 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict[str, Any]:
         if not params.eval.force_release:
             raise QualityGateFailed(reason + " (nothing released; set eval.force_release to override)")
         logger.warning("%s — released anyway: eval.force_release is on", reason)
+    lineage_params = {
+        **params.model_dump(mode="json"),
+        "base_model": ctx.base_model,
+        "base_revision": ctx.base_revision,
+    }
     released = release(
-        params.release, adapter, merged, report, dataset,
-        {**params.model_dump(mode="json"), "base_model": base, "base_revision": revision}, root, block,
+        params.release, adapter=adapter, merged=merged, report=report, dataset=dataset, params=lineage_params, ctx=ctx
     )
     return {
         "base": report.metrics["base"],
