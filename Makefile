@@ -1,16 +1,25 @@
-# tuneline — two commands: `make run` (the offline demo) and `make test`.
+# tuneline — two commands: `make run` (the offline demo) and `make test` (`make lint` / `make format`: ruff).
 # Both create the virtualenv when it is missing. Extra pytest options: PYTEST_ADDOPTS="-k data" make test
 PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.tuneline-installed
 
-.PHONY: run test install clean
+.PHONY: run test lint format install clean
 
 run: $(STAMP)
 	$(VENV)/bin/tuneline run --preset demo
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest
+
+# ruff (configured in pyproject.toml): lint with line length and import order, and the formatter's check.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 install: $(STAMP)
 

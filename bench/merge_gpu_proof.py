@@ -8,6 +8,7 @@ verifies the saved folder against base + adapter. No Prefect needed.
     python3 bench/merge_gpu_proof.py .carry/smollm2 $OUT/merge
     MERGE_DEVICE=cpu python bench/merge_gpu_proof.py .carry/smollm2 /tmp/merge   # the same on CPU
 """
+
 from __future__ import annotations
 
 import json
@@ -42,7 +43,13 @@ def main(model_src: str, out: str) -> None:
     rows = []
     for dtype in ("fp32", "bf16", "fp16"):
         start = time.perf_counter()
-        metrics = merge(MergeParams(device=os.environ.get("MERGE_DEVICE", "cuda")), str(base_dir), adapter_dir, work / f"merged-{dtype}", dtype)
+        metrics = merge(
+            MergeParams(device=os.environ.get("MERGE_DEVICE", "cuda")),
+            str(base_dir),
+            adapter_dir,
+            work / f"merged-{dtype}",
+            dtype,
+        )
         metrics["seconds"] = round(time.perf_counter() - start, 2)
         rows.append({"dtype": dtype, **{k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}})
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"

@@ -7,6 +7,7 @@ Instruct in fp32, fp16 and bf16, and prints max |Δlogit| beside max |logit| and
     python bench/merge_tolerance.py            # CPU; ~1 min
     python bench/merge_tolerance.py --device cuda
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,9 @@ def main() -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         adapter = Path(tmp) / "adapter"
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=8, lora_alpha=32, target_modules="all-linear"))
+        model = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=8, lora_alpha=32, target_modules="all-linear")
+        )
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=args.b_std)
@@ -49,7 +52,11 @@ def main() -> None:
             except MergeError as e:
                 print(dtype, "FAILED", e)
                 continue
-            print(f"{dtype:6} {m['max_logit_diff']:12.4g} {m['max_abs_logit']:11.4g} {m['max_logit_diff'] / m['max_abs_logit']:9.2e} {m['tolerance']:10.4g}  {m['size_bytes'] / 1e6:.0f} MB")
+            print(
+                f"{dtype:6} {m['max_logit_diff']:12.4g} {m['max_abs_logit']:11.4g} "
+                f"{m['max_logit_diff'] / m['max_abs_logit']:9.2e} {m['tolerance']:10.4g}  {m['size_bytes'] / 1e6:.0f} "
+                "MB"
+            )
         print("rtol by dtype:", {k: v[1] for k, v in TOLERANCE.items()})
 
 

@@ -7,6 +7,7 @@ separate processes, exactly as `make run` does.
     .venv/bin/python bench/pipeline.py                  # the demo preset
     .venv/bin/python bench/pipeline.py --set sft.max_steps=10
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,14 @@ from pathlib import Path
 
 def _run(args: list[str], env: dict[str, str]) -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "flows.cli", "run", *args], env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).resolve().parents[1])
+    subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", *args],
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     return time.perf_counter() - start
 
 
@@ -34,11 +41,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tuneline-bench-") as tmp:
         env = {**os.environ, "PREFECT_HOME": f"{tmp}/prefect"}
         env.pop("PREFECT_API_URL", None)
-        args = ["--preset", ns.preset, "--set", f"artifact_root={tmp}/artifacts", *sum((["--set", s] for s in ns.set), [])]
+        args = [
+            "--preset",
+            ns.preset,
+            "--set",
+            f"artifact_root={tmp}/artifacts",
+            *sum((["--set", s] for s in ns.set), []),
+        ]
         full = _run(args, env)
         cached = _run(args, env)
     load = os.getloadavg()[0]
-    print(f"machine: {platform.machine()} {os.cpu_count()} cores, {platform.python_version()}, load average {load:.1f} at the end")
+    print(
+        f"machine: {platform.machine()} {os.cpu_count()} cores, {platform.python_version()}, load average {load:.1f} "
+        "at the end"
+    )
     print(f"{'run':<24}{'wall s':>10}")
     print(f"{'full demo flow':<24}{full:>10.1f}")
     print(f"{'fully cached rerun':<24}{cached:>10.1f}")

@@ -24,6 +24,7 @@ assistant tokens, one row at a time, adapter in eval mode: one fixed measure for
     python bench/sft_agreement.py --model ~/.cache/tuneline/models/smollm2-135m-instruct   # CPU, fp32
     python bench/sft_agreement.py --model /path/smollm2 --out $OUT/agreement.json           # GPU, bf16
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,9 +53,13 @@ def validation_loss(model, tokenizer, rows: list[dict], device: str) -> tuple[fl
     model.eval()
     with torch.no_grad():
         for row in rows:
-            enc = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+            enc = tokenizer.apply_chat_template(
+                row["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+            )
             ids = torch.tensor([enc["input_ids"]], device=device)
-            mask = torch.tensor(enc["assistant_masks"][1:], device=device, dtype=torch.bool)  # predicted token is assistant
+            mask = torch.tensor(
+                enc["assistant_masks"][1:], device=device, dtype=torch.bool
+            )  # predicted token is assistant
             logits = model(input_ids=ids).logits[0, :-1].float()
             nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
             total += float(nll[mask].sum())
@@ -65,8 +70,14 @@ def validation_loss(model, tokenizer, rows: list[dict], device: str) -> tuple[fl
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True, help="folder of the converted SmolLM2-135M-Instruct (or any causal LM with a ChatML template)")
-    ap.add_argument("--data", default=str(ROOT / ".carry" / "sftdata"), help="folder with train.jsonl and validation.jsonl")
+    ap.add_argument(
+        "--model",
+        required=True,
+        help="folder of the converted SmolLM2-135M-Instruct (or any causal LM with a ChatML template)",
+    )
+    ap.add_argument(
+        "--data", default=str(ROOT / ".carry" / "sftdata"), help="folder with train.jsonl and validation.jsonl"
+    )
     ap.add_argument("--rows", type=int, default=320, help="training rows (each variant sees each once)")
     ap.add_argument("--lr", type=float, default=2e-4, help="learning rate of every variant")
     ap.add_argument("--variants", default="baseline,stage,pack-b1x16-gc")
@@ -81,7 +92,14 @@ def main() -> None:
     from tasks.attention import ATTENTION, register
     from tasks.hardware import detect_machine, resolve_profile
     from tasks.models import training_chat_template
-    from tasks.sft import SFTParams, check_trainable_tokens, lora_config, sft_config, skip_adapter_input_casts, speed_settings
+    from tasks.sft import (
+        SFTParams,
+        check_trainable_tokens,
+        lora_config,
+        sft_config,
+        skip_adapter_input_casts,
+        speed_settings,
+    )
 
     spec = importlib.util.spec_from_file_location("sft_throughput", Path(__file__).with_name("sft_throughput.py"))
     throughput = importlib.util.module_from_spec(spec)
@@ -101,8 +119,12 @@ def main() -> None:
     subset.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in train_rows))
     trainable, mean_len = check_trainable_tokens(tokenizer, subset, 2048)
     card = torch.cuda.get_device_name(0) if cuda else "cpu"
-    print(f"machine: {card}; profile {profile.name} ({profile.dtype}); {len(train_rows)} training rows, mean {mean_len:.0f} tokens, "
-          f"{trainable} assistant tokens; {len(val_rows)} validation rows", flush=True)
+    print(
+        f"machine: {card}; profile {profile.name} ({profile.dtype}); {len(train_rows)} training rows, mean "
+        f"{mean_len:.0f} tokens, "
+        f"{trainable} assistant tokens; {len(val_rows)} validation rows",
+        flush=True,
+    )
 
     def load_model(attn: str = "sdpa"):
         if attn == ATTENTION:
@@ -115,42 +137,88 @@ def main() -> None:
     print(f"base model: validation loss {base_loss:.4f} over {val_tokens} assistant tokens", flush=True)
 
     stage_cfg = SFTParams(learning_rate=opts.lr, num_train_epochs=1, logging_steps=1)
-    common = dict(num_train_epochs=1, max_steps=-1, learning_rate=opts.lr, lr_scheduler_type="cosine", warmup_steps=0.05,
-                  logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none", seed=42, data_seed=42,
-                  assistant_only_loss=True, include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
-                  bf16=profile.dtype == "bf16", fp16=profile.dtype == "fp16", use_cpu=not cuda)
+    common = dict(
+        num_train_epochs=1,
+        max_steps=-1,
+        learning_rate=opts.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        seed=42,
+        data_seed=42,
+        assistant_only_loss=True,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+        bf16=profile.dtype == "bf16",
+        fp16=profile.dtype == "fp16",
+        use_cpu=not cuda,
+    )
     tmp = Path("/tmp/sft-agreement")
     results = []
     for name in opts.variants.split(","):
         attn, nocast = "sdpa", False
         if name == "baseline":
-            args = SFTConfig(output_dir=str(tmp / name), per_device_train_batch_size=1, gradient_accumulation_steps=16,
-                             gradient_checkpointing=True, max_length=2048, packing=False, **common)
+            args = SFTConfig(
+                output_dir=str(tmp / name),
+                per_device_train_batch_size=1,
+                gradient_accumulation_steps=16,
+                gradient_checkpointing=True,
+                max_length=2048,
+                packing=False,
+                **common,
+            )
         elif name.startswith("stage"):  # stage, stage+liger: the stage's defaults (and liger kernels)
             extra = {"use_liger_kernel": True} if "+liger" in name else {}
-            args = sft_config(stage_cfg, profile, tmp / name, evaluate=False, mean_row_tokens=mean_len, **{**common, **extra})
+            args = sft_config(
+                stage_cfg, profile, tmp / name, evaluate=False, mean_row_tokens=mean_len, **{**common, **extra}
+            )
             attn, _, nocast = speed_settings(profile, packing=True)
         else:
             lever = throughput.parse_variant(name)
             attn, nocast = ATTENTION if lever.pop("varlen") else "sdpa", lever.pop("nocast")
             if not cuda:
                 lever.update(use_liger_kernel=False)
-            args = sft_config(stage_cfg, profile, tmp / name, evaluate=False, **{**common, **lever, "fp16": lever["fp16"] or common["fp16"]})
+            args = sft_config(
+                stage_cfg,
+                profile,
+                tmp / name,
+                evaluate=False,
+                **{**common, **lever, "fp16": lever["fp16"] or common["fp16"]},
+            )
         torch.manual_seed(0)
-        trainer = SFTTrainer(model=load_model(attn), args=args, train_dataset=Dataset.from_list(train_rows), processing_class=tokenizer,
-                             peft_config=lora_config(SFTParams(lora_rank=8, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")))
+        trainer = SFTTrainer(
+            model=load_model(attn),
+            args=args,
+            train_dataset=Dataset.from_list(train_rows),
+            processing_class=tokenizer,
+            peft_config=lora_config(
+                SFTParams(lora_rank=8, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")
+            ),
+        )
         if nocast:
             skip_adapter_input_casts(trainer.model)
         start = time.perf_counter()
         trainer.train()
         wall = time.perf_counter() - start
         loss, _ = validation_loss(trainer.model, tokenizer, val_rows, device)
-        results.append({
-            "variant": name, "validation_loss": loss, "optimizer_steps": trainer.state.global_step,
-            "train_tokens": int(trainer.state.num_input_tokens_seen), "micro_batch": args.per_device_train_batch_size,
-            "accumulation": args.gradient_accumulation_steps, "packing": args.packing, "train_seconds": wall,
-            "attention": attn, "liger": bool(args.use_liger_kernel), "adapter_input_casts": not nocast,
-        })
+        results.append(
+            {
+                "variant": name,
+                "validation_loss": loss,
+                "optimizer_steps": trainer.state.global_step,
+                "train_tokens": int(trainer.state.num_input_tokens_seen),
+                "micro_batch": args.per_device_train_batch_size,
+                "accumulation": args.gradient_accumulation_steps,
+                "packing": args.packing,
+                "train_seconds": wall,
+                "attention": attn,
+                "liger": bool(args.use_liger_kernel),
+                "adapter_input_casts": not nocast,
+            }
+        )
         print(json.dumps(results[-1]), flush=True)
         del trainer
         gc.collect()
@@ -158,16 +226,36 @@ def main() -> None:
             torch.cuda.empty_cache()
 
     ref = next((r for r in results if r["variant"] == "baseline"), None)
-    print(f"\n{card}, SmolLM2-135M-Instruct weights, {len(train_rows)} rows once through, lr {opts.lr}; base validation loss {base_loss:.4f}")
-    print(f"{'variant':<16} {'val loss':>9} {'vs baseline':>11} {'steps':>6} {'train tokens':>12} {'batch x accum':>14} {'train s':>8}")
+    print(
+        f"\n{card}, SmolLM2-135M-Instruct weights, {len(train_rows)} rows once through, lr {opts.lr}; base validation "
+        f"loss {base_loss:.4f}"
+    )
+    print(
+        f"{'variant':<16} {'val loss':>9} {'vs baseline':>11} {'steps':>6} {'train tokens':>12} {'batch x accum':>14} "
+        f"{'train s':>8}"
+    )
     for r in results:
         rel = (r["validation_loss"] / ref["validation_loss"] - 1) if ref else math.nan
-        print(f"{r['variant']:<16} {r['validation_loss']:9.4f} {rel:+11.2%} {r['optimizer_steps']:6d} {r['train_tokens']:12d} "
-              f"{str(r['micro_batch']) + ' x ' + str(r['accumulation']):>14} {r['train_seconds']:8.1f}")
+        print(
+            f"{r['variant']:<16} {r['validation_loss']:9.4f} {rel:+11.2%} {r['optimizer_steps']:6d} "
+            f"{r['train_tokens']:12d} "
+            f"{str(r['micro_batch']) + ' x ' + str(r['accumulation']):>14} {r['train_seconds']:8.1f}"
+        )
     if opts.out:
-        Path(opts.out).write_text(json.dumps({"machine": card, "profile": profile.name, "base_validation_loss": base_loss,
-                                              "rows": len(train_rows), "mean_row_tokens": mean_len, "lr": opts.lr,
-                                              "results": results}, indent=2))
+        Path(opts.out).write_text(
+            json.dumps(
+                {
+                    "machine": card,
+                    "profile": profile.name,
+                    "base_validation_loss": base_loss,
+                    "rows": len(train_rows),
+                    "mean_row_tokens": mean_len,
+                    "lr": opts.lr,
+                    "results": results,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ Prepare the carried inputs here (git-ignored .carry/)::
 
     python bench/sft_gpu_proof.py --prepare
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,13 +32,21 @@ def prepare() -> None:
 
     src = resolve_model(SMOLLM2_PACKAGE)
     (CARRY / "smollm2").mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+    for name in (
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    ):
         shutil.copy(src / name, CARRY / "smollm2" / name)
     rows = []
     for f in ("alpaca_en_demo.json", "alpaca_zh_demo.json"):
         for r in json.loads((ROOT.parent / "shared" / "data" / "alpaca" / f).read_text()):
             prompt = (r["instruction"] + "\n" + r.get("input", "")).strip()
-            rows.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": r["output"]}]})
+            rows.append(
+                {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": r["output"]}]}
+            )
     out = CARRY / "sftdata"
     out.mkdir(parents=True, exist_ok=True)
     (out / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[:-64]))
@@ -64,7 +73,10 @@ def main() -> None:
     machine = detect_machine()
     profile = resolve_profile(opts.profile, machine)
     preflight(profile.requirement, machine)
-    print(f"[proof] {machine.describe()}; profile {profile.name}: {profile.requirement.describe()} -> preflight passed", flush=True)
+    print(
+        f"[proof] {machine.describe()}; profile {profile.name}: {profile.requirement.describe()} -> preflight passed",
+        flush=True,
+    )
 
     model_dir = Path("/tmp/proof-model")
     if not model_dir.exists():
@@ -77,7 +89,9 @@ def main() -> None:
     out = Path(opts.out)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    cfg = SFTParams(profile=opts.profile, max_steps=opts.steps, learning_rate=1e-3, eval_steps=4, save_steps=4, logging_steps=1)
+    cfg = SFTParams(
+        profile=opts.profile, max_steps=opts.steps, learning_rate=1e-3, eval_steps=4, save_steps=4, logging_steps=1
+    )
     job = make_job(cfg, model_dir, CARRY / "sftdata", out / "scratch", profile.name)
     if profile.nproc > 1:
         launch_training("tasks.sft", job, out / "job.json", profile.nproc)  # torchrun, as the task does
@@ -89,8 +103,11 @@ def main() -> None:
     losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
     for f in ("metrics.json", "curves.png", "log_history.json"):
         shutil.copy(final / f, out / f)
-    print(f"[proof] {profile.name} on {torch.cuda.get_device_name(0)}: loss {losses[0][1]:.3f} (step {losses[0][0]}) -> "
-          f"{losses[-1][1]:.3f} (step {losses[-1][0]}); metrics {json.dumps(metrics)}", flush=True)
+    print(
+        f"[proof] {profile.name} on {torch.cuda.get_device_name(0)}: loss {losses[0][1]:.3f} (step {losses[0][0]}) -> "
+        f"{losses[-1][1]:.3f} (step {losses[-1][0]}); metrics {json.dumps(metrics)}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

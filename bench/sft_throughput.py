@@ -33,6 +33,7 @@ Run (device machine; needs trl, datasets, pydantic, liger-kernel wheels)::
     torchrun --standalone --nproc_per_node 2 bench/sft_throughput.py --variants a100x2   # two cards
     python bench/sft_throughput.py --tiny --steps 2 --warmup 1     # CPU smoke test of the script
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,12 +48,27 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 QWEN2_7B = dict(
-    vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-    num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768, rope_theta=1e6,
-    rms_norm_eps=1e-6, tie_word_embeddings=False,
+    vocab_size=152064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    max_position_embeddings=32768,
+    rope_theta=1e6,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
 )
-TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False)
+TINY = dict(
+    vocab_size=49152,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+)
 
 
 def make_rows(n: int, vocab: int, seed: int, lo: int = 300, hi: int = 2048, mean: int = 620):
@@ -96,10 +112,19 @@ def parse_variant(name: str) -> dict:
     (``tasks.sft.skip_adapter_input_casts``)."""
     m = re.fullmatch(r"pack-b(\d+)x(\d+)-(gc|nogc)((?:-liger|-fp16|-varlen|-nocast)*)", name)
     if not m:
-        raise SystemExit(f"unknown variant {name!r}: use baseline, stage, v100 or pack-b<B>x<A>-<gc|nogc>[-liger][-varlen][-nocast][-fp16]")
-    return dict(per_device_train_batch_size=int(m[1]), gradient_accumulation_steps=int(m[2]),
-                gradient_checkpointing=m[3] == "gc", use_liger_kernel="-liger" in m[4], fp16="-fp16" in m[4],
-                varlen="-varlen" in m[4], nocast="-nocast" in m[4])
+        raise SystemExit(
+            f"unknown variant {name!r}: use baseline, stage, v100 or "
+            "pack-b<B>x<A>-<gc|nogc>[-liger][-varlen][-nocast][-fp16]"
+        )
+    return dict(
+        per_device_train_batch_size=int(m[1]),
+        gradient_accumulation_steps=int(m[2]),
+        gradient_checkpointing=m[3] == "gc",
+        use_liger_kernel="-liger" in m[4],
+        fp16="-fp16" in m[4],
+        varlen="-varlen" in m[4],
+        nocast="-nocast" in m[4],
+    )
 
 
 def trace_summary(prof, wall: float, micro_batches: int) -> dict:
@@ -109,8 +134,11 @@ def trace_summary(prof, wall: float, micro_batches: int) -> dict:
     device = sum(e.self_device_time_total for e in kernels) / 1e6
     top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
     return {
-        "wall_s": wall, "device_busy_s": device, "device_busy_fraction": device / wall if wall else None,
-        "micro_batches": micro_batches, "kernels_per_micro_batch": sum(e.count for e in kernels) / max(1, micro_batches),
+        "wall_s": wall,
+        "device_busy_s": device,
+        "device_busy_fraction": device / wall if wall else None,
+        "micro_batches": micro_batches,
+        "kernels_per_micro_batch": sum(e.count for e in kernels) / max(1, micro_batches),
         "aten_ops_per_micro_batch": sum(e.count for e in events if e.key.startswith("aten::")) / max(1, micro_batches),
         "host_op_s_per_micro_batch": sum(e.self_cpu_time_total for e in events) / 1e6 / max(1, micro_batches),
         "top_self_cpu": [(e.key, round(e.self_cpu_time_total / 1e6, 3), e.count) for e in top],
@@ -118,8 +146,21 @@ def trace_summary(prof, wall: float, micro_batches: int) -> dict:
     }
 
 
-def run_variant(name, args_fn, model_cfg, tokenizer, rows, steps, warmup, cuda, trace=False, attn="sdpa", nocast=False,
-                measure_tokens=0, mean_len=620.0):
+def run_variant(
+    name,
+    args_fn,
+    model_cfg,
+    tokenizer,
+    rows,
+    steps,
+    warmup,
+    cuda,
+    trace=False,
+    attn="sdpa",
+    nocast=False,
+    measure_tokens=0,
+    mean_len=620.0,
+):
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, Qwen2Config, TrainerCallback
@@ -133,7 +174,9 @@ def run_variant(name, args_fn, model_cfg, tokenizer, rows, steps, warmup, cuda, 
 
     args = args_fn()
     if measure_tokens:  # enough timed steps for ~measure_tokens tokens, at least 3
-        per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * (2000 if args.packing else mean_len)
+        per_step = (
+            args.per_device_train_batch_size * args.gradient_accumulation_steps * (2000 if args.packing else mean_len)
+        )
         per_step *= int(os.environ.get("WORLD_SIZE", "1"))
         steps = warmup + max(3, -(-measure_tokens // int(per_step)))
         args.max_steps = steps
@@ -172,9 +215,14 @@ def run_variant(name, args_fn, model_cfg, tokenizer, rows, steps, warmup, cuda, 
                 return
             marks.append((time.perf_counter(), int(state.num_input_tokens_seen)))
 
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         peft_config=lora_config(SFTParams(lora_rank=8, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")),
-                         callbacks=[Clock()])
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=lora_config(SFTParams(lora_rank=8, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")),
+        callbacks=[Clock()],
+    )
     if nocast:
         skip_adapter_input_casts(trainer.model)
     if cuda:
@@ -215,15 +263,28 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny model on CPU (smoke test of the script)")
     ap.add_argument("--steps", type=int, default=7, help="optimizer steps per variant, warm-up included")
     ap.add_argument("--warmup", type=int, default=2, help="steps left out of the timing")
-    ap.add_argument("--measure-tokens", type=int, default=0,
-                    help="time each variant over about this many tokens (at least 3 steps) instead of --steps")
-    ap.add_argument("--tokenizer", default=".carry/smollm2", help="any tokenizer folder: only its pad id is used (data is pre-tokenized)")
-    ap.add_argument("--variants", default="baseline,stage,stage:80,v100",
-                    help="comma-separated: baseline, stage (the stage's defaults on this card), stage:GIB (its plan for a "
-                         "card of GIB GiB), v100 (the v100 profile's settings: fp16, its batch and checkpointing), "
-                         "a100x2[:GIB] (that profile's settings, as many processes as torchrun starts), or a lever "
-                         "pack-b<B>x<A>-<gc|nogc>[-liger][-varlen][-nocast][-fp16]")
-    ap.add_argument("--trace", default="", help="comma-separated variants to profile (torch.profiler) over one extra step")
+    ap.add_argument(
+        "--measure-tokens",
+        type=int,
+        default=0,
+        help="time each variant over about this many tokens (at least 3 steps) instead of --steps",
+    )
+    ap.add_argument(
+        "--tokenizer",
+        default=".carry/smollm2",
+        help="any tokenizer folder: only its pad id is used (data is pre-tokenized)",
+    )
+    ap.add_argument(
+        "--variants",
+        default="baseline,stage,stage:80,v100",
+        help="comma-separated: baseline, stage (the stage's defaults on this card), stage:GIB (its plan for a "
+        "card of GIB GiB), v100 (the v100 profile's settings: fp16, its batch and checkpointing), "
+        "a100x2[:GIB] (that profile's settings, as many processes as torchrun starts), or a lever "
+        "pack-b<B>x<A>-<gc|nogc>[-liger][-varlen][-nocast][-fp16]",
+    )
+    ap.add_argument(
+        "--trace", default="", help="comma-separated variants to profile (torch.profiler) over one extra step"
+    )
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     opts = ap.parse_args()
 
@@ -246,11 +307,21 @@ def main() -> None:
     card = (f"{world} x " if world > 1 else "") + (torch.cuda.get_device_name() if cuda else "cpu")
     peak = matmul_tflops() if cuda else float("nan")
     profile = resolve_profile("auto", detect_machine()) if cuda else resolve_profile("cpu")
-    say(f"card: {card}; bf16 matmul {peak:.0f} TFLOP/s; stage profile {profile.name}; rows: mean {lengths.mean():.0f} "
-          f"tokens, min {lengths.min()}, max {lengths.max()}", flush=True)
+    say(
+        f"card: {card}; bf16 matmul {peak:.0f} TFLOP/s; stage profile {profile.name}; rows: mean {lengths.mean():.0f} "
+        f"tokens, min {lengths.min()}, max {lengths.max()}",
+        flush=True,
+    )
     tmp = Path("/tmp/sft-bench")
-    common = dict(max_steps=opts.steps, logging_steps=1, save_strategy="no", report_to="none",
-                  completion_only_loss=True, include_num_input_tokens_seen="non_padding", dataloader_num_workers=0)
+    common = dict(
+        max_steps=opts.steps,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        completion_only_loss=True,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+    )
     if opts.tiny:
         common.update(use_cpu=True)
     stage_cfg = SFTParams(max_steps=opts.steps, logging_steps=1)
@@ -266,41 +337,107 @@ def main() -> None:
         return memory_plan(prof, config, params * 2, 2048, gib or card_gib) if cuda else prof
 
     variants = {
-        "baseline": lambda: SFTConfig(output_dir=str(tmp / "b"), bf16=cuda, per_device_train_batch_size=1, gradient_accumulation_steps=16,
-                                      gradient_checkpointing=True, max_length=2048, packing=False, **common),
-        "stage": lambda: sft_config(stage_cfg, fitted(profile), tmp / "s", evaluate=False, assistant_only_loss=False, bf16=cuda,
-                                    mean_row_tokens=float(lengths.mean()), **common),
-        "a100x2": lambda: sft_config(stage_cfg, fitted(PROFILES["a100x2"]), tmp / "a", world=world, evaluate=False, assistant_only_loss=False,
-                                     bf16=cuda, mean_row_tokens=float(lengths.mean()), **common),
-        "v100": lambda: sft_config(stage_cfg, PROFILES["v100"], tmp / "v", evaluate=False, assistant_only_loss=False,
-                                   fp16=cuda, bf16=False, mean_row_tokens=float(lengths.mean()), **common),
+        "baseline": lambda: SFTConfig(
+            output_dir=str(tmp / "b"),
+            bf16=cuda,
+            per_device_train_batch_size=1,
+            gradient_accumulation_steps=16,
+            gradient_checkpointing=True,
+            max_length=2048,
+            packing=False,
+            **common,
+        ),
+        "stage": lambda: sft_config(
+            stage_cfg,
+            fitted(profile),
+            tmp / "s",
+            evaluate=False,
+            assistant_only_loss=False,
+            bf16=cuda,
+            mean_row_tokens=float(lengths.mean()),
+            **common,
+        ),
+        "a100x2": lambda: sft_config(
+            stage_cfg,
+            fitted(PROFILES["a100x2"]),
+            tmp / "a",
+            world=world,
+            evaluate=False,
+            assistant_only_loss=False,
+            bf16=cuda,
+            mean_row_tokens=float(lengths.mean()),
+            **common,
+        ),
+        "v100": lambda: sft_config(
+            stage_cfg,
+            PROFILES["v100"],
+            tmp / "v",
+            evaluate=False,
+            assistant_only_loss=False,
+            fp16=cuda,
+            bf16=False,
+            mean_row_tokens=float(lengths.mean()),
+            **common,
+        ),
     }
     # how each variant runs: (attention implementation, peft's adapter-input casts skipped)
-    how = {"baseline": ("sdpa", False), **{name: speed_settings(prof, packing=True)[::2] for name, prof in
-                                           (("stage", profile), ("v100", PROFILES["v100"]), ("a100x2", PROFILES["a100x2"]))}}
+    how = {
+        "baseline": ("sdpa", False),
+        **{
+            name: speed_settings(prof, packing=True)[::2]
+            for name, prof in (("stage", profile), ("v100", PROFILES["v100"]), ("a100x2", PROFILES["a100x2"]))
+        },
+    }
     for name in opts.variants.split(","):
         if name.startswith(("stage:", "a100x2:")):  # the stage's plan for a card of that many GiB (stage:80 = an H100)
             base, gib = name.split(":")
             prof = profile if base == "stage" else PROFILES["a100x2"]
             how[name] = how[base]
             variants[name] = lambda prof=prof, gib=float(gib), name=name: sft_config(
-                stage_cfg, fitted(prof, gib), tmp / name.replace(":", "-"), world=world, evaluate=False, assistant_only_loss=False,
-                bf16=cuda, mean_row_tokens=float(lengths.mean()), **common)
+                stage_cfg,
+                fitted(prof, gib),
+                tmp / name.replace(":", "-"),
+                world=world,
+                evaluate=False,
+                assistant_only_loss=False,
+                bf16=cuda,
+                mean_row_tokens=float(lengths.mean()),
+                **common,
+            )
         elif name not in variants:
             lever = parse_variant(name)
             how[name] = (ATTENTION if lever.pop("varlen") else "sdpa", lever.pop("nocast"))
             if not cuda:
                 lever.update(fp16=False, use_liger_kernel=False)  # CPU smoke test: fp32, no Triton
             variants[name] = lambda lever=lever, name=name: sft_config(
-                stage_cfg, profile, tmp / name, evaluate=False, assistant_only_loss=False, **{"bf16": cuda and not lever["fp16"], **common, **lever})
+                stage_cfg,
+                profile,
+                tmp / name,
+                evaluate=False,
+                assistant_only_loss=False,
+                **{"bf16": cuda and not lever["fp16"], **common, **lever},
+            )
     trace = set(filter(None, opts.trace.split(",")))
     e_len2 = float((lengths.astype(float) ** 2).mean() / lengths.mean())
     results = []
     for name in opts.variants.split(","):
         try:
             attn, nocast = how[name]
-            r = run_variant(name, variants[name], model_cfg, tokenizer, rows, opts.steps, opts.warmup, cuda, trace=name in trace,
-                            attn=attn, nocast=nocast, measure_tokens=opts.measure_tokens, mean_len=float(lengths.mean()))
+            r = run_variant(
+                name,
+                variants[name],
+                model_cfg,
+                tokenizer,
+                rows,
+                opts.steps,
+                opts.warmup,
+                cuda,
+                trace=name in trace,
+                attn=attn,
+                nocast=nocast,
+                measure_tokens=opts.measure_tokens,
+                mean_len=float(lengths.mean()),
+            )
         except torch.OutOfMemoryError as e:
             r = {"variant": name, "error": f"out of memory: {e}"[:200]}
         if "error" not in r:
@@ -316,18 +453,34 @@ def main() -> None:
 
     base = next((r for r in results if r["variant"] == "baseline" and "error" not in r), None)
     say(f"\n{card}, bf16 matmul {peak:.0f} TFLOP/s, Qwen2-7B architecture (random weights), LoRA r8/a32 all-linear")
-    say(f"{'variant':<22} {'tokens/s':>9} {'MFU':>6} {'peak GiB':>9} {'s/step':>7} {'tok/step':>9} {'final loss':>10} {'x base':>7} {'GPU busy':>8}")
+    say(
+        f"{'variant':<22} {'tokens/s':>9} {'MFU':>6} {'peak GiB':>9} {'s/step':>7} {'tok/step':>9} {'final loss':>10} "
+        f"{'x base':>7} {'GPU busy':>8}"
+    )
     for r in results:
         if "error" in r:
             say(f"{r['variant']:<22} {r['error']}")
             continue
         ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
         busy = r.get("trace", {}).get("device_busy_fraction")
-        say(f"{r['variant']:<22} {r['tokens_per_s']:9.0f} {r['mfu']:6.1%} {r['peak_gib']:9.1f} {r['seconds_per_step']:7.2f} "
-              f"{r['tokens_per_step']:9.0f} {r['final_loss']:10.3f} {ratio:7.2f} {'' if busy is None else f'{busy:8.0%}'}")
+        say(
+            f"{r['variant']:<22} {r['tokens_per_s']:9.0f} {r['mfu']:6.1%} {r['peak_gib']:9.1f} "
+            f"{r['seconds_per_step']:7.2f} "
+            f"{r['tokens_per_step']:9.0f} {r['final_loss']:10.3f} {ratio:7.2f} {'' if busy is None else f'{busy:8.0%}'}"
+        )
     if opts.out and rank == 0:
-        Path(opts.out).write_text(json.dumps({"card": card, "matmul_tflops": peak, "profile": profile.name, "results": results,
-                                              "rows_mean_len": float(lengths.mean())}, indent=2))
+        Path(opts.out).write_text(
+            json.dumps(
+                {
+                    "card": card,
+                    "matmul_tflops": peak,
+                    "profile": profile.name,
+                    "results": results,
+                    "rows_mean_len": float(lengths.mean()),
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

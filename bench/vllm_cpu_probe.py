@@ -25,7 +25,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -114,7 +113,7 @@ def run_colocate(model_dir: Path, steps: int, work: Path, fix_sync: bool, eager:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     if fix_sync:
@@ -258,9 +257,12 @@ def run_colocate(model_dir: Path, steps: int, work: Path, fix_sync: bool, eager:
             try:
                 for ids, seq in zip(prompt_ids, seqs):
                     g = policy.generate(
-                        torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                        max_new_tokens=n_new, do_sample=False, pad_token_id=tok.pad_token_id,
-                    )[0, len(ids):].tolist()
+                        torch.tensor([ids]),
+                        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                        max_new_tokens=n_new,
+                        do_sample=False,
+                        pad_token_id=tok.pad_token_id,
+                    )[0, len(ids) :].tolist()
                     while g and g[-1] == tok.pad_token_id and len(g) > len(seq):
                         g.pop()
                     res_greedy.append(g)
@@ -294,18 +296,29 @@ def run_colocate(model_dir: Path, steps: int, work: Path, fix_sync: bool, eager:
         print(f"  prompt {i}: vLLM before sync: {tok.decode(b)!r}", flush=True)
         print(f"  prompt {i}: vLLM after  sync: {tok.decode(a)!r}", flush=True)
         print(f"  prompt {i}: HF greedy merged: {tok.decode(h)!r}", flush=True)
-    print(f"  worst logprob margin of vLLM tokens under HF policy: after sync {max(margins_after):.2e}, "
-          f"before sync (stale weights) {max(margins_before):.2e}", flush=True)
+    print(
+        f"  worst logprob margin of vLLM tokens under HF policy: after sync {max(margins_after):.2e}, "
+        f"before sync (stale weights) {max(margins_before):.2e}",
+        flush=True,
+    )
     report("colocate_sync_changed_vllm", before != after, f"sync took {sync_s:.2f}s")
     if vllm_dtype != "float32":  # bf16 rollouts vs fp32 policy: exact equality is not expected
-        print(f"[INFO] vLLM dtype {vllm_dtype}: {exact}/{len(after)} prompts identical; max margin "
-              f"{max(margins_after):.2e} after sync vs {max(margins_before):.2e} before (exact checks need float32)")
+        print(
+            f"[INFO] vLLM dtype {vllm_dtype}: {exact}/{len(after)} prompts identical; max margin "
+            f"{max(margins_after):.2e} after sync vs {max(margins_before):.2e} before (exact checks need float32)"
+        )
         return
-    report("colocate_vllm_eq_hf_greedy", exact == len(after),
-           f"{exact}/{len(after)} prompts identical token-for-token over {n_new} tokens")
+    report(
+        "colocate_vllm_eq_hf_greedy",
+        exact == len(after),
+        f"{exact}/{len(after)} prompts identical token-for-token over {n_new} tokens",
+    )
     # tolerant version: every vLLM token is HF's argmax up to fp32 kernel noise (oneDNN vs aten matmul)
-    report("colocate_vllm_tokens_are_hf_argmax", max(margins_after) < 1e-3,
-           f"max margin {max(margins_after):.2e} (< 1e-3); stale weights give {max(margins_before):.2e}")
+    report(
+        "colocate_vllm_tokens_are_hf_argmax",
+        max(margins_after) < 1e-3,
+        f"max margin {max(margins_after):.2e} (< 1e-3); stale weights give {max(margins_before):.2e}",
+    )
 
 
 # --------------------------------------------------------------------------------------------- server
@@ -347,17 +360,28 @@ def make_random_adapter(model_dir: Path, out: Path):
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     peft_model.save_pretrained(out)
-    prompt = tok.apply_chat_template([{"role": "user", "content": "Tell me a fact about the sea."}],
-                                     add_generation_prompt=True, tokenize=False)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "Tell me a fact about the sea."}], add_generation_prompt=True, tokenize=False
+    )
     ids = tok(prompt, add_special_tokens=False)["input_ids"]
     peft_model.eval()
     with torch.no_grad():
-        merged = peft_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                     max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
+        merged = peft_model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=24,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+        )
         with peft_model.disable_adapter():
-            base = peft_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                       max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
-    return tok, ids, merged[0, len(ids):].tolist(), base[0, len(ids):].tolist()
+            base = peft_model.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=24,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
+    return tok, ids, merged[0, len(ids) :].tolist(), base[0, len(ids) :].tolist()
 
 
 def server_command(model_dir: Path, port: int, launcher: str, work: Path) -> tuple[list[str], dict]:
@@ -376,7 +400,11 @@ def server_command(model_dir: Path, port: int, launcher: str, work: Path) -> tup
     from trl.scripts.vllm_serve import ScriptArguments, build_command
 
     extra = [  # forwarded to `vllm serve` as-is: LoRA support, so weights can be synced as adapters
-        "--enable-lora", "--max-lora-rank", "8", "--max-loras", "1",
+        "--enable-lora",
+        "--max-lora-rank",
+        "8",
+        "--max-loras",
+        "1",
     ]
     env = dict(os.environ)
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # enables POST /v1/load_lora_adapter
@@ -388,17 +416,29 @@ def server_command(model_dir: Path, port: int, launcher: str, work: Path) -> tup
         di.mkdir(parents=True, exist_ok=True)
         (di / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {ver}\n")
         env["PYTHONPATH"] = str(shim) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        cmd = [str(Path(sys.executable).parent / "trl"), "vllm-serve", "--model", str(model_dir),
-               "--host", "127.0.0.1", "--port", str(port), "--max_model_len", "256",
-               "--dtype", "float32",  # CPU "auto" = bfloat16; float32 so we can compare with HF exactly
-               "--enforce_eager",  # skip torch.compile: minutes of startup on 2 cores
-               *extra]
+        cmd = [
+            str(Path(sys.executable).parent / "trl"),
+            "vllm-serve",
+            "--model",
+            str(model_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--max_model_len",
+            "256",
+            "--dtype",
+            "float32",  # CPU "auto" = bfloat16; float32 so we can compare with HF exactly
+            "--enforce_eager",  # skip torch.compile: minutes of startup on 2 cores
+            *extra,
+        ]
         return cmd, env
-    sa = ScriptArguments(model=str(model_dir), host="127.0.0.1", port=port, max_model_len=256, dtype="float32",
-                         enforce_eager=True)
+    sa = ScriptArguments(
+        model=str(model_dir), host="127.0.0.1", port=port, max_model_len=256, dtype="float32", enforce_eager=True
+    )
     cmd = build_command(sa, extra)  # [python, -m, vllm.entrypoints.cli.main, serve, MODEL, ...flags]
     i = cmd.index("serve")
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", cmd[i + 1], *cmd[i + 2:]]
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", cmd[i + 1], *cmd[i + 2 :]]
     return cmd, env
 
 
@@ -431,9 +471,14 @@ def run_server(model_dir: Path, work: Path, start_timeout: float, launcher: str 
                 pass
             time.sleep(1)
         up_s = time.time() - t0
-        report(f"server_health[{launcher}]", ok, f"GET /health == 200 after {up_s:.1f}s" if ok else
-               f"not healthy after {up_s:.1f}s, exit={proc.poll()}; tail of {log}:\n" +
-               "".join(open(log).readlines()[-25:]))
+        report(
+            f"server_health[{launcher}]",
+            ok,
+            f"GET /health == 200 after {up_s:.1f}s"
+            if ok
+            else f"not healthy after {up_s:.1f}s, exit={proc.poll()}; tail of {log}:\n"
+            + "".join(open(log).readlines()[-25:]),
+        )
         if not ok:
             return
         from trl.generation.vllm_client import VLLMClient
@@ -444,9 +489,12 @@ def run_server(model_dir: Path, work: Path, start_timeout: float, launcher: str 
             out = client.generate(prompts=[ids], n=4, max_tokens=16, temperature=1.0)
             dt = time.time() - t
             ntok = sum(len(c) for c in out["completion_ids"])
-            report("server_generate_vllmclient", ntok > 0,
-                   f"4 completions, {ntok} tokens in {dt:.2f}s = {ntok / dt:.1f} tok/s; "
-                   f"sample={tok.decode(out['completion_ids'][0])!r}")
+            report(
+                "server_generate_vllmclient",
+                ntok > 0,
+                f"4 completions, {ntok} tokens in {dt:.2f}s = {ntok / dt:.1f} tok/s; "
+                f"sample={tok.decode(out['completion_ids'][0])!r}",
+            )
             t = time.time()
             g = client.generate(prompts=[ids], n=1, max_tokens=24, temperature=0.0)["completion_ids"][0]
             report("server_base_greedy_eq_hf", g == hf_base, f"{time.time() - t:.2f}s: {tok.decode(g)!r}")
@@ -463,28 +511,53 @@ def run_server(model_dir: Path, work: Path, start_timeout: float, launcher: str 
         # Weight sync through vLLM's LoRA support: load the adapter saved by the trainer as a new LoRA
         try:
             t = time.time()
-            r = requests.post(f"{base_url}/v1/load_lora_adapter",
-                              json={"lora_name": "step1", "lora_path": str(adapter_dir)}, timeout=120)
+            r = requests.post(
+                f"{base_url}/v1/load_lora_adapter",
+                json={"lora_name": "step1", "lora_path": str(adapter_dir)},
+                timeout=120,
+            )
             load_s = time.time() - t
             r.raise_for_status()
             t = time.time()
-            r = requests.post(f"{base_url}/v1/completions", json={
-                "model": "step1", "prompt": ids, "max_tokens": 24, "temperature": 0.0, "return_token_ids": True,
-            }, timeout=300)
+            r = requests.post(
+                f"{base_url}/v1/completions",
+                json={
+                    "model": "step1",
+                    "prompt": ids,
+                    "max_tokens": 24,
+                    "temperature": 0.0,
+                    "return_token_ids": True,
+                },
+                timeout=300,
+            )
             r.raise_for_status()
             choice = r.json()["choices"][0]
             lora_ids = choice.get("token_ids") or tok(choice["text"], add_special_tokens=False)["input_ids"]
-            print(f"  server LoRA 'step1': {tok.decode(lora_ids)!r}\n  HF merged greedy : {tok.decode(hf_lora)!r}"
-                  f"\n  HF base greedy   : {tok.decode(hf_base)!r}", flush=True)
+            print(
+                f"  server LoRA 'step1': {tok.decode(lora_ids)!r}\n  HF merged greedy : {tok.decode(hf_lora)!r}"
+                f"\n  HF base greedy   : {tok.decode(hf_base)!r}",
+                flush=True,
+            )
             first_s = time.time() - t
             t = time.time()
-            r2 = requests.post(f"{base_url}/v1/completions", json={
-                "model": "step1", "prompt": ids, "max_tokens": 24, "temperature": 0.0, "return_token_ids": True,
-            }, timeout=300)
+            r2 = requests.post(
+                f"{base_url}/v1/completions",
+                json={
+                    "model": "step1",
+                    "prompt": ids,
+                    "max_tokens": 24,
+                    "temperature": 0.0,
+                    "return_token_ids": True,
+                },
+                timeout=300,
+            )
             second_s = time.time() - t
-            report("server_lora_sync_eq_hf", lora_ids == hf_lora and hf_lora != hf_base,
-                   f"load_lora_adapter {load_s:.2f}s, 24-token greedy generate {first_s:.2f}s (first), "
-                   f"{second_s:.2f}s (second, {len(r2.json()['choices'][0].get('token_ids') or [])} tokens)")
+            report(
+                "server_lora_sync_eq_hf",
+                lora_ids == hf_lora and hf_lora != hf_base,
+                f"load_lora_adapter {load_s:.2f}s, 24-token greedy generate {first_s:.2f}s (first), "
+                f"{second_s:.2f}s (second, {len(r2.json()['choices'][0].get('token_ids') or [])} tokens)",
+            )
             requests.post(f"{base_url}/v1/unload_lora_adapter", json={"lora_name": "step1"}, timeout=60)
         except Exception as e:  # noqa: BLE001
             body = getattr(getattr(e, "response", None), "text", "")
@@ -502,9 +575,12 @@ def run_server(model_dir: Path, work: Path, start_timeout: float, launcher: str 
         how = stop_group(proc)
         left = group_pids(pgid)
         alive = [p for p in tree if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-        report("server_stop", not left and not alive,
-               f"{how} in {time.time() - t:.1f}s, exit code {proc.returncode}, left in group: {left}, "
-               f"tree pids still alive: {alive}")
+        report(
+            "server_stop",
+            not left and not alive,
+            f"{how} in {time.time() - t:.1f}s, exit code {proc.returncode}, left in group: {left}, "
+            f"tree pids still alive: {alive}",
+        )
 
 
 # --------------------------------------------------------------------------------------------- server + GRPO
@@ -541,26 +617,47 @@ def run_server_grpo(model_dir: Path, steps: int, work: Path, start_timeout: floa
         patch_trl_server_sync_via_lora(work / "grpo_adapters")
         torch.manual_seed(0)
         tok = AutoTokenizer.from_pretrained(model_dir)
-        ds = Dataset.from_list([{"prompt": [{"role": "user", "content": q}]}
-                                for q in ["What is 2+3?", "Name a color.", "Say hello.", "Capital of France?"]])
+        ds = Dataset.from_list(
+            [
+                {"prompt": [{"role": "user", "content": q}]}
+                for q in ["What is 2+3?", "Name a color.", "Say hello.", "Capital of France?"]
+            ]
+        )
         args = GRPOConfig(
-            output_dir=str(work / "grpo_server_out"), per_device_train_batch_size=4, num_generations=4,
-            max_completion_length=16, max_steps=steps, learning_rate=5e-4, logging_steps=1, save_strategy="no",
-            report_to=[], use_cpu=True, bf16=False, seed=0,
-            use_vllm=True, vllm_mode="server", vllm_server_base_url=base_url, vllm_server_timeout=60,
+            output_dir=str(work / "grpo_server_out"),
+            per_device_train_batch_size=4,
+            num_generations=4,
+            max_completion_length=16,
+            max_steps=steps,
+            learning_rate=5e-4,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            bf16=False,
+            seed=0,
+            use_vllm=True,
+            vllm_mode="server",
+            vllm_server_base_url=base_url,
+            vllm_server_timeout=60,
         )
         trainer = GRPOTrainer(
             model=str(model_dir),
             reward_funcs=lambda completions, **kw: [float(len(c[0]["content"]) < 40) for c in completions],
-            args=args, train_dataset=ds, processing_class=tok,
+            args=args,
+            train_dataset=ds,
+            processing_class=tok,
             peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
         )
         t = time.time()
         trainer.train()
         loaded = requests.get(f"{base_url}/v1/models", timeout=10).json()["data"]
         names = [m["id"] for m in loaded]
-        report("server_grpo", len(trainer.state.log_history) > 0 and any(n.startswith("policy-") for n in names),
-               f"{steps} steps in {time.time() - t:.1f}s; adapters on server now: {names}")
+        report(
+            "server_grpo",
+            len(trainer.state.log_history) > 0 and any(n.startswith("policy-") for n in names),
+            f"{steps} steps in {time.time() - t:.1f}s; adapters on server now: {names}",
+        )
     except Exception as e:  # noqa: BLE001
         import traceback
 
@@ -578,8 +675,12 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--no-fix-sync", action="store_true", help="use TRL's stock colocate sync (fails on CPU)")
     ap.add_argument("--eager", action="store_true", help="vLLM enforce_eager in colocate mode (skip torch.compile)")
-    ap.add_argument("--vllm-dtype", default="float32", choices=["float32", "bfloat16", "auto"],
-                    help="dtype of the colocated vLLM engine (auto = bfloat16 on CPU); the exact check needs float32")
+    ap.add_argument(
+        "--vllm-dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "auto"],
+        help="dtype of the colocated vLLM engine (auto = bfloat16 on CPU); the exact check needs float32",
+    )
     ap.add_argument("--server-launcher", choices=["api_server", "trl"], default="api_server")
     ap.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--server-start-timeout", type=float, default=600.0)
@@ -589,8 +690,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     model_dir = convert_model(a.cache_dir)
     if a.part in ("colocate", "all"):
-        run_colocate(model_dir, a.steps, work, fix_sync=not a.no_fix_sync, eager=a.eager,
-                     vllm_dtype=a.vllm_dtype)
+        run_colocate(model_dir, a.steps, work, fix_sync=not a.no_fix_sync, eager=a.eager, vllm_dtype=a.vllm_dtype)
     if a.part in ("server", "all"):
         run_server(model_dir, work, a.server_start_timeout, a.server_launcher)
     if a.part == "server_grpo":  # not in "all": a separate, slower experiment

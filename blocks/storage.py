@@ -10,6 +10,7 @@ Register and save one (a person does this once per workspace)::
 then run with ``storage_block: nightly``. Credentials are ``SecretStr`` fields of prefect-aws's
 ``AwsCredentials``: the UI masks them and they never reach logs, artifacts or manifests.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -26,8 +27,12 @@ class ArtifactStore(Block):
     _description = "Artifact root (local folder or s3://bucket/prefix), S3 endpoint and credentials for tuneline."
 
     root: str = Field(default="./artifacts", description="A local folder or s3://bucket/prefix.")
-    endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint (MinIO, SeaweedFS...); empty for AWS.")
-    credentials: AwsCredentials | None = Field(default=None, description="prefect-aws credentials; empty: the environment's.")
+    endpoint_url: str | None = Field(
+        default=None, description="S3-compatible endpoint (MinIO, SeaweedFS...); empty for AWS."
+    )
+    credentials: AwsCredentials | None = Field(
+        default=None, description="prefect-aws credentials; empty: the environment's."
+    )
 
 
 def load_store_settings(name: str) -> dict[str, Any]:

@@ -1,1 +1,1 @@
-"""Stages of the retrain flow, one module each, plus the shared pieces (store, hardware, models, rewards)."""
+"""Stages of the retrain flow (a module or package each) and the shared pieces they use: docs/design.md."""

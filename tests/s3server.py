@@ -4,6 +4,7 @@
 started again on the same data folder (for "the server went away mid-upload" tests). Every port is
 bound to 127.0.0.1 and chosen free at start; ``stop()`` kills the whole process group.
 """
+
 from __future__ import annotations
 
 import os
@@ -60,16 +61,28 @@ class S3Server:
             self.ports = {name: _free_port() for name in ("s3", "master", "volume", "filer", "admin", "metrics")}
         self.data_dir.mkdir(parents=True, exist_ok=True)
         cmd = [
-            weed, "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-s3.port={self.ports['s3']}", f"-master.port={self.ports['master']}",
-            f"-volume.port={self.ports['volume']}", f"-filer.port={self.ports['filer']}",
-            f"-admin.port={self.ports['admin']}", f"-metricsPort={self.ports['metrics']}",
-            "-s3.port.iceberg=0", "-s3.port.lance=0",
-            "-admin.ui=false", "-webdav=false", f"-bucket={self.bucket}",
+            weed,
+            "mini",
+            f"-dir={self.data_dir}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-s3.port={self.ports['s3']}",
+            f"-master.port={self.ports['master']}",
+            f"-volume.port={self.ports['volume']}",
+            f"-filer.port={self.ports['filer']}",
+            f"-admin.port={self.ports['admin']}",
+            f"-metricsPort={self.ports['metrics']}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-admin.ui=false",
+            "-webdav=false",
+            f"-bucket={self.bucket}",
         ]
         env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
         log = open(self.data_dir / "weed.log", "ab")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.data_dir, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.data_dir, start_new_session=True
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -85,8 +98,12 @@ class S3Server:
         from botocore.config import Config
 
         client = boto3.client(
-            "s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
-            region_name="us-east-1", config=Config(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=2),
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name="us-east-1",
+            config=Config(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=2),
         )
         try:
             client.head_bucket(Bucket=self.bucket)

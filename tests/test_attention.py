@@ -1,4 +1,5 @@
 """Packed-row attention (tasks/attention.py): a packed row must train exactly like its rows apart."""
+
 import pytest
 import torch
 
@@ -12,8 +13,15 @@ def _model(attn: str):
 
     register()
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256)
+    cfg = Qwen2Config(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=torch.float32)
 
 

@@ -2,13 +2,13 @@
 (SQLite, temporary home, 127.0.0.1), creates the work pools, applies infra/prefect.yaml through
 ``prefect deploy`` and starts a process worker; runs are triggered through the API exactly as the
 UI's Run form does, and execute the real flow on CPU with the tiny random model."""
+
 from __future__ import annotations
 
 import copy
 import json
 import time
 import typing
-from pathlib import Path
 
 import pytest
 import yaml
@@ -94,8 +94,10 @@ def test_deployments_pools_and_limits_come_from_infra_files(service, client):
 
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
-    upcoming = _eventually(lambda: client.read_flow_runs(
-        deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[nightly.id]))), timeout=90)
+    upcoming = _eventually(
+        lambda: client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[nightly.id]))),
+        timeout=90,
+    )
     local = [r.expected_start_time.astimezone(ZoneInfo("Europe/Berlin")) for r in upcoming]
     assert local and all((t.hour, t.minute) == (1, 30) for t in local), local
 
@@ -196,7 +198,9 @@ def test_manual_run_from_the_api_releases_and_a_second_click_waits(service, clie
 def test_nightly_collision_cancels_the_new_run(service, client):
     nightly = client.read_deployment_by_name("retrain/nightly")
     params = copy.deepcopy(nightly.parameters["params"])
-    params["data"]["datasets"] = [str(service.artifacts.parent / "missing-rows.jsonl")]  # fails fast, after the slot is held
+    params["data"]["datasets"] = [
+        str(service.artifacts.parent / "missing-rows.jsonl")
+    ]  # fails fast, after the slot is held
     runs = [client.create_flow_run_from_deployment(nightly.id, parameters={"params": params}) for _ in range(2)]
     runs = _wait_final(client, [r.id for r in runs], service, timeout=240)
     states = sorted((r.state.type.value, r.state.message or "") for r in runs)
@@ -207,8 +211,11 @@ def test_nightly_collision_cancels_the_new_run(service, client):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     failed = next(r for r in runs if r.state.type.value == "FAILED")
-    reports = _eventually(lambda: client.read_artifacts(
-        artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[failed.id]))))
+    reports = _eventually(
+        lambda: client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[failed.id]))
+        )
+    )
     assert any(a.key == "retrain-failure" and "missing-rows.jsonl" in a.data for a in reports), reports
 
 
@@ -230,19 +237,29 @@ def test_failure_hook_reports_where_operators_look(service, client, monkeypatch)
     assert "bad.jsonl" in reason
 
     # 1. an ERROR line in the run's log, with the reason (logs and events are sent in the background)
-    errors = _eventually(lambda: [
-        l.message for l in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
-        if l.level >= 40 and "FAILED" in l.message
-    ])
+    errors = _eventually(
+        lambda: [
+            line.message
+            for line in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+            if line.level >= 40 and "FAILED" in line.message
+        ]
+    )
     assert any("bad.jsonl" in m for m in errors), errors
     # 2. a markdown artifact under a fixed key, linked to the run
-    (artifact,) = [a for a in client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[ARTIFACT_KEY])))
-                   if a.flow_run_id == run_id]
+    (artifact,) = [
+        a
+        for a in client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[ARTIFACT_KEY])))
+        if a.flow_run_id == run_id
+    ]
     assert "bad.jsonl" in artifact.data
     # 3. an event on the run, for automations and the Event Feed
-    events = _eventually(lambda: client.request(
-        "POST", "/events/filter", json={"filter": {"event": {"name": [FAILED_EVENT]},
-                                                   "resource": {"id": [f"prefect.flow-run.{run_id}"]}}}).json()["events"])
+    events = _eventually(
+        lambda: client.request(
+            "POST",
+            "/events/filter",
+            json={"filter": {"event": {"name": [FAILED_EVENT]}, "resource": {"id": [f"prefect.flow-run.{run_id}"]}}},
+        ).json()["events"]
+    )
     assert len(events) == 1
     assert "bad.jsonl" in events[0]["payload"]["reason"]
 
@@ -292,7 +309,9 @@ def test_compose_file_parses_and_wires_server_postgres_s3_and_workers():
         assert env["AWS_ENDPOINT_URL"].startswith("http://s3:")
         assert "${" in env["AWS_SECRET_ACCESS_KEY"]  # from infra/.env, never written in the file
     gpu = services["worker-gpu-0"]
-    assert "--limit" in gpu["command"] and gpu["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["0"]
+    assert "--limit" in gpu["command"] and gpu["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == [
+        "0"
+    ]
 
 
 def test_deploy_refuses_an_unknown_pool_before_touching_the_server(capsys):
@@ -313,5 +332,7 @@ def test_deploy_build_step_rejects_a_bad_preset(tmp_path):
     with pytest.raises(ValidationError, match="max_stpes"):
         deployment_values(str(bad))
     good = deployment_values(str(REPO / "infra" / "presets" / "nightly.yaml"))
-    assert good["params"] == RetrainParams.model_validate(yaml.safe_load((REPO / "infra" / "presets" / "nightly.yaml").read_text())).model_dump(mode="json")
+    assert good["params"] == RetrainParams.model_validate(
+        yaml.safe_load((REPO / "infra" / "presets" / "nightly.yaml").read_text())
+    ).model_dump(mode="json")
     assert good["code_dir"] == str(REPO)

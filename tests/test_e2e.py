@@ -3,6 +3,7 @@
 
 A few minutes on 2 CPU cores; the demo (`make run`) is the longer version of the same run.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -20,26 +21,31 @@ pytestmark = pytest.mark.e2e
 
 
 def _params(root: str):
-    return load_params("demo", [
-        "data.datasets=['swift/self-cognition#24', 'tuneline/arithmetic#8']",
-        "data.validation_max_rows=4",
-        "sft.max_steps=3",
-        "sft.per_device_batch_size=2",
-        "sft.eval_steps=3",
-        "sft.save_steps=3",
-        "eval.suites=['validation', 'self_cognition', 'samples']",
-        "eval.prompts=['Who are you?']",
-        "eval.max_new_tokens=8",
-        "eval.validation_max_rows=4",
-        "eval.force_release=true",  # three steps need not beat the base; the demo shows the learning
-        f"artifact_root={root}",
-    ])
+    return load_params(
+        "demo",
+        [
+            "data.datasets=['swift/self-cognition#24', 'tuneline/arithmetic#8']",
+            "data.validation_max_rows=4",
+            "sft.max_steps=3",
+            "sft.per_device_batch_size=2",
+            "sft.eval_steps=3",
+            "sft.save_steps=3",
+            "eval.suites=['validation', 'self_cognition', 'samples']",
+            "eval.prompts=['Who are you?']",
+            "eval.max_new_tokens=8",
+            "eval.validation_max_rows=4",
+            "eval.force_release=true",  # three steps need not beat the base; the demo shows the learning
+            f"artifact_root={root}",
+        ],
+    )
 
 
 def _states(state) -> dict[str, str]:
     async def read():
         async with get_client() as client:
-            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+            runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+            )
             return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
 
     return asyncio.run(read())
@@ -52,15 +58,22 @@ def test_flow_on_smollm2_releases_to_s3_and_reruns_cached(smollm2_dir, s3_server
     result = state.result()
     assert result["release_uri"].startswith(root + "/releases/smollm2-135m-quokka/")
 
-    s3 = boto3.client("s3", endpoint_url=s3_server.endpoint, aws_access_key_id=s3_server.access_key,
-                      aws_secret_access_key=s3_server.secret_key, region_name="us-east-1")
-    bucket, prefix = s3_server.bucket, f"e2e/releases/smollm2-135m-quokka"
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint,
+        aws_access_key_id=s3_server.access_key,
+        aws_secret_access_key=s3_server.secret_key,
+        region_name="us-east-1",
+    )
+    bucket, prefix = s3_server.bucket, "e2e/releases/smollm2-135m-quokka"
     latest = s3.get_object(Bucket=bucket, Key=f"{prefix}/LATEST")["Body"].read().decode()
     assert latest == result["release_id"]
     import json
 
     manifest = json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}/{latest}/manifest.json")["Body"].read())
-    assert {"adapter/adapter_model.safetensors", "model/model.safetensors", "eval/report.json", "README.md"} <= set(manifest["files"])
+    assert {"adapter/adapter_model.safetensors", "model/model.safetensors", "eval/report.json", "README.md"} <= set(
+        manifest["files"]
+    )
     for rel, entry in manifest["files"].items():  # every object on S3 matches the manifest's checksum
         body = s3.get_object(Bucket=bucket, Key=f"{prefix}/{latest}/{rel}")["Body"].read()
         assert len(body) == entry["size"], rel

@@ -1,9 +1,10 @@
-"""The retrain flow on the tiny random model: caching across runs, as DESIGN.md promises.
+"""The retrain flow on the tiny random model: caching across runs, as docs/design.md promises.
 
 - a second run with the same parameters runs no stage again (every task Cached);
 - changing only an evaluation parameter reruns only evaluate and what follows;
 - a cache hit whose folder was deleted recomputes instead of failing.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -60,8 +61,11 @@ def first_run(tiny_model_dir, tmp_path_factory):
 def test_first_run_completes_every_stage_and_releases(first_run):
     root, state = first_run
     assert _task_states(state) == {
-        "prepare_dataset": "Completed", "lora_sft": "Completed", "merge_lora": "Completed",
-        "evaluate": "Completed", "release": "Completed",
+        "prepare_dataset": "Completed",
+        "lora_sft": "Completed",
+        "merge_lora": "Completed",
+        "evaluate": "Completed",
+        "release": "Completed",
     }
     result = state.result()
     release_dir = Path(result["release_uri"])
@@ -86,8 +90,11 @@ def test_changing_an_eval_parameter_reruns_only_evaluate_and_release(first_run, 
     state = retrain(_params(tiny_model_dir, root, **{"eval.validation_max_rows": 3}), return_state=True)
     assert state.is_completed()
     assert _task_states(state) == {
-        "prepare_dataset": "Cached", "lora_sft": "Cached", "merge_lora": "Cached",
-        "evaluate": "Completed", "release": "Completed",
+        "prepare_dataset": "Cached",
+        "lora_sft": "Cached",
+        "merge_lora": "Cached",
+        "evaluate": "Completed",
+        "release": "Completed",
     }
 
 

@@ -3,6 +3,7 @@ Playwright for Python, against ``tuneline serve-local`` (server + deployments, n
 
 Needs ``apt-get install -y chromium`` and ``pip install playwright`` (never ``playwright install``:
 the test uses /usr/bin/chromium). The screenshot is kept under test-output/ui/."""
+
 from __future__ import annotations
 
 import re
@@ -16,9 +17,13 @@ CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = REPO / "test-output" / "ui"
 
 if not CHROMIUM.exists():
-    pytest.skip(f"{CHROMIUM} not found: the UI test needs Debian's chromium (apt-get install -y chromium)",
-                allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="the UI test needs Playwright for Python (pip install playwright)")
+    pytest.skip(
+        f"{CHROMIUM} not found: the UI test needs Debian's chromium (apt-get install -y chromium)",
+        allow_module_level=True,
+    )
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="the UI test needs Playwright for Python (pip install playwright)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +41,14 @@ def page():
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=str(CHROMIUM),
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run"],
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
         )
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(60_000)
@@ -49,7 +60,9 @@ def _field(page, *labels: str):
     """The innermost form property under the given (nested) labels, e.g. ("Sft", "Max Steps")."""
     scope = page
     for label in labels:
-        title = page.locator("span.schema-form-property__label", has_text=re.compile(rf"^{re.escape(label)}( \(Optional\))?$"))
+        title = page.locator(
+            "span.schema-form-property__label", has_text=re.compile(rf"^{re.escape(label)}( \(Optional\))?$")
+        )
         scope = scope.locator("div.schema-form-property").filter(has=title).last
     return scope
 
