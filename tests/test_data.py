@@ -519,17 +519,25 @@ def test_interleave_dedupe_and_split(tmp_path, shared_data):
         validation_ratio=0.1,
         validation_max_rows=5,
     )
-    assert metrics["duplicates_dropped"] == 300 - 145
+    # The split comes before sampling now: 7 of the 40 prompts hash under 0.1 (26 rows held out), #300 draws
+    # from the other 119 rows, which dedupe brings back to 119 (was: 145 sampled rows, then split 140 / 5).
+    # 5 validation rows are written (the cap); the 21 others are unused, never trained on.
+    assert metrics["duplicates_dropped"] == 300 - 119
     train, val = _rows(out), _rows(out, "validation")
-    assert len(val) == 5 and len(train) == 140
+    assert len(val) == 5 and len(train) == 119
     assert not {json.dumps(m) for m in train} & {json.dumps(m) for m in val}
+    assert metrics["train_validation_prompt_overlap"] == 0
 
 
 def test_report_files(tmp_path, shared_data):
     metrics, out = _run(tmp_path, [f"{shared_data}/alpaca/alpaca_zh_demo.json#40", "swift/self-cognition#10"])
     md = (out / "report.md").read_text()
-    assert "| source | format | read | valid | sampled | truncated | kept | dropped | tokens min/median/p95/max |" in md
-    assert "alpaca_zh_demo.json#40 | alpaca | 1000 | 1000 | 40 | 0 | 40 |" in md
+    # Three columns more than before: duplicates within the source (8 in alpaca_zh), validation rows and
+    # training rows removed for a validation prompt (none here: validation_ratio is 0).
+    columns = "read | valid | duplicates | validation | removed for validation | sampled | truncated | kept | dropped"
+    assert f"| source | format | {columns} | tokens min/median/p95/max |" in md
+    assert "alpaca_zh_demo.json#40 | alpaca | 1000 | 1000 | 8 | 0 | 0 | 40 | 0 | 40 |" in md
+    assert "train/validation prompt overlap: 0 prompts" in md
     png = (out / "token_lengths.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     for s in metrics["sources"]:

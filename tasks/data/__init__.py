@@ -1,4 +1,5 @@
-"""Dataset stage: read the sources named in the parameters, convert, validate, sample, count tokens, mix, split.
+"""Dataset stage: read the sources named in the parameters, convert, validate, dedupe, split, sample, count
+tokens, mix.
 
 Resource profile: CPU only (one process; the tokenizer's Rust threads use every core). Seconds for the
 demo mix, about a minute per 100k rows on 2 cores (bench/data_throughput.py). Never touches a GPU:
@@ -24,6 +25,12 @@ query / response, prompt / completion, question / answer (GSM8K) and problem / s
 Multi-turn conversations stay multi-turn. ``{{NAME}}`` / ``{{AUTHOR}}`` (and ``{{name}}`` /
 ``{{author}}``) are filled from ``model_name`` / ``model_author`` in every source.
 
+Train/validation split (``split``): each source is deduplicated on its normalised text, then split by
+a SHA-256 of each row's normalised user turns: a prompt is in validation iff its hash falls under
+``validation_ratio`` (at least one per source). ``#N`` samples the training part only. No prompt is on
+both sides (the report counts the overlap: 0) and a row keeps its side from night to night.
+``validation_datasets`` replaces the hash split with the user's own set, whose prompts leave train.
+
 Every row is validated (roles in a valid order, non-empty user and assistant turns, strings, valid
 UTF-8, no unfilled placeholder). Strict mode stops at the first bad row with its file, row, field and
 reason; lenient mode drops bad rows and counts them by reason. Rows longer than ``max_length`` tokens
@@ -47,7 +54,8 @@ Run the plain function without Prefect::
 
 Modules: ``specs`` (DataParams, the spec grammar, DataError), ``formats`` (format detection,
 conversion, row checks), ``tokens`` (which tokenizer counts, counting, truncation, pre-tokenizing),
-``report`` (per-source counts, table, histogram), ``mix`` (sampling, mixing, the split: ``prepare``),
+``report`` (per-source counts, table, histogram), ``split`` (dedupe, the split, the overlap count),
+``mix`` (sampling, mixing, the whole stage: ``prepare``),
 ``stage`` (the Prefect task ``prepare_dataset`` and its fingerprint). The sources themselves are read
 by ``tasks.sources``, which the evaluation stage shares.
 """
@@ -56,6 +64,7 @@ from tasks.data.formats import FORMAT_KEYS, detect_format, load_source
 from tasks.data.mix import apply_system, prepare, sample
 from tasks.data.report import REPORT_COLUMNS, SourceReport, report_markdown, report_rows, report_text
 from tasks.data.specs import DataError, DataParams, Format, Spec, parse_spec
+from tasks.data.split import prompt_key, prompt_overlap
 from tasks.data.stage import STAGE, fingerprint_of, prepare_dataset
 from tasks.data.tokens import QWEN2_FALLBACK, TokenCounter, load_tokenizer, qwen2_tokenizer, tokenizer_id
 
@@ -78,6 +87,8 @@ __all__ = [
     "parse_spec",
     "prepare",
     "prepare_dataset",
+    "prompt_key",
+    "prompt_overlap",
     "qwen2_tokenizer",
     "report_markdown",
     "report_rows",

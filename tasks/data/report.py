@@ -1,5 +1,6 @@
 """The data stage's report: per-source counts (``SourceReport``), token statistics, the per-source table
-(terminal text and markdown) and the token-length histogram."""
+(terminal text and markdown), the split's totals (with the train/validation prompt overlap) and the
+token-length histogram."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ REPORT_COLUMNS = [
     "format",
     "read",
     "valid",
+    "duplicates",
+    "validation",
+    "removed for validation",
     "sampled",
     "truncated",
     "kept",
@@ -24,15 +28,20 @@ REPORT_COLUMNS = [
 
 @dataclass
 class SourceReport:
-    """What happened to one source's rows: read, valid, sampled, kept, dropped by reason, token lengths."""
+    """What happened to one source's rows: read, valid, duplicates, held out for validation, sampled for
+    training, kept, dropped by reason, token lengths (of every row written, train and validation)."""
 
     spec: str
+    role: str = "train"  # train (a data.datasets source: train rows and its hash-split validation rows) or validation
     fingerprint: str = ""  # the source's content (checksum, ETag, hub revision): lineage for the release
     format: str = "?"
     rows_read: int = 0
     rows_valid: int = 0
-    rows_sampled: int = 0
-    rows_kept: int = 0
+    duplicates: int = 0  # exact duplicates of a normalised conversation within the source, dropped
+    rows_validation: int = 0  # rows written to validation.jsonl
+    removed_for_validation: int = 0  # training rows whose prompt is a validation prompt, removed
+    rows_sampled: int = 0  # training rows drawn by #N (from the training part only)
+    rows_kept: int = 0  # training rows left after the max_length check
     truncated: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)  # first rows dropped for each reason
@@ -85,10 +94,13 @@ def report_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
         t = s["tokens"]
         rows.append(
             {
-                "source": s["spec"],
+                "source": s["spec"] + (" (validation)" if s.get("role") == "validation" else ""),
                 "format": s["format"],
                 "read": s["rows_read"],
                 "valid": s["rows_valid"],
+                "duplicates": s.get("duplicates", 0),
+                "validation": s.get("rows_validation", 0),
+                "removed for validation": s.get("removed_for_validation", 0),
                 "sampled": s["rows_sampled"],
                 "truncated": s["truncated"],
                 "kept": s["rows_kept"],
@@ -99,20 +111,27 @@ def report_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def split_lines(metrics: dict[str, Any]) -> list[str]:
+    """The totals under the table: rows per split, how validation was chosen, duplicates, removals and
+    the prompt overlap (prompts in both splits of the written output; 0 unless something is wrong)."""
+    removed = metrics.get("removed_for_validation", 0)
+    return [
+        f"train {metrics['train_rows']} rows, validation {metrics['validation_rows']} rows "
+        f"({metrics.get('validation_from', 'hash split')})",
+        f"duplicates dropped: {metrics.get('source_duplicates', 0)} within sources, "
+        f"{metrics['duplicates_dropped']} after mixing; {removed} training rows removed for a validation prompt",
+        f"train/validation prompt overlap: {metrics.get('train_validation_prompt_overlap', '?')} prompts",
+        f"tokens counted by: {metrics['tokenizer']} (max_length {metrics['max_length']}, {metrics['truncation']})",
+    ]
+
+
 def report_text(metrics: dict[str, Any]) -> str:
-    """The per-source table for a terminal."""
+    """The per-source table and the totals, for a terminal (``tuneline data check`` prints it)."""
     rows = report_rows(metrics)
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in REPORT_COLUMNS}
     lines = ["  ".join(c.ljust(widths[c]) for c in REPORT_COLUMNS)]
     lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in REPORT_COLUMNS) for r in rows]
-    lines.append(
-        f"\ntrain {metrics['train_rows']} rows, validation {metrics['validation_rows']} rows"
-        + (f", {metrics['duplicates_dropped']} duplicates dropped" if metrics["duplicates_dropped"] else "")
-    )
-    lines.append(
-        f"tokens counted by: {metrics['tokenizer']} (max_length {metrics['max_length']}, {metrics['truncation']})"
-    )
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *split_lines(metrics)])
 
 
 def report_markdown(metrics: dict[str, Any]) -> str:
@@ -120,13 +139,8 @@ def report_markdown(metrics: dict[str, Any]) -> str:
     rows = report_rows(metrics)
     table = ["| " + " | ".join(REPORT_COLUMNS) + " |", "|" + "---|" * len(REPORT_COLUMNS)]
     table += ["| " + " | ".join(str(r[c]).replace("|", "\\|") for c in REPORT_COLUMNS) + " |" for r in rows]
-    return (
-        "# Dataset report\n\n"
-        + "\n".join(table)
-        + f"\n\nTrain rows: {metrics['train_rows']}; validation rows: {metrics['validation_rows']}; "
-        f"duplicates dropped: {metrics['duplicates_dropped']}.\n\nTokens counted by: {metrics['tokenizer']} "
-        f"(max_length {metrics['max_length']}, {metrics['truncation']}).\n"
-    )
+    totals = "".join(f"- {line}\n" for line in split_lines(metrics))
+    return "# Dataset report\n\n" + "\n".join(table) + "\n\n" + totals
 
 
 def histogram(reports: list[SourceReport], max_length: int | None, tokenizer_name: str, path: Path) -> None:

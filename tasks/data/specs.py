@@ -127,16 +127,36 @@ class DataParams(BaseModel):
         "have (every row used, small sources repeated).",
     )
     dedupe: bool = Field(
-        default=False, description="Drop exact duplicate conversations after mixing (also undoes #N repeats)."
+        default=False,
+        description="Also drop duplicate conversations after mixing: #N repeats and rows two sources share "
+        "(each source is always deduplicated on its normalised text).",
     )
     validation_ratio: float = Field(
         default=0.05,
         ge=0.0,
         le=0.5,
-        description="Share of the mixed rows held out for validation (the SFT and evaluation stages use it).",
+        description="Share of each source's prompts held out for validation (the SFT and evaluation stages use "
+        "it), chosen by a stable hash of the prompt: the same prompts every night, never also in train, at least "
+        "one per source. Ignored when validation_datasets is set.",
     )
-    validation_max_rows: int = Field(default=200, ge=1, le=100_000, description="Cap on the validation split.")
-    seed: int = Field(default=42, ge=0, description="Seed for sampling, mixing, shuffling and the split.")
+    validation_max_rows: int = Field(
+        default=200,
+        ge=1,
+        le=100_000,
+        description="Cap on the validation split (the rows with the smallest prompt hashes are kept; the others "
+        "are left unused, never moved to train).",
+    )
+    validation_datasets: list[str] = Field(
+        default_factory=list,
+        description="Validation sources, same syntax as datasets (like ms-swift's --val_dataset; #N takes the N "
+        "rows with the smallest prompt hashes). When set they are the validation split, validation_ratio is "
+        "ignored, and training rows with one of their prompts are removed from train (counted in the report).",
+    )
+    seed: int = Field(
+        default=42,
+        ge=0,
+        description="Seed for sampling, mixing and shuffling (not the split: a prompt's side comes from its hash).",
+    )
 
     @model_validator(mode="after")
     def _check_probs(self) -> "DataParams":

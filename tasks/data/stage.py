@@ -10,7 +10,7 @@ from typing import Any
 
 from tasks import sources
 from tasks.common import picture_markdown, publish_markdown, publish_table, task
-from tasks.data import formats, mix, report, specs, tokens
+from tasks.data import formats, mix, report, specs, split, tokens
 from tasks.data.mix import prepare
 from tasks.data.report import report_markdown, report_rows
 from tasks.data.specs import DataError, DataParams, parse_spec
@@ -24,15 +24,16 @@ STAGE = "data"
 
 def _code_version() -> str:
     """Every module the stage runs (its package and the shared readers): editing any of them reruns it."""
-    modules = (specs, formats, tokens, report, mix, sources, sys.modules[__name__])
+    modules = (specs, formats, tokens, report, split, mix, sources, sys.modules[__name__])
     return "+".join(code_version(m) for m in modules)
 
 
 def fingerprint_of(config: DataParams, ctx: StageContext) -> str:
-    """The stage's cache key: its code, the parameters, each source's content and the tokenizer that
-    counts (``config.tokenizer``, else the base model)."""
+    """The stage's cache key: its code, the parameters, each source's content (training and validation
+    sets) and the tokenizer that counts (``config.tokenizer``, else the base model)."""
     try:
-        sources_fp = [parse_spec(s, config.hub).fingerprint(ctx.storage_block) for s in config.datasets]
+        every = [*config.datasets, *config.validation_datasets]
+        sources_fp = [parse_spec(s, config.hub).fingerprint(ctx.storage_block) for s in every]
     except DataError:  # a bad spec: the task runs and raises it with the full message
         return fingerprint(STAGE, "bad-spec", config)
     tokenizer = tokenizer_id(config.tokenizer or ctx.base_model, ctx.base_revision)
@@ -58,7 +59,7 @@ def _publish_artifacts(ref: StageRef, out: Path) -> None:
 
 @task(name="prepare_dataset", cache_key_fn=stage_cache_key(STAGE, fingerprint_of), persist_result=True, tags=["cpu"])
 def prepare_dataset(config: DataParams, ctx: StageContext) -> StageRef:
-    """Read, convert, validate, sample, count tokens, mix and split the datasets; publish the report.
+    """Read, convert, validate, dedupe, split, sample, count tokens and mix the datasets; publish the report.
 
     Resource profile: CPU only (the tokenizer's threads use every core), memory ~ the rows read.
     The base model's tokenizer counts tokens (``config.tokenizer`` wins).
