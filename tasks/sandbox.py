@@ -69,8 +69,8 @@ Isolation layers, what each protects against, and its trade-off:
   the marker fd from inside its own process; that is unavoidable in-process.
 
 Modes (probed once by running a trivial program through each, strongest
-first; the choice and the reasons for any fallback are logged; override with
-``TUNELINE_SANDBOX_MODE``):
+first; the choice and the reasons for any fallback are logged, into the
+Prefect run log inside a run; override with ``TUNELINE_SANDBOX_MODE``):
 
 * ``root``: running as root and ``unshare`` works -> all layers above.
 * ``userns``: not root but unprivileged user namespaces work -> same
@@ -82,7 +82,9 @@ first; the choice and the reasons for any fallback are logged; override with
   flow's interpreter is not readable by that uid), subreaper cleanup. Network
   and the rest of the filesystem are then NOT isolated (world-writable dirs
   such as ``/tmp`` are writable, ``kill(-1)`` reaches other uid-65534
-  processes); a warning says why.
+  processes); a warning says why. The evaluation stage refuses this mode
+  unless ``eval.allow_unisolated_code`` is set
+  (``tasks/evaluate/humaneval.py:check_code_isolation``).
 
 Public API: :class:`ExecResult`, :func:`run_program`, :func:`check_humaneval`,
 :func:`pass_at_1`. This module is the caller's side (modes, launch, wait, classify); what runs
@@ -92,6 +94,7 @@ evaluation stage (``tasks/evaluate/humaneval.py``).
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import json
 import logging
@@ -108,6 +111,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from tasks import sandbox_child
+from tasks.common import run_logger
 from tasks.sandbox_child import private_ancestor, read_all_nonblocking
 
 logger = logging.getLogger(__name__)
@@ -123,8 +127,17 @@ class ExecResult:
     """Outcome of one sandboxed program."""
 
     passed: bool
-    status: str  # "passed" | "failed" | "timeout" | "error"
+    status: str  # "passed" | "failed" | "timeout" | "error" (the evaluation stage adds "cut_off": not run)
     detail: str  # short, truncated stderr / reason
+
+
+def _log(level: int, msg: str, *args) -> None:
+    """Inside a Prefect run into its run log (where an operator reads it; a stdlib logger never gets
+    there), else this module's logger."""
+    target = run_logger()
+    if not isinstance(target, logging.LoggerAdapter):  # no run: keep this module's logger name
+        target = logger
+    target.log(level, msg, *args)
 
 
 # --------------------------------------------------------------------------- #
@@ -158,15 +171,15 @@ def sandbox_mode() -> str:
         if forced:
             if forced not in MODES:
                 raise ValueError(f"TUNELINE_SANDBOX_MODE must be one of {MODES}, got {forced!r}")
-            logger.info("sandbox mode forced to %r by TUNELINE_SANDBOX_MODE", forced)
+            _log(logging.INFO, "sandbox mode forced to %r by TUNELINE_SANDBOX_MODE", forced)
             _mode_cache = forced
             return forced
         reasons = []
         for mode in ("root", "userns"):
             why = _smoke_test(mode)
             if why is None:
-                log = logger.info if not reasons else logger.warning
-                log(
+                _log(
+                    logging.WARNING if reasons else logging.INFO,
                     "sandbox mode: %s (pid/net/mount/ipc/uts namespaces)%s",
                     mode,
                     f"; fell back because {'; '.join(reasons)}" if reasons else "",
@@ -174,7 +187,7 @@ def sandbox_mode() -> str:
                 _mode_cache = mode
                 return mode
             reasons.append(f"{mode} mode unavailable ({why})")
-        logger.warning("sandbox mode: plain -- NO network/filesystem isolation; %s", "; ".join(reasons))
+        _log(logging.WARNING, "sandbox mode: plain -- NO network/filesystem isolation; %s", "; ".join(reasons))
         _mode_cache = "plain"
         return _mode_cache
 
@@ -260,7 +273,7 @@ def _log_warnings(warnings: list[str]) -> None:
     for w in warnings:
         if w not in _warned:
             _warned.add(w)
-            logger.warning("sandbox: %s", w)
+            _log(logging.WARNING, "sandbox: %s", w)
 
 
 def _classify(status: dict | None, stderr: bytes, outer_rc: int | None) -> ExecResult:
@@ -313,11 +326,15 @@ def _plain_interpreter() -> str | None:
     for cand in ("/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3"):
         real = os.path.realpath(cand)
         if os.path.exists(real) and private_ancestor(real) is None:
-            logger.warning(
-                "sandbox: %s is not reachable for uid %d; programs run with %s", sys.executable, NOBODY, cand
+            _log(
+                logging.WARNING,
+                "sandbox: %s is not reachable for uid %d; programs run with %s",
+                sys.executable,
+                NOBODY,
+                cand,
             )
             return cand
-    logger.warning("sandbox: no interpreter reachable for uid %d; programs keep the caller's uid", NOBODY)
+    _log(logging.WARNING, "sandbox: no interpreter reachable for uid %d; programs keep the caller's uid", NOBODY)
     return None
 
 
@@ -405,5 +422,10 @@ def pass_at_1(problems: list[dict], completions: list[str], workers: int = 2, **
         return 0.0, []
     sandbox_mode()  # probe once, before the threads start
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = list(pool.map(lambda pc: check_humaneval(pc[0], pc[1], **kw), zip(problems, completions)))
+        # Each thread gets a copy of this context: inside a Prefect run, the run logger works there too.
+        futures = [
+            pool.submit(contextvars.copy_context().run, check_humaneval, p, c, **kw)
+            for p, c in zip(problems, completions)
+        ]
+        results = [f.result() for f in futures]
     return sum(r.passed for r in results) / len(results), results

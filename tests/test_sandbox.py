@@ -8,6 +8,7 @@ after each test it, and a sentinel child it owns, must still be alive.
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import shutil
@@ -17,13 +18,16 @@ import sys
 import tempfile
 import textwrap
 import time
+import uuid
+from types import SimpleNamespace
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tasks import sandbox  # noqa: E402
-from tasks.evaluate.humaneval import load_humaneval  # noqa: E402
+from tasks.evaluate.humaneval import check_code_isolation, load_humaneval, score_humaneval  # noqa: E402
+from tasks.evaluate.params import EvalError, EvalParams  # noqa: E402
 from tasks.sandbox import ExecResult, check_humaneval, pass_at_1, run_program  # noqa: E402
 
 SLACK_S = 1.5  # process start-up + namespace setup + teardown
@@ -376,3 +380,87 @@ def test_plain_mode_fallback_scores_and_limits():
     assert not run(body("x = bytearray(8 * 1024 ** 3)\nreturn a + b")).passed
     result = run(body("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nreturn a + b"))
     assert not result.passed
+
+
+# --------------------------------------------------------------------------- #
+# no namespaces: refused unless allowed, and said in the run log
+# --------------------------------------------------------------------------- #
+
+RIGHT = {**ADD, "task_id": "test/add-right"}
+
+
+def _allowing():
+    """Evaluation parameters with ``eval.allow_unisolated_code`` on (a stand-in with the same fields
+    where ``EvalParams`` does not have it yet)."""
+    if "allow_unisolated_code" in EvalParams.model_fields:
+        return EvalParams(allow_unisolated_code=True)
+    return SimpleNamespace(**dict(EvalParams()), allow_unisolated_code=True)
+
+
+@pytest.fixture
+def plain(monkeypatch):
+    """The sandbox as it is where namespaces cannot be created; records every program run."""
+    ran = []
+    real = sandbox.check_humaneval
+    monkeypatch.setattr(sandbox, "sandbox_mode", lambda: "plain")
+    monkeypatch.setattr(sandbox, "check_humaneval", lambda p, c, **kw: ran.append(c) or real(p, c, **kw))
+    return ran
+
+
+def test_plain_mode_is_refused_before_any_code_runs(plain):
+    with pytest.raises(EvalError) as err:
+        check_code_isolation(EvalParams())
+    message = str(err.value)
+    assert "\n" not in message and "unshare" in message and "eval.allow_unisolated_code" in message
+    with pytest.raises(EvalError, match="allow_unisolated_code"):
+        score_humaneval([RIGHT], [body("return a + b")], EvalParams())
+    assert plain == []
+
+
+def test_plain_mode_with_the_flag_runs_and_warns(plain, caplog):
+    caplog.set_level(logging.WARNING)
+    score, details = score_humaneval([RIGHT], [body("return a + b")], _allowing())
+    assert score == 1.0 and len(plain) == 1
+    assert details[0]["sandbox_mode"] == "plain"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("plain" in w and "WITHOUT namespace isolation" in w for w in warnings), warnings
+
+
+def test_namespaces_need_no_flag(caplog):
+    caplog.set_level(logging.WARNING)
+    mode = check_code_isolation(EvalParams())
+    assert mode == sandbox.sandbox_mode()
+    if mode != "plain":
+        assert caplog.records == []
+
+
+def test_sandbox_warnings_go_to_the_module_logger_outside_a_run(caplog):
+    caplog.set_level(logging.WARNING)
+    text = f"outside a run {uuid.uuid4()}"
+    sandbox._log_warnings([text])
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [("tasks.sandbox", f"sandbox: {text}")]
+
+
+def test_fallback_warnings_reach_the_prefect_run_log(plain, monkeypatch, caplog):
+    """Inside a flow run, the refusal override and the sandbox's own warnings (even those raised in
+    ``pass_at_1``'s worker threads) land in the run's log, not only in a stdlib logger."""
+    from prefect import flow
+
+    text = f"from a worker thread {uuid.uuid4()}"
+    run_one = sandbox.check_humaneval
+
+    def warn_then_run(p, c, **kw):
+        sandbox._log_warnings([text])
+        return run_one(p, c, **kw)
+
+    monkeypatch.setattr(sandbox, "check_humaneval", warn_then_run)
+
+    @flow
+    def evaluate_code():
+        return score_humaneval([RIGHT], [body("return a + b")], _allowing())[0]
+
+    caplog.set_level(logging.INFO)
+    assert evaluate_code() == 1.0
+    in_run = [r.getMessage() for r in caplog.records if r.name.startswith("prefect.flow_runs")]
+    assert any("sandbox mode plain" in m for m in in_run), in_run
+    assert f"sandbox: {text}" in in_run

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gc
 import importlib.util
-from typing import Any, Callable
+from typing import Any, Callable, Collection, Sequence
 
 from tasks.common import load_tokenizer
 from tasks.evaluate.params import Engine, EvalError
@@ -34,6 +34,66 @@ def select_engine(
     return "vllm" if installed and has_gpu else "transformers"
 
 
+class Completion(str):
+    """A generated answer: the text, plus ``cut_off`` — True when generation stopped because it hit
+    ``max_new_tokens`` (not on a stop token), so the answer may be unfinished. Scoring treats a
+    cut-off answer without a final answer as wrong; everything else just sees a ``str``.
+
+    String methods return plain ``str`` (``.strip()`` drops the flag), so read it first.
+
+    >>> c = Completion("2 + 2 = 4, so", cut_off=True)
+    >>> c == "2 + 2 = 4, so", c.cut_off, Completion("#### 4").cut_off
+    (True, True, False)
+    >>> import json, pickle
+    >>> json.dumps([c]), pickle.loads(pickle.dumps(c)).cut_off
+    ('["2 + 2 = 4, so"]', True)
+    """
+
+    cut_off: bool
+
+    def __new__(cls, text: str = "", cut_off: bool = False) -> Completion:
+        obj = super().__new__(cls, text)
+        obj.cut_off = bool(cut_off)
+        return obj
+
+    def __repr__(self) -> str:
+        return f"Completion({str.__repr__(self)}, cut_off={self.cut_off})"
+
+
+def hit_token_limit(new_ids: Sequence[int], stop_ids: Collection[int], max_new_tokens: int) -> bool:
+    """Whether ``generate`` stopped at the token limit: ``max_new_tokens`` new tokens and none of
+    them a stop token. (A row that stopped early is padded up to the batch's longest, after its stop
+    token, so it still holds one.)
+
+    >>> hit_token_limit([5, 6, 7], {2}, 3), hit_token_limit([5, 6, 2], {2}, 3), hit_token_limit([5, 2, 0], {2}, 3)
+    (True, False, False)
+    >>> hit_token_limit([5, 6], {2}, 3)  # shorter than the limit: the batch stopped on its own
+    False
+    """
+    return len(new_ids) >= max_new_tokens and not any(t in stop_ids for t in new_ids)
+
+
+def stop_token_ids(model) -> set[int]:
+    """The token ids ``model.generate`` stops on (its generation config's ``eos_token_id``: one id,
+    a list, or none)."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {int(e) for e in eos} if isinstance(eos, (list, tuple, set)) else {int(eos)}
+
+
+def vllm_completion(output) -> Completion:
+    """One vLLM ``RequestOutput`` as a :class:`Completion`: its first sample's text, cut off when
+    vLLM says it finished for ``"length"`` (``max_tokens`` reached) rather than ``"stop"``.
+
+    >>> from types import SimpleNamespace as NS
+    >>> vllm_completion(NS(outputs=[NS(text=" 4 ", finish_reason="length")]))
+    Completion('4', cut_off=True)
+    """
+    first = output.outputs[0]
+    return Completion(first.text.strip(), cut_off=first.finish_reason == "length")
+
+
 def load_model(model_dir: str, device: str) -> tuple[Any, Any]:
     """The model (bf16 on a GPU that has it, else fp32), in eval mode, and its tokenizer."""
     import torch
@@ -47,23 +107,25 @@ def load_model(model_dir: str, device: str) -> tuple[Any, Any]:
 
 class TransformersEngine:
     """Batched ``model.generate`` with left padding; prompts sorted by length so a batch holds
-    similar lengths (less padding), answers returned in the callers' order."""
+    similar lengths (less padding), answers returned in the callers' order, each a
+    :class:`Completion` that knows whether it hit ``max_new_tokens``."""
 
     def __init__(self, model, tokenizer, batch_size: int):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
 
     def generate(
         self, chats: list[list[dict[str, str]]], max_new_tokens: int, temperature: float, seed: int
-    ) -> list[str]:
+    ) -> list[Completion]:
         import torch
 
         tok = self.tokenizer
         tok.padding_side = "left"
         texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        outputs: dict[int, str] = {}
+        outputs: dict[int, Completion] = {}
         torch.manual_seed(seed)
         device = next(self.model.parameters()).device
+        stops = stop_token_ids(self.model)
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
             batch = tok([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
@@ -77,8 +139,9 @@ class TransformersEngine:
                     top_k=None,
                     pad_token_id=tok.pad_token_id,
                 )
-            for i, text in zip(idx, tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)):
-                outputs[i] = text.strip()
+            new = out[:, batch["input_ids"].shape[1] :]
+            for i, ids, text in zip(idx, new.tolist(), tok.batch_decode(new, skip_special_tokens=True)):
+                outputs[i] = Completion(text.strip(), cut_off=hit_token_limit(ids, stops, max_new_tokens))
         return [outputs[i] for i in range(len(texts))]
 
     def close(self) -> None:
@@ -96,11 +159,11 @@ class VLLMEngine:
 
     def generate(
         self, chats: list[list[dict[str, str]]], max_new_tokens: int, temperature: float, seed: int
-    ) -> list[str]:
+    ) -> list[Completion]:
         from vllm import SamplingParams
 
         params = SamplingParams(temperature=temperature, max_tokens=max_new_tokens, seed=seed)
-        return [o.outputs[0].text.strip() for o in self.llm.chat(chats, params, use_tqdm=False)]
+        return [vllm_completion(o) for o in self.llm.chat(chats, params, use_tqdm=False)]
 
     def close(self) -> None:
         del self.llm
