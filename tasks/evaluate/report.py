@@ -1,25 +1,54 @@
-"""The report rendered for people: the metrics table artifact and the side-by-side markdown."""
+"""The report rendered for people: the metrics table artifact (base / champion / tuned, each delta with
+its 95% interval) and the side-by-side markdown."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
+def _round(x: Any) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), 4)
+
+
+def _interval(c: dict[str, Any] | None) -> str:
+    if c is None or any(math.isnan(v) for v in c["interval"]):
+        return "-"
+    low, high = c["interval"]
+    return f"[{low:+.4g}, {high:+.4g}]"
+
+
 def metrics_table(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """Rows for the Prefect table artifact: metric, base, tuned, delta, and the gate's verdict."""
+    """Rows for the Prefect table artifact: metric, base, (champion,) tuned, the delta against each
+    reference with its 95% interval, and the gate's verdict on the metric (FAIL when any check of it
+    failed, ``-`` when it does not gate).
+
+    >>> report = {"metrics": {"base": {"m": 0.5}, "tuned": {"m": 0.4}}, "gate": {"checks": []},
+    ...           "comparisons": [{"metric": "m", "reference": "base", "interval": [-0.15, -0.05]}]}
+    >>> metrics_table(report)
+    [{'metric': 'm', 'base': 0.5, 'tuned': 0.4, 'delta': -0.1, 'interval': '[-0.15, -0.05]', 'gate': '-'}]
+    """
     base, tuned = report["metrics"]["base"], report["metrics"]["tuned"]
-    verdict = {c["metric"]: "pass" if c["passed"] else "FAIL" for c in report["gate"]["checks"]}
-    return [
-        {
-            "metric": k,
-            "base": round(base[k], 4),
-            "tuned": round(tuned[k], 4),
-            "delta": round(tuned[k] - base[k], 4),
-            "gate": verdict.get(k, "-"),
-        }
-        for k in base
-        if k in tuned
-    ]
+    champion = report["metrics"].get("champion")
+    comparisons = {(c["metric"], c["reference"]): c for c in report.get("comparisons", [])}
+    verdict: dict[str, str] = {}
+    for c in report["gate"]["checks"]:
+        verdict[c["metric"]] = "FAIL" if not c["passed"] or verdict.get(c["metric"]) == "FAIL" else "pass"
+    rows = []
+    for k in base:
+        if k not in tuned:
+            continue
+        row: dict[str, Any] = {"metric": k, "base": _round(base[k])}
+        if champion is not None:
+            row["champion"] = _round(champion.get(k))
+        row |= {"tuned": _round(tuned[k]), "delta": _round(tuned[k] - base[k])}
+        row["interval"] = _interval(comparisons.get((k, "base")))
+        if champion is not None:
+            row["delta_champion"] = _round(tuned[k] - champion[k]) if k in champion else None
+            row["interval_champion"] = _interval(comparisons.get((k, "champion")))
+        row["gate"] = verdict.get(k, "-")
+        rows.append(row)
+    return rows
 
 
 def _cell(text: Any, limit: int = 600) -> str:
@@ -42,6 +71,11 @@ def samples_markdown(report: dict[str, Any], per_suite: int = 5) -> str:
     (those where the two models disagree first)."""
     gate = report["gate"]
     out = [f"**Quality gate: {'passed' if gate['passed'] else 'FAILED — ' + '; '.join(gate['reasons'])}**", ""]
+    champion = report.get("champion")
+    against = (
+        f"base and champion {champion['release_id']} ({champion['how']})" if champion else "base (no champion yet)"
+    )
+    out += [f"Compared with: {against}." + (" Ungated: eval.gate_metrics is []." if gate.get("ungated") else ""), ""]
     s = report.get("samples", {})
     if "base" in s:
         out += ["## Samples", "", "| prompt | base | tuned |", "|---|---|---|"]

