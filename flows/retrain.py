@@ -25,6 +25,7 @@ from tasks.data import prepare_dataset
 from tasks.evaluate import check_eval_data, evaluate
 from tasks.grpo import grpo
 from tasks.merge import merge_lora
+from tasks.registry import current_champion, gate_champion
 from tasks.release import release
 from tasks.sft import lora_sft
 
@@ -40,15 +41,25 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict[str, Any]:
     ctx = params.stage_context()  # built once; every stage gets it by keyword
 
     check_eval_data(params.eval, ctx.storage_block)  # bad evaluation data fails now, not after hours of training
+    # The champion is the release LATEST names now; a broken one stops the night before any training.
+    latest = current_champion(ctx.store(), params.release.model_name)
+    logger.info("champion: %s", f"release {latest.release_id}" if latest else "none yet (first release: base only)")
     dataset = prepare_dataset(params.data, ctx=ctx)
     adapter = lora_sft(params.sft, dataset=dataset, ctx=ctx)
     if params.grpo.enabled:
         prompts = prepare_dataset(params.grpo_prompt_data(), ctx=ctx)
         adapter = grpo(params.grpo, adapter=adapter, dataset=prompts, ctx=ctx)
     merged = merge_lora(params.merge, adapter=adapter, sft_profile=params.sft.profile, ctx=ctx)
+    champion = gate_champion(ctx.store(), latest, merged.fingerprint)
     identity = {"name": params.data.model_name, "author": params.data.model_author}
     report = evaluate(
-        params.eval, merged=merged, dataset=dataset, system_prompt=params.data.system_prompt, ctx=ctx, **identity
+        params.eval,
+        merged=merged,
+        dataset=dataset,
+        system_prompt=params.data.system_prompt,
+        ctx=ctx,
+        champion=champion,
+        **identity,
     )
     gate = report.metrics["gate"]
     if not gate["passed"]:
@@ -62,7 +73,14 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict[str, Any]:
         "base_revision": ctx.base_revision,
     }
     released = release(
-        params.release, adapter=adapter, merged=merged, report=report, dataset=dataset, params=lineage_params, ctx=ctx
+        params.release,
+        adapter=adapter,
+        merged=merged,
+        report=report,
+        dataset=dataset,
+        params=lineage_params,
+        ctx=ctx,
+        expected_latest=latest.release_id if latest else None,
     )
     return {
         "base": report.metrics["base"],

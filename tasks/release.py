@@ -51,12 +51,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.common import publish_markdown, run_logger, task
 from tasks.fingerprints import code_version, fingerprint
+from tasks.registry import LATEST, MANIFEST, latest_release, release_prefix
 from tasks.stage import StageContext, Workspace, run_stage, stage_cache_key
 from tasks.store import StageRef, Store, StoreError, safe_key, sha256_file
 
 STAGE = "release"
-MANIFEST = "manifest.json"
-LATEST = "LATEST"
+# publish_release's default: LATEST is not compared before it moves (plain calls, tests of the layout).
+UNCHECKED = object()
 
 
 class ReleaseError(RuntimeError):
@@ -167,6 +168,12 @@ def build_lineage(
         "metrics": eval_report["metrics"],
         "gate": eval_report["gate"],
         "forced": not eval_report["gate"]["passed"],
+        # The release this night was gated against (None: the first release of the name) and how its
+        # numbers were obtained; the gate's checks hold every comparison (base and champion).
+        "champion": eval_report.get("champion"),
+        "ungated": bool(eval_report["gate"].get("ungated")),
+        "comparisons": eval_report.get("comparisons"),
+        "sandbox_mode": eval_report.get("sandbox_mode"),  # None: no generated code ran
         "flow_run_id": _flow_run_id(),
     }
 
@@ -205,10 +212,6 @@ def model_card(model_name: str, lineage: dict[str, Any], report: dict[str, Any])
 # ----------------------------------------------------------------------------------------------
 # Publishing (plain functions: a store, local files, no Prefect)
 # ----------------------------------------------------------------------------------------------
-def release_prefix(model_name: str, release_id: str) -> str:
-    return f"releases/{safe_key(model_name)}/{safe_key(release_id)}"
-
-
 def release_id_for(store: Store, model_name: str, fp: str) -> str:
     """``YYYYMMDDTHHMMSSZ-<fp8>``, fixed by the first attempt (kept at ``releases/<model>/.pending/<fp>``)."""
     pending = f"releases/{safe_key(model_name)}/.pending/{safe_key(fp)}"
@@ -219,11 +222,6 @@ def release_id_for(store: Store, model_name: str, fp: str) -> str:
     return rid
 
 
-def latest_release(store: Store, model_name: str) -> str | None:
-    key = f"releases/{safe_key(model_name)}/{LATEST}"
-    return store.read_bytes(key).decode().strip() if store.exists(key) else None
-
-
 def publish_release(
     store: Store,
     model_name: str,
@@ -232,11 +230,16 @@ def publish_release(
     lineage: dict[str, Any],
     verify: Literal["content", "metadata"] = "content",
     on_progress: Callable[[str, bool], None] | None = None,
+    expected_latest: Any = UNCHECKED,
 ) -> dict[str, Any]:
     """Upload ``files`` (release-relative key -> local path) unless already there, verify them
     against the store, then write the manifest and the ``LATEST`` pointer. Returns the manifest.
-    ``on_progress(key, uploaded)`` is called after each file (uploaded False: it was already there)."""
+    ``on_progress(key, uploaded)`` is called after each file (uploaded False: it was already there).
+    ``expected_latest``: the release id (or None) ``LATEST`` named when the run started; if it moved
+    meanwhile (a rollback, another run), nothing is published (checked before the upload and again
+    before the manifest; a check, not an atomic swap — the release-operations work adds the lock)."""
     prefix = release_prefix(model_name, release_id)
+    _check_latest(store, model_name, release_id, expected_latest)
     entries: dict[str, dict[str, Any]] = {}
     for rel, path in sorted(files.items()):
         rel = safe_key(rel)
@@ -258,6 +261,7 @@ def publish_release(
             f"release {model_name}/{release_id} at {store.where()} does not match what was uploaded: "
             + "; ".join(f"{k}: {v}" for k, v in problems.items())
         )
+    _check_latest(store, model_name, release_id, expected_latest)
     manifest = {
         "model_name": model_name,
         "release_id": release_id,
@@ -272,6 +276,17 @@ def publish_release(
     if current is None or current.split("-", 1)[0] <= release_id.split("-", 1)[0]:
         store.write_bytes(f"releases/{safe_key(model_name)}/{LATEST}", release_id.encode())
     return manifest
+
+
+def _check_latest(store: Store, model_name: str, release_id: str, expected: Any) -> None:
+    if expected is UNCHECKED:
+        return
+    current = latest_release(store, model_name)
+    if current not in (expected, release_id):  # our own id: a retry after LATEST was already moved
+        raise ReleaseError(
+            f"LATEST of {model_name} moved from {expected or '(none)'} to {current} since this run started (a "
+            "rollback or another run): nothing released; rerun to be gated against the new champion"
+        )
 
 
 def verify_files(
@@ -346,6 +361,7 @@ def fingerprint_of(
     dataset: StageRef,
     params: dict[str, Any],
     ctx: StageContext,
+    expected_latest: str | None = None,  # not counted: see release()
 ) -> str:
     upstream = [adapter.fingerprint, merged.fingerprint, report.fingerprint, dataset.fingerprint]
     return fingerprint(STAGE, code_version(publish_release), {"config": config, "params": params}, upstream=upstream)
@@ -393,8 +409,13 @@ def release(
     dataset: StageRef,
     params: dict[str, Any],
     ctx: StageContext,
+    expected_latest: str | None = None,
 ) -> StageRef:
-    """Publish a release; ``manifest.json`` last, then ``LATEST``. CPU and network."""
+    """Publish a release; ``manifest.json`` last, then ``LATEST``. CPU and network.
+
+    ``expected_latest``: the release ``LATEST`` named when the run started (None: no release yet).
+    If it moved meanwhile, nothing is published. Not part of the fingerprint: a rerun with nothing
+    new stays a cache hit whatever LATEST says now."""
     logger = run_logger()
     fp = fingerprint_of(config, adapter, merged, report, dataset, params, ctx)
     store = ctx.store()
@@ -419,7 +440,7 @@ def release(
             card.write_text(model_card(config.model_name, lineage, eval_report), encoding="utf-8")
             files["README.md"] = card
             manifest = publish_release(
-                store, config.model_name, release_id, files, lineage, config.verify_upload, progress
+                store, config.model_name, release_id, files, lineage, config.verify_upload, progress, expected_latest
             )
         uri = store.uri(release_prefix(config.model_name, release_id))
         size = sum(e["size"] for e in manifest["files"].values())
