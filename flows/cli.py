@@ -22,12 +22,28 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
 def _print_summary(result: dict) -> None:
-    base, tuned = result["base"], result["tuned"]
-    width = max(len(k) for k in base) + 2
-    print("\n" + "metric".ljust(width) + f"{'base':>12}{'tuned':>12}{'delta':>12}")
-    for key in base:
-        if key in tuned:
-            print(key.ljust(width) + f"{base[key]:>12.4f}{tuned[key]:>12.4f}{tuned[key] - base[key]:>+12.4f}")
+    """Base, champion (last release) and tuned side by side; each delta with its 95% interval."""
+    rows = result.get("table") or []
+    champion = result.get("champion")
+    cols = ["base"] + (["champion"] if champion else []) + ["tuned"]
+    width = max([len(r["metric"]) for r in rows] + [6]) + 2
+
+    def num(v) -> str:
+        return f"{v:>10.4f}" if isinstance(v, (int, float)) else f"{'-':>10}"
+
+    def delta(d, interval) -> str:
+        return f"{d:+.4f} {interval}" if isinstance(d, (int, float)) else "-"
+
+    header = "metric".ljust(width) + "".join(f"{c:>10}" for c in cols) + f"  {'Δ vs base [95% CI]':<28}"
+    print("\n" + header + ("  Δ vs champion [95% CI]" if champion else ""))
+    for r in rows:
+        line = r["metric"].ljust(width) + "".join(num(r.get(c)) for c in cols)
+        line += f"  {delta(r.get('delta'), r.get('interval', '')):<28}"
+        if champion:
+            line += "  " + delta(r.get("delta_champion"), r.get("interval_champion", ""))
+        print(line)
+    if champion:
+        print(f"\nchampion: release {champion['release_id']} ({champion.get('how')})")
     gate = result["gate"]
     print(f"\nquality gate: {'passed' if gate['passed'] else 'FAILED — ' + '; '.join(gate['reasons'])}")
     print(f"release: {result['release_uri']}")

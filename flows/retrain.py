@@ -15,6 +15,7 @@ Run it::
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -22,7 +23,7 @@ from prefect import flow, get_run_logger
 from flows.hooks import report_failure
 from flows.params import RetrainParams
 from tasks.data import prepare_dataset
-from tasks.evaluate import check_eval_data, evaluate
+from tasks.evaluate import check_eval_data, evaluate, metrics_table
 from tasks.grpo import grpo
 from tasks.merge import merge_lora
 from tasks.registry import current_champion, gate_champion
@@ -82,9 +83,12 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict[str, Any]:
         ctx=ctx,
         expected_latest=latest.release_id if latest else None,
     )
+    stored = json.loads((ctx.open(report) / "report.json").read_text(encoding="utf-8"))
     return {
         "base": report.metrics["base"],
         "tuned": report.metrics["tuned"],
+        "champion": report.metrics.get("champion"),
+        "table": metrics_table(stored),  # every metric with its deltas and 95% intervals, as the UI shows
         "gate": gate,
         "release_uri": released.metrics["release_uri"],
         "release_id": released.metrics["release_id"],
