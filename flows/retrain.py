@@ -39,7 +39,7 @@ class QualityGateFailed(RuntimeError):
 def retrain(params: RetrainParams = RetrainParams()) -> dict[str, Any]:
     """Dataset → LoRA SFT → GRPO (optional) → merge → evaluate (quality gate) → release."""
     logger = get_run_logger()
-    ctx = params.stage_context()  # built once; every stage gets it by keyword
+    ctx = params.stage_context().pinned()  # built once (hub revision resolved once); every stage gets it by keyword
 
     check_eval_data(params.eval, ctx.storage_block)  # bad evaluation data fails now, not after hours of training
     # The champion is the release LATEST names now; a broken one stops the night before any training.

@@ -48,13 +48,14 @@ from tasks.common import (
     task,
     torch_dtype,
 )
-from tasks.fingerprints import code_version, fingerprint
+from tasks.fingerprints import PACKAGES, code_identity, content_of, fingerprint, stack_versions, with_lineage
 from tasks.grpo_plan import GRPOParams, resolve_rewards, rollout_plan, to_prompt_rows
 from tasks.hardware import PROFILES, detect_machine, launch_training, preflight, resolve_profile
 from tasks.stage import StageContext, Workspace, run_stage, stage_cache_key
 from tasks.store import StageRef
 
 STAGE = "grpo"
+CODE = "tasks.grpo"  # the module of train(): the code identity starts here
 LOG = "[tuneline.grpo]"
 
 
@@ -382,13 +383,21 @@ def plot_rewards(history: list[dict[str, Any]], path: Path) -> None:
 
 
 def fingerprint_of(config: GRPOParams, adapter: StageRef, dataset: StageRef, ctx: StageContext) -> str:
-    cfg = {
-        "config": config,
-        "model": ctx.base_model,
-        "revision": ctx.base_revision,
-        "profile": resolve_profile("auto").name,
-    }
-    return fingerprint(STAGE, code_version(train), cfg, upstream=[adapter.fingerprint, dataset.fingerprint])
+    """The code ``train`` runs (rewards and scoring included), the RL stack, the parameters, the base
+    model's content and the adapter's and prompts' (docs/caching.md)."""
+    cfg = {"config": config, "model": ctx.model_identity(), "profile": resolve_profile("auto").name}
+    upstream = [content_of(adapter), content_of(dataset)]
+    return fingerprint(STAGE, _code(config), cfg, upstream=upstream, stack=stack_versions("rl"))
+
+
+def _code(config: GRPOParams) -> str:
+    """``train``'s code, and that of project modules named by a ``module:function`` reward (imported by
+    name, so no import statement leads to them)."""
+    named = sorted({r.split(":")[0] for r in config.rewards if ":" in r and r.split(".")[0] in PACKAGES})
+    try:
+        return "+".join([code_identity(CODE), *(code_identity(m) for m in named)])
+    except ModuleNotFoundError:  # a reward that names no module: resolve_rewards reports it
+        return code_identity(CODE) + "+missing:" + ",".join(named)
 
 
 def make_job(
@@ -437,7 +446,9 @@ def grpo(config: GRPOParams, adapter: StageRef, dataset: StageRef, ctx: StageCon
         _publish_report(work.out, metrics)
         return metrics
 
-    return run_stage(STAGE, fingerprint_of(config, adapter, dataset, ctx), ctx, build, resumable=True)
+    lineage = {"stage": STAGE, "code": _code(config), "stack": stack_versions("rl")}
+    built = with_lineage(build, **lineage, inputs=[adapter, dataset], model=ctx.model_identity())
+    return run_stage(STAGE, fingerprint_of(config, adapter, dataset, ctx), ctx, built, resumable=True)
 
 
 def _publish_report(output: Path, metrics: dict[str, Any]) -> None:

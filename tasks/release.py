@@ -10,7 +10,9 @@ A release is ``<root>/releases/<model_name>/<release_id>/``::
     eval/           the evaluation report
     README.md       model card: base model, evaluation table, gate, data, parameters
     manifest.json   lineage: parameters, code version, data sources, base model and revision,
-                    metrics and gate, Prefect flow run id, every file with its size and SHA-256
+                    metrics and gate, Prefect flow run id, each stage's fingerprint, digest and
+                    lineage (the commit, code, libraries and run that produced it), every file
+                    with its size and SHA-256
 
 Order of writes, so that a reader never sees half a release:
 
@@ -37,10 +39,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import platform
 import shutil
-import subprocess
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -50,12 +50,20 @@ from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.common import publish_markdown, run_logger, task
-from tasks.fingerprints import code_version, fingerprint
+from tasks.fingerprints import (
+    code_identity,
+    content_of,
+    fingerprint,
+    git_commit,
+    stage_lineage,
+    with_lineage,
+)
 from tasks.registry import LATEST, MANIFEST, latest_release, release_prefix
 from tasks.stage import StageContext, Workspace, run_stage, stage_cache_key
 from tasks.store import StageRef, Store, StoreError, safe_key, sha256_file
 
 STAGE = "release"
+CODE = "tasks.release"  # the module of publish_release(): the code identity starts here
 # publish_release's default: LATEST is not compared before it moves (plain calls, tests of the layout).
 UNCHECKED = object()
 
@@ -95,26 +103,6 @@ class ReleaseParams(BaseModel):
 # ----------------------------------------------------------------------------------------------
 # Lineage and the model card
 # ----------------------------------------------------------------------------------------------
-def git_commit() -> str:
-    """The code version: the git commit (``-dirty`` with local changes), else ``TUNELINE_GIT_COMMIT``
-    (set it in container images built without ``.git``), else ``unknown``."""
-    here = Path(__file__).parent
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        if out.returncode == 0:
-            dirty = subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=here,
-                capture_output=True,
-                text=True,
-                timeout=10,
-            )
-            return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return os.environ.get("TUNELINE_GIT_COMMIT", "unknown")
-
-
 def _flow_run_id() -> str | None:
     from prefect.runtime import flow_run
 
@@ -164,6 +152,13 @@ def build_lineage(
             "sources": sources,
         },
         "stages": {r.stage: r.fingerprint for r in (dataset, adapter, merged, report)},
+        # Per stage: what its folder holds (digest) and what produced it (lineage, recorded when it was
+        # built: a cached stage keeps the commit, code and libraries of the run that computed it).
+        "stage_lineage": {
+            r.stage: {"fingerprint": r.fingerprint, "digest": content_of(r), "lineage": r.metrics.get("lineage")}
+            for r in (dataset, adapter, merged, report)
+        },
+        "release_lineage": stage_lineage(STAGE, code_identity(CODE), {}, inputs=[dataset, adapter, merged, report]),
         "merge": {k: merged.metrics.get(k) for k in ("dtype", "max_logit_diff", "tolerance", "verified")},
         "metrics": eval_report["metrics"],
         "gate": eval_report["gate"],
@@ -186,6 +181,9 @@ def model_card(model_name: str, lineage: dict[str, Any], report: dict[str, Any])
     )
     gate = report["gate"]
     merge = lineage.get("merge", {})
+    built = lineage.get("stage_lineage") or {}
+    adapter = built.get("grpo") or built.get("sft") or {}
+    trained = (adapter.get("lineage") or {}).get("git_commit")  # a cached adapter: an earlier commit's
     sources = "\n".join(
         f"- `{s['spec']}`: {s['rows_sampled']} rows sampled of {s['rows_read']}"
         + (f" (fingerprint `{s['fingerprint']}`)" if s.get("fingerprint") else "")
@@ -194,7 +192,9 @@ def model_card(model_name: str, lineage: dict[str, Any], report: dict[str, Any])
     return (
         f"# {model_name}\n\nLoRA fine-tune of `{lineage['base_model']}` (revision `{lineage['base_revision']}`"
         + (f", resolved `{lineage['base_revision_resolved']}`" if lineage.get("base_revision_resolved") else "")
-        + f") made by tuneline (code `{lineage['code_version']}`, Prefect flow run `{lineage.get('flow_run_id')}`).\n\n"
+        + f") made by tuneline (code `{lineage['code_version']}`, Prefect flow run `{lineage.get('flow_run_id')}`"
+        + (f"; adapter trained by code `{trained}`" if trained and trained != lineage["code_version"] else "")
+        + ").\n\n"
         f"Files: `adapter/` (LoRA adapter), `model/` (merged weights, {merge.get('dtype')}; max |Δlogit| against "
         f"base + adapter {merge.get('max_logit_diff') or 0:.3g} ≤ {merge.get('tolerance') or 0:.3g}), `eval/`, "
         "`manifest.json` "
@@ -363,8 +363,9 @@ def fingerprint_of(
     ctx: StageContext,
     expected_latest: str | None = None,  # not counted: see release()
 ) -> str:
-    upstream = [adapter.fingerprint, merged.fingerprint, report.fingerprint, dataset.fingerprint]
-    return fingerprint(STAGE, code_version(publish_release), {"config": config, "params": params}, upstream=upstream)
+    """The release code, the parameters and the content of everything it publishes (docs/caching.md)."""
+    upstream = [content_of(r) for r in (adapter, merged, report, dataset)]
+    return fingerprint(STAGE, code_identity(CODE), {"config": config, "params": params}, upstream=upstream)
 
 
 def _release_files(
@@ -462,4 +463,7 @@ def release(
         (work.out / "release.json").write_text(json.dumps({"uri": uri, "release_id": release_id}))
         return {"release_uri": uri, "release_id": release_id, "files": len(manifest["files"]), "size_bytes": size}
 
-    return run_stage(STAGE, fp, ctx, build, store=store)
+    built = with_lineage(
+        build, stage=STAGE, code=code_identity(CODE), stack={}, inputs=[dataset, adapter, merged, report]
+    )
+    return run_stage(STAGE, fp, ctx, built, store=store)

@@ -55,7 +55,7 @@ from tasks.common import (
     task,
     torch_dtype,
 )
-from tasks.fingerprints import code_version, fingerprint
+from tasks.fingerprints import code_identity, content_of, fingerprint, stack_versions, with_lineage
 from tasks.hardware import PROFILES, launch_training, preflight, resolve_profile
 from tasks.models import training_chat_template
 from tasks.sft_plan import (
@@ -71,6 +71,7 @@ from tasks.stage import StageContext, Workspace, run_stage, stage_cache_key
 from tasks.store import StageRef
 
 STAGE = "sft"
+CODE = "tasks.sft"  # the module of train(): the code identity starts here
 COMPLETE = "_COMPLETE"
 NONFINITE = "nonfinite.json"
 
@@ -347,13 +348,11 @@ def _plot_curves(history: list[dict[str, Any]], path: Path) -> None:
 # Prefect task (orchestration side)
 # ----------------------------------------------------------------------------------------------
 def fingerprint_of(config: SFTParams, dataset: StageRef, ctx: StageContext) -> str:
-    cfg = {
-        "config": config,
-        "model": ctx.base_model,
-        "revision": ctx.base_revision,
-        "profile": resolve_profile(config.profile).name,
-    }
-    return fingerprint(STAGE, code_version(train), cfg, upstream=[dataset.fingerprint])
+    """The code ``train`` runs, the training stack, the parameters, the base model's content and the
+    dataset's (docs/caching.md)."""
+    cfg = {"config": config, "model": ctx.model_identity(), "profile": resolve_profile(config.profile).name}
+    stack = stack_versions("training")
+    return fingerprint(STAGE, code_identity(CODE), cfg, upstream=[content_of(dataset)], stack=stack)
 
 
 def make_job(config: SFTParams, model_dir: Path, data_dir: Path, scratch: Path, profile: str) -> dict[str, Any]:
@@ -392,7 +391,9 @@ def lora_sft(config: SFTParams, dataset: StageRef, ctx: StageContext) -> StageRe
         )
         return metrics
 
-    return run_stage(STAGE, fingerprint_of(config, dataset, ctx), ctx, build, resumable=True)
+    lineage = {"stage": STAGE, "code": code_identity(CODE), "stack": stack_versions("training")}
+    built = with_lineage(build, **lineage, inputs=[dataset], model=ctx.model_identity())
+    return run_stage(STAGE, fingerprint_of(config, dataset, ctx), ctx, built, resumable=True)
 
 
 if __name__ == "__main__":

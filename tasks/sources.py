@@ -32,6 +32,7 @@ SELF_COGNITION = "swift/self-cognition"
 ARITHMETIC = "tuneline/arithmetic"
 FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
 EVAL_SUFFIXES = (".json", ".jsonl", ".parquet")  # what load_rows treats as a file; anything else is a hub id
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
 Kind = Literal["builtin", "s3", "local", "hub"]
 ErrorType = type[Exception]
@@ -179,14 +180,27 @@ def local_files(
 # S3, hubs, built-in sets
 # ----------------------------------------------------------------------------------------------
 def s3_objects(source: str, storage_block: str | None = None) -> list[tuple[str, str]]:
-    """(key relative to the bucket, ETag) of the object ``s3://bucket/key``, or of every data file under
-    the prefix. Endpoint and credentials from the environment, or the storage block."""
+    """(key relative to the bucket, content) of the object ``s3://bucket/key``, or of every data file
+    under the prefix. Endpoint and credentials from the environment, or the storage block."""
     bucket, _, key = source[5:].partition("/")
     store = store_for(f"s3://{bucket}", storage_block)
     keys = (
         [key] if Path(key).suffix in FILE_SUFFIXES else [k for k in store.list(key) if Path(k).suffix in FILE_SUFFIXES]
     )
-    return [(k, store.client.head_object(Bucket=bucket, Key=k)["ETag"].strip('"')) for k in keys]
+    return [(k, s3_content(store.client.head_object(Bucket=bucket, Key=k))) for k in keys]
+
+
+def s3_content(head: dict[str, Any]) -> str:
+    """What an S3 object is, from its HEAD: ``sha256:<hex>`` when the uploader stored its SHA-256
+    (``x-amz-meta-sha256``, as tuneline's uploads do), else ``etag:<etag>``, said so: an ETag is the
+    MD5 of a plain upload but of the part list of a multipart one, so the same bytes uploaded
+    differently read as different (a needless rerun, never a stale result).
+
+    >>> s3_content({"ETag": '"abc"', "Metadata": {}}), s3_content({"ETag": '"abc"', "Metadata": {"sha256": "f0"}})
+    ('etag:abc', 'sha256:f0')
+    """
+    sha = (head.get("Metadata") or {}).get("sha256")
+    return f"sha256:{sha}" if sha else "etag:" + head["ETag"].strip('"')
 
 
 def read_s3(source: str, storage_block: str | None = None, *, error: ErrorType = SourceError) -> Iterator[RawRow]:
@@ -311,9 +325,10 @@ def source_fingerprint(
     storage_block: str | None = None,
     error: ErrorType = SourceError,
 ) -> str:
-    """``name@content``: checksums for local files, ETags for S3, the hub revision for hub ids. A source
-    that cannot be reached now gets a marker (reading it reports why); only a local spec that can never
-    be read (a subset of a single file, a missing subset) raises ``error``."""
+    """``name@content``: checksums for local files, the stored SHA-256 (else the ETag) of S3 objects, the
+    resolved commit for hub ids (``hub_dataset_revision``). A source that cannot be reached now gets a
+    marker (reading it reports why); only a local spec that can never be read (a subset of a single
+    file, a missing subset) raises ``error``."""
     name = name or source
     kind = source_kind(source)
     if kind == "builtin":
@@ -325,17 +340,42 @@ def source_fingerprint(
         return name + "@" + hashlib.sha256("".join(f"{p}:{sha256_file(p)}" for p in files).encode()).hexdigest()[:16]
     if kind == "s3":
         try:
-            return name + "@" + ",".join(etag for _, etag in s3_objects(source, storage_block))
+            return name + "@" + ",".join(content for _, content in s3_objects(source, storage_block))
         except Exception as e:  # unreachable S3: the stage itself reports it
             return f"{name}@unresolved:{type(e).__name__}"
     if hub == "huggingface":
+        return f"{name}@{hub_dataset_revision(source) or 'unresolved'}"
+    return f"{name}@modelscope"  # ModelScope revisions are not resolved: the name is all we know
+
+
+def hub_dataset_revision(source: str, revision: str = "main") -> str | None:
+    """The commit a hub dataset's revision names: asked of the hub; offline (or the hub unreachable)
+    the commit this machine last downloaded (the hub cache's ref, else the newest ``datasets`` cache
+    folder, named by commit — the one ``load_dataset`` will read offline). None when neither is known:
+    then loading fails too, and says why."""
+    import os
+
+    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in OFFLINE_VARIABLES)
+    if not offline:
         try:
             from huggingface_hub import HfApi
 
-            return f"{name}@{HfApi().dataset_info(source, timeout=10).sha}"
-        except Exception:  # offline: the id is all we know; loading reports the real error
-            return f"{name}@unresolved"
-    return f"{name}@modelscope"
+            return HfApi().dataset_info(source, revision=revision, timeout=10).sha
+        except Exception:  # unreachable, or unknown: the cache below, else None (loading reports it)
+            pass
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        card = try_to_load_from_cache(source, "README.md", revision=revision, repo_type="dataset")
+        if isinstance(card, str):
+            return Path(card).parent.name  # .../snapshots/<commit>/README.md
+        from datasets import config as datasets_config
+
+        folder = Path(datasets_config.HF_DATASETS_CACHE) / "___".join(source.split("/"))
+        cached = sorted((p for p in folder.glob("*/*/*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
+        return f"cached:{cached[-1].name}" if cached else None
+    except Exception:  # a malformed id: loading reports it
+        return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -396,13 +436,25 @@ def load_rows(
     return list(datasets.load_dataset(source, subset, split=split))
 
 
-def file_source_fingerprint(source: str) -> str:
-    """What a set's content is: ``source@checksum`` for a local file, the URI or hub id otherwise.
+def file_source_fingerprint(source: str, storage_block: str | None = None) -> str:
+    """What an evaluation set's content is: ``source@<checksum>`` for a local file, ``source@sha256:…``
+    (or ``@etag:…``, see ``s3_content``) for an S3 object, ``source@<commit>`` for a hub dataset;
+    ``@missing`` / ``@unresolved`` when it cannot be read now (loading it then fails, saying why).
 
-    >>> file_source_fingerprint("openai/gsm8k")
-    'openai/gsm8k'
+    >>> import tempfile
+    >>> p = Path(tempfile.mkdtemp()) / "gsm8k.jsonl"
+    >>> _ = p.write_text("{}")
+    >>> file_source_fingerprint(str(p)).endswith("@44136fa355b3678a")
+    True
     """
+    if source.startswith("s3://"):
+        bucket, _, key = source[5:].partition("/")
+        try:
+            head = store_for(f"s3://{bucket}", storage_block).client.head_object(Bucket=bucket, Key=key)
+            return f"{source}@{s3_content(head)}"
+        except Exception as e:  # unreachable or missing: loading reports it
+            return f"{source}@unresolved:{type(e).__name__}"
     path = Path(source).expanduser()
-    if not source.startswith("s3://") and _is_file(source) and path.is_file():
-        return f"{source}@{sha256_file(path)[:16]}"
-    return source
+    if _is_file(source):
+        return f"{source}@{sha256_file(path)[:16]}" if path.is_file() else f"{source}@missing"
+    return f"{source}@{hub_dataset_revision(source) or 'unresolved'}"

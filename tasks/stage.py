@@ -8,8 +8,12 @@ work (docs/design.md, "The stage skeleton")::
     return run_stage(STAGE, fp, ctx, build)                     # build(work) -> metrics
 
 ``run_stage`` returns the stored ref when ``<root>/stages/<stage>/<fp>/`` is complete; otherwise it
-calls ``build`` with a ``Workspace`` (``out``: the folder to fill; ``scratch``: a folder kept across
-retries, for stages that checkpoint) and publishes ``out`` with the metrics ``build`` returned.
+takes the stage's lock (``<root>/locks/<stage>/<fp>``, ``tasks/locks.py``), checks again (a run that
+held the lock meanwhile may have built it: its result is taken), calls ``build`` with a ``Workspace``
+(``out``: the folder to fill; ``scratch``: a folder kept across retries, for stages that checkpoint)
+and publishes ``out`` with the metrics ``build`` returned. So two runs that reach the same
+fingerprint at once (the nightly and a manual run) build it once, and neither destroys the other's
+output; a run killed while holding the lock holds up the next one for at most the lock's ttl.
 
 ``StageContext`` carries the storage block's *name*, never a loaded block: a task's parameters are
 stored by Prefect and shown in the UI, so a credential must not be one of them.
@@ -26,6 +30,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks.locks import StoreLock
 from tasks.store import StageRef, Store, open_ref, store_for
 
 
@@ -52,6 +57,24 @@ class StageContext(BaseModel):
         from tasks.models import resolve_model
 
         return resolve_model(self.base_model, self.base_revision)
+
+    def pinned(self) -> StageContext:
+        """This context with a hub base model's revision resolved to its commit, once per run, so every
+        stage loads — and every fingerprint names — the same weights even if the hub moves mid-run.
+        Local folders and ``pkg:`` models are returned as they are."""
+        from tasks.models import SMOLLM2_PACKAGE, hub_commit
+
+        if self.base_model.startswith("pkg:") or self.base_model == SMOLLM2_PACKAGE:
+            return self
+        if Path(self.base_model).expanduser().is_dir():
+            return self
+        return self.model_copy(update={"base_revision": hub_commit(self.base_model, self.base_revision)})
+
+    def model_identity(self) -> str:
+        """The base model by content (a hub commit, a local folder's digest), for fingerprints."""
+        from tasks.models import model_identity
+
+        return model_identity(self.base_model, self.base_revision)
 
 
 @dataclass(frozen=True)
@@ -81,22 +104,63 @@ def run_stage(
     store = store or ctx.store()
     if (ref := store.completed(stage, fp)) is not None:
         return ref
-    if resumable:
-        scratch = store.scratch_dir(stage, fp)
-        work = Workspace(out=scratch / "final", scratch=scratch)
-        metrics = build(work)
-        ref = store.publish(stage, fp, work.out, metrics)
-        if on_published:
-            on_published(ref, work.out)
-        shutil.rmtree(scratch, ignore_errors=True)  # checkpoints are no longer needed
-        return ref
-    with tempfile.TemporaryDirectory(prefix=f"tuneline-{stage}-") as tmp:
-        work = Workspace(out=Path(tmp))
-        metrics = build(work)
-        ref = store.publish(stage, fp, work.out, metrics)
-        if on_published:
-            on_published(ref, work.out)
-        return ref
+    from tasks.common import run_logger
+
+    log = run_logger()
+    with StoreLock(store, stage_lock_key(stage, fp), owner=run_owner(), log=log) as lock:
+        if (ref := store.completed(stage, fp)) is not None:  # built by the run we waited for
+            log.info(
+                "%s %s was built by %s while this run waited: taking its result",
+                stage,
+                fp,
+                lock.waited_for or "another run",
+            )
+            return ref
+        log.info("building %s %s", stage, fp)
+        if resumable:  # the scratch folder (checkpoints) is used under the lock only
+            scratch = store.scratch_dir(stage, fp)
+            ref = _build_and_publish(store, stage, fp, Workspace(out=scratch / "final", scratch=scratch), build, lock)
+            if on_published:
+                on_published(ref, scratch / "final")
+            shutil.rmtree(scratch, ignore_errors=True)  # checkpoints are no longer needed
+            return ref
+        with tempfile.TemporaryDirectory(prefix=f"tuneline-{stage}-") as tmp:
+            ref = _build_and_publish(store, stage, fp, Workspace(out=Path(tmp)), build, lock)
+            if on_published:
+                on_published(ref, Path(tmp))
+            return ref
+
+
+def _build_and_publish(
+    store: Store, stage: str, fp: str, work: Workspace, build: Callable[[Workspace], dict[str, Any]], lock: StoreLock
+) -> StageRef:
+    metrics = build(work)
+    lock.check()  # a run whose lock was taken over (no heartbeat for a ttl) must not publish over the new holder
+    return store.publish(stage, fp, work.out, metrics)
+
+
+def stage_lock_key(stage: str, fp: str) -> str:
+    """The store key of a stage's lock (what an operator removes for a stuck lock, docs/operating.md).
+
+    >>> stage_lock_key("sft", "0123abcd")
+    'locks/sft/0123abcd'
+    """
+    return f"locks/{stage}/{fp}"
+
+
+def run_owner() -> str:
+    """Who holds a lock, in words an operator can find: the Prefect flow run, else the command line."""
+    import sys
+
+    try:
+        from prefect.context import FlowRunContext
+
+        run = FlowRunContext.get()
+        if run is not None and run.flow_run is not None:
+            return f"flow run {run.flow_run.name!r} ({run.flow_run.id})"
+    except ModuleNotFoundError:
+        pass
+    return " ".join(sys.argv)[:200] or "python"
 
 
 def stage_cache_key(stage: str, fingerprint_of: Callable[..., str]) -> Callable[[Any, dict[str, Any]], str]:

@@ -4,12 +4,14 @@ Layout under the root (docs/design.md, "Contracts between stages")::
 
     stages/<stage>/<fingerprint>/      written once when the stage completes, then immutable;
                                        ``_SUCCESS`` (the stage's ref as JSON) is written last
+    locks/<stage>/<fingerprint>        held while a run builds that stage (``tasks/locks.py``)
     scratch/<stage>/<fingerprint>/     work in progress (checkpoints) that a retry resumes from
     releases/<model>/<release_id>/     what leaves the pipeline; ``manifest.json`` last, then ``LATEST``
 
 A stage's fingerprint (``tasks/fingerprints.py``) names the stage's folder and is the Prefect cache
 key, so a rerun with nothing new is all cache hits on any machine that sees the same root. A cache
-hit whose folder is gone (or has no ``_SUCCESS``) is not a hit: the stage runs again.
+hit whose folder is gone (or has no ``_SUCCESS``) is not a hit: the stage runs again. Publishing
+(``tasks/stage_folders.py``) is atomic and never deletes what another run wrote.
 
 S3 goes through boto3 (credentials from the environment, or from a prefect-aws ``AwsCredentials``
 block, see ``blocks/``); an S3-compatible server is chosen with ``endpoint_url`` or the standard
@@ -22,11 +24,13 @@ can skip what is already there; botocore retries transient errors with exponenti
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
@@ -69,6 +73,8 @@ class StageRef(BaseModel):
     fingerprint: str
     uri: str
     metrics: dict[str, Any] = Field(default_factory=dict)
+    # SHA-256 over the sorted "<relative path> <file sha256>" lines of the folder (tasks/stage_folders.py)
+    digest: str = ""
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -250,7 +256,7 @@ class Store:
         if not self.is_s3:
             path = self.local_path(key)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
+            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # two writers never share one
             tmp.write_bytes(data)
             os.replace(tmp, path)  # atomic: a reader sees the old file or the new one
             return
@@ -288,7 +294,7 @@ class Store:
         if not self.is_s3:
             dest = self.local_path(key)
             dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(f".{dest.name}.tmp")
+            tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:12]}.tmp")
             shutil.copyfile(local, tmp)
             os.replace(tmp, dest)  # a reader never sees a half-copied file
             return
@@ -397,19 +403,12 @@ class Store:
             return None
 
     def publish(self, stage: str, fp: str, local_dir: Path, metrics: dict[str, Any]) -> StageRef:
-        """Copy a finished stage's folder into the store; ``_SUCCESS`` (the ref) goes last."""
-        key = self.stage_key(stage, fp)
-        self.delete_prefix(key)  # leftovers of a half-published attempt
-        if self.is_s3:
-            self.upload_dir(local_dir, key)
-        else:
-            dest = self.local_path(key)
-            if Path(local_dir).resolve() != dest.resolve():
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copytree(local_dir, dest)
-        ref = StageRef(stage=stage, fingerprint=fp, uri=self.uri(key), metrics=metrics)
-        self.write_json(f"{key}/{SUCCESS}", ref.model_dump(mode="json"))
-        return ref
+        """Publish a finished stage's folder, atomically, ``_SUCCESS`` (the ref, with the folder's
+        digest) last; an existing complete folder is kept. Call it under the stage's lock
+        (``run_stage`` does); see ``tasks/stage_folders.py``."""
+        from tasks.stage_folders import publish
+
+        return publish(self, stage, fp, local_dir, metrics)
 
 
 def local_cache_dir() -> Path:
@@ -453,7 +452,14 @@ def open_ref(ref: StageRef, storage_block: str | None = None) -> Path:
     store = store_for(root, storage_block)
     tmp = Path(tempfile.mkdtemp(dir=local_cache_dir(), prefix=".dl-"))
     store.download_dir(f"stages/{key}", tmp)
-    shutil.rmtree(local, ignore_errors=True)
     local.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(local)
+    if local.exists() and not (local / SUCCESS).exists():  # an incomplete copy: move it aside, never delete in place
+        aside = local.with_name(f".trash-{local.name}-{uuid.uuid4().hex[:12]}")
+        with contextlib.suppress(FileNotFoundError):  # another process moved it first
+            local.rename(aside)
+        shutil.rmtree(aside, ignore_errors=True)
+    try:
+        tmp.rename(local)  # atomic
+    except OSError:  # another process downloaded the same folder first and may be reading it: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
     return local

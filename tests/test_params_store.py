@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -121,6 +122,39 @@ def test_publish_writes_success_last_and_completed_reads_the_ref(store, tmp_path
     # a half-written folder (no _SUCCESS) is not complete
     store.write_bytes("stages/data/fp2/a.txt", b"A")
     assert store.completed("data", "fp2") is None
+
+
+def test_publish_records_the_folder_digest_and_never_replaces_a_complete_folder(store, tmp_path):
+    from tasks.stage_folders import file_hashes, folder_digest
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, text in ((first, "first"), (second, "second")):
+        (folder / "sub").mkdir(parents=True)
+        (folder / "a.txt").write_text(text)
+        (folder / "sub" / "b.txt").write_text("B")
+    ref = store.publish("data", "fp1", first, {"run": 1})
+    lines = "".join(
+        f"{rel} {hashlib.sha256(data).hexdigest()}\n" for rel, data in (("a.txt", b"first"), ("sub/b.txt", b"B"))
+    )
+    assert ref.digest == hashlib.sha256(lines.encode()).hexdigest() == folder_digest(file_hashes(first))
+    assert store.completed("data", "fp1").digest == ref.digest
+    # a second publish of the same fingerprint (a run without the lock) keeps the first result whole
+    assert store.publish("data", "fp1", second, {"run": 2}) == ref
+    assert store.read_bytes("stages/data/fp1/a.txt") == b"first"
+
+
+def test_publish_replaces_a_half_written_folder_without_leftovers(store, tmp_path):
+    store.write_bytes("stages/data/fp3/a.txt", b"half")  # a publish killed half-way: no _SUCCESS
+    store.write_bytes("stages/data/fp3/only-in-the-killed-attempt.bin", b"junk")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.txt").write_text("whole")
+    ref = store.publish("data", "fp3", out, {})
+    assert store.completed("data", "fp3") == ref
+    assert store.list("stages/data/fp3") == ["stages/data/fp3/_SUCCESS", "stages/data/fp3/a.txt"]
+    assert store.read_bytes("stages/data/fp3/a.txt") == b"whole"
+    if not store.is_s3:  # the temporary and the moved-aside folders are gone
+        assert sorted(p.name for p in store.local_path("stages/data").iterdir()) == ["fp3"]
 
 
 def test_cache_key_is_stable_while_the_folder_exists_and_changes_once_it_is_gone(tmp_path):

