@@ -67,7 +67,8 @@ def main() -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tasks.hardware import detect_machine, launch_training, preflight, resolve_profile
+    from tasks.hardware import detect_machine, preflight, resolve_profile
+    from tasks.launch import launch_training
     from tasks.sft import SFTParams, make_job, train
 
     machine = detect_machine()

@@ -50,7 +50,8 @@ from tasks.common import (
 )
 from tasks.fingerprints import PACKAGES, code_identity, content_of, fingerprint, stack_versions, with_lineage
 from tasks.grpo_plan import GRPOParams, resolve_rewards, rollout_plan, to_prompt_rows
-from tasks.hardware import PROFILES, detect_machine, launch_training, preflight, resolve_profile
+from tasks.hardware import PROFILES, detect_machine, preflight, resolve_profile
+from tasks.launch import launch_training
 from tasks.stage import StageContext, Workspace, run_stage, stage_cache_key
 from tasks.store import StageRef
 

@@ -56,7 +56,8 @@ from tasks.common import (
     torch_dtype,
 )
 from tasks.fingerprints import code_identity, content_of, fingerprint, stack_versions, with_lineage
-from tasks.hardware import PROFILES, launch_training, preflight, resolve_profile
+from tasks.hardware import PROFILES, preflight, resolve_profile
+from tasks.launch import launch_training
 from tasks.models import training_chat_template
 from tasks.sft_plan import (
     SFTParams,

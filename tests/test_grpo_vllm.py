@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from tasks.grpo import GRPOParams, make_job
-from tasks.hardware import launch_training
+from tasks.launch import launch_training
 from tasks.vllm_cpu import DEFAULT_VENV, ensure_venv, group_pids
 from tests.test_grpo import FIXTURE, NUMBER_FIRST
 

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from tasks.hardware import PROFILES, GpuInfo, HardwareError, Machine, launch_training, preflight, resolve_profile
+from tasks.hardware import PROFILES, GpuInfo, HardwareError, Machine, preflight, resolve_profile
+from tasks.launch import launch_training
 
 V100 = GpuInfo("Tesla V100-SXM2-32GB", 32.0, (7, 0))
 A100 = GpuInfo("NVIDIA A100-SXM4-80GB", 80.0, (8, 0))
