@@ -93,7 +93,7 @@ def main() -> None:
     cfg = SFTParams(
         profile=opts.profile, max_steps=opts.steps, learning_rate=1e-3, eval_steps=4, save_steps=4, logging_steps=1
     )
-    job = make_job(cfg, model_dir, CARRY / "sftdata", out / "scratch", profile.name)
+    job = make_job(cfg, model_dir, CARRY / "sftdata", out / "scratch", profile)
     if profile.nproc > 1:
         launch_training("tasks.sft", job, out / "job.json", profile.nproc)  # torchrun, as the task does
     else:

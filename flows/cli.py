@@ -50,22 +50,78 @@ def _print_summary(result: dict) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """Run the flow here. Ctrl-C or SIGTERM: trainer stopped, run Cancelled, exit 130 / 143 (flows/stopping.py)."""
+    from contextlib import ExitStack
+
     from pydantic import ValidationError
 
     from flows.params import load_params
-    from flows.retrain import retrain
+    from flows.stopping import Stop, Stopper, flush_prefect, mark_cancelled
+    from tasks.hardware import HardwareError
 
+    stopper = Stopper().install()
     try:
         params = load_params(args.preset, args.set)
     except (ValidationError, FileNotFoundError, ValueError) as e:
         print(f"error: bad parameters: {e}", file=sys.stderr)
         return 2
-    state = retrain(params, return_state=True)
+    except Stop:
+        return stopper.exit_code
+    try:  # what each GPU task needs, against this machine: seconds, before a server starts or a model loads
+        from flows.retrain import preflight_run
+
+        preflight_run(params)
+    except HardwareError as e:
+        print(f"error: preflight: {e}", file=sys.stderr)
+        return 2
+    from prefect.exceptions import TerminationSignal
+
+    state = summary = None
+    with ExitStack() as cleanup:
+        try:
+            _use_temporary_server(cleanup)
+            from flows.retrain import retrain
+
+            run = retrain.with_options(on_running=[*retrain.on_running_hooks, stopper.on_running])
+            state = run(params, return_state=True)
+            summary = state.result() if state.is_completed() else None
+        except (Stop, TerminationSignal):
+            pass  # the first signal, wherever it landed: the run is recorded below
+        finally:
+            stopper.hold()  # a signal now must not cut short the cleanup that stops the server
+            if stopper.signum is not None and stopper.flow_run_id is not None:
+                try:
+                    mark_cancelled(stopper.flow_run_id, stopper.reason)
+                except Exception as e:  # noqa: BLE001 — stopping matters more than the record
+                    print(f"could not record the run as Cancelled: {e}", file=sys.stderr)
+            flush_prefect()  # queued logs reach the server before it stops
+    if stopper.signum is not None:
+        print(f"\nretrain cancelled: {stopper.reason}; rerun the same command to resume", file=sys.stderr)
+        return stopper.exit_code
+    assert state is not None
     if not state.is_completed():  # the reason (gate, stage error) is also in the run's ERROR log
         print(f"\nretrain {state.name}: {state.message}", file=sys.stderr)
         return 1
-    _print_summary(state.result())
+    _print_summary(summary)
     return 0
+
+
+def _use_temporary_server(cleanup) -> None:
+    """With no Prefect server configured, start the temporary one ourselves (flows/stopping.py says
+    why) and point this process at it; ``cleanup`` stops it."""
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    from flows.stopping import TemporaryServer
+
+    settings = get_current_settings()
+    if settings.api.url or not settings.server.ephemeral.enabled:
+        return
+    server = TemporaryServer()
+    cleanup.callback(server.stop)
+    server.start(timeout=settings.server.ephemeral.startup_timeout_seconds)
+    print(f"temporary Prefect server on {server.api_url} (stopped when this command ends)", flush=True)
+    os.environ["PREFECT_API_URL"] = server.api_url  # Prefect's worker threads read the environment
+    cleanup.enter_context(temporary_settings(updates={PREFECT_API_URL: server.api_url}))
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
@@ -140,13 +196,17 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 def cmd_serve_local(args: argparse.Namespace) -> int:
     from flows.deploy import serve_local
 
-    serve_local(
-        args.port,
-        args.pool,
-        [] if args.no_worker else (args.worker or None),
-        args.preset,
-        Path(args.log_dir) if args.log_dir else None,
-    )
+    try:
+        serve_local(
+            args.port,
+            args.pool,
+            [] if args.no_worker else (args.worker or None),
+            args.preset,
+            Path(args.log_dir) if args.log_dir else None,
+        )
+    except (ValueError, FileNotFoundError) as e:  # a bad --worker or work-pools.yaml: one line, nothing started
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

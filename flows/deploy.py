@@ -9,13 +9,15 @@
 Prefect does the work; this module only strings its pieces together in the order an operator
 would type them (docs/operating.md):
 
-1. work pools, one per hardware profile (``infra/work-pools.yaml``), from the base job template of
-   the chosen kind (``infra/work-pools/process.json`` or ``kubernetes.json``), with a concurrency
-   limit each, and the ``gpu`` tag limit that GPU-using task runs hold a slot of;
+1. work pools, one per hardware profile (``infra/work-pools.yaml``, validated on load), from the
+   base job template of the chosen kind (``infra/work-pools/process.json`` or ``kubernetes.json``)
+   with ``TUNELINE_POOL_PROFILE`` (the pool's profile) in its ``env``; a GPU pool's concurrency
+   limit is its ``gpu_sets``, and the ``gpu`` tag limit (held by GPU-using task runs) their sum;
 2. ``prefect deploy --all --prefect-file infra/prefect.yaml``, whose build step is
    ``deployment_values`` below (reads and validates the parameter preset);
 3. for ``serve-local``: ``prefect server start`` on 127.0.0.1 and ``prefect worker start`` per
-   pool (a GPU worker sees only its cards through ``CUDA_VISIBLE_DEVICES``).
+   ``--worker`` (a GPU worker sees only its cards through ``CUDA_VISIBLE_DEVICES``); a GPU pool's
+   ``gpu_sets`` becomes the number of workers started for it.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -59,55 +61,161 @@ def deployment_values(preset: str | None = None, code_dir: str | None = None) ->
 
 
 # ----------------------------------------------------------------------------------------------
-# Work pools and the GPU tag limit
+# infra/work-pools.yaml: the pools, their profiles and limits, and the GPU tag limit
 # ----------------------------------------------------------------------------------------------
-def load_pools(path: Path = POOLS_FILE) -> dict[str, Any]:
-    return yaml.safe_load(path.read_text())
+KINDS: tuple[str, ...] = ("process", "kubernetes")
+GPU_TAG = "gpu"
+POOL_FIELDS = ("profile", "description", "gpu_sets", "concurrency_limit", *KINDS)
 
 
-def base_job_template(kind: PoolKind, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The kind's base job template with the pool's variable defaults (e.g. ``gpus``, ``node_selector``)."""
-    template = json.loads((INFRA / "work-pools" / f"{kind}.json").read_text())
+class PoolsFileError(ValueError):
+    """``work-pools.yaml`` is wrong; the message is one line naming the file, the pool and the field."""
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """One pool of ``work-pools.yaml``. ``gpu_sets`` is how many GPU sets its workers serve (0 for a
+    CPU pool), and for a GPU pool also its concurrency limit: one flow run per GPU set."""
+
+    name: str
+    profile: str
+    gpus: int  # GPUs one run needs: the profile's requirement
+    concurrency_limit: int
+    gpu_sets: int = 0
+    description: str | None = None
+    variables: dict[str, dict[str, Any]] = field(default_factory=dict)  # per kind: template variable defaults
+
+
+@dataclass(frozen=True)
+class PoolsSpec:
+    path: Path
+    pools: dict[str, PoolSpec]
+
+    @property
+    def gpu_tag_limit(self) -> int:
+        """The GPU sets of all GPU pools together. Never 0: Prefect aborts a task whose tag limit is 0,
+        and the CPU demo's SFT is tagged ``gpu`` too."""
+        return max(1, sum(p.gpu_sets for p in self.pools.values() if p.gpus))
+
+    def with_gpu_sets(self, gpu_sets: dict[str, int]) -> PoolsSpec:
+        """The same pools with these GPU pools serving this many GPU sets (``serve-local``'s workers)."""
+        pools = dict(self.pools)
+        for name, sets in gpu_sets.items():
+            if name not in pools or not pools[name].gpus:
+                raise PoolsFileError(f"{self.path}: pool {name!r}: not a GPU pool of this file, has no gpu_sets")
+            pools[name] = replace(pools[name], gpu_sets=sets, concurrency_limit=sets)
+        return PoolsSpec(self.path, pools)
+
+
+def load_pools(path: Path | None = None) -> PoolsSpec:
+    """Read and validate ``work-pools.yaml``; a mistake raises ``PoolsFileError`` naming file, pool and field."""
+    from tasks.hardware import PROFILES
+
+    path = path or POOLS_FILE
+
+    def fail(where: str, problem: str) -> PoolsFileError:
+        return PoolsFileError(f"{path}: {where}: {problem}")
+
+    def count(where: str, value: Any, least: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise fail(where, f"expected an integer ≥ {least}, got {value!r}")
+        return value
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise fail("YAML", " ".join(str(e).split())) from None
+    if not isinstance(data, dict) or not isinstance(data.get("pools"), dict) or not data["pools"]:
+        raise fail("top level", "expected a mapping with a non-empty mapping 'pools'")
+    for key in set(data) - {"pools"}:
+        why = "the gpu tag limit is derived now (the sum of the GPU pools' gpu_sets)" if key == "tag_limits" else ""
+        raise fail("top level", f"unknown key {key!r}" + (f": {why}" if why else " (known: pools)"))
+
+    known = ", ".join(PROFILES)
+    pools = {}
+    for name, body in data["pools"].items():
+        where = f"pool {name!r}"
+        if not isinstance(body, dict):
+            raise fail(where, f"expected a mapping of fields, got {body!r}")
+        for key in body:
+            if key not in POOL_FIELDS:
+                raise fail(f"{where}, field {key!r}", f"unknown field (known: {', '.join(POOL_FIELDS)})")
+        if "profile" not in body:
+            raise fail(f"{where}, field 'profile'", f"missing (one of {known})")
+        profile = body["profile"]
+        if not isinstance(profile, str) or profile not in PROFILES:
+            raise fail(f"{where}, field 'profile'", f"unknown profile {profile!r} (known: {known})")
+        description = body.get("description")
+        if description is not None and not isinstance(description, str):
+            raise fail(f"{where}, field 'description'", f"expected a string, got {description!r}")
+        gpus = PROFILES[profile].requirement.gpus
+        # A GPU pool's limit is derived from what its workers serve; a CPU pool has no GPU sets.
+        own, other = ("gpu_sets", "concurrency_limit") if gpus else ("concurrency_limit", "gpu_sets")
+        if other in body:
+            why = "a GPU pool's limit is its gpu_sets" if gpus else "a cpu pool serves no GPU sets"
+            raise fail(f"{where}, field {other!r}", f"not for profile {profile} ({why}); set {own}")
+        if own not in body:
+            raise fail(f"{where}, field {own!r}", "missing" + (": how many GPU sets its workers serve" if gpus else ""))
+        limit = count(f"{where}, field {own!r}", body[own], 0 if gpus else 1)
+        variables = {}
+        for kind in KINDS:
+            values = body.get(kind) or {}
+            if not isinstance(values, dict):
+                raise fail(f"{where}, field {kind!r}", f"expected a mapping of template variables, got {values!r}")
+            props = _template(kind)["variables"]["properties"]
+            for key in values:
+                if key not in props:
+                    raise fail(f"{where}, field '{kind}.{key}'", f"the {kind} template has no such variable")
+            if not isinstance(values.get("env", {}), dict):
+                raise fail(f"{where}, field '{kind}.env'", f"expected a mapping, got {values['env']!r}")
+            variables[kind] = values
+        pools[name] = PoolSpec(name, profile, gpus, limit, limit if gpus else 0, description, variables)
+    return PoolsSpec(path, pools)
+
+
+def _template(kind: str) -> dict[str, Any]:
+    return json.loads((INFRA / "work-pools" / f"{kind}.json").read_text())
+
+
+def base_job_template(kind: PoolKind, pool: PoolSpec) -> dict[str, Any]:
+    """The kind's base job template with the pool's variable defaults (e.g. ``gpus``, ``node_selector``),
+    and ``TUNELINE_POOL_PROFILE`` in its ``env``: ``sft.profile: auto`` resolves to the pool's profile."""
+    from tasks.hardware import POOL_PROFILE_ENV
+
+    template = _template(kind)
     props = template["variables"]["properties"]
-    for key, value in (overrides or {}).items():
-        if key not in props:
-            raise ValueError(f"{POOLS_FILE}: {kind} template has no variable {key!r} (known: {', '.join(props)})")
+    overrides = dict(pool.variables.get(kind, {}))
+    # The pool's env adds to the template's (it does not replace it); the profile comes last.
+    env = {**props["env"]["default"], **overrides.pop("env", {}), POOL_PROFILE_ENV: pool.profile}
+    for key, value in overrides.items():
         props[key]["default"] = value
+    props["env"]["default"] = env
     return template
 
 
-def apply_work_pools(kind: PoolKind = "process", pools_file: Path = POOLS_FILE) -> list[str]:
-    """Create or update every pool of ``work-pools.yaml`` and the tag limits; return the pool names."""
+def apply_work_pools(
+    kind: PoolKind = "process", pools_file: Path | None = None, gpu_sets: dict[str, int] | None = None
+) -> PoolsSpec:
+    """Create or update every pool of ``work-pools.yaml`` (``gpu_sets`` overrides what GPU pools serve)
+    and the ``gpu`` tag limit; return the pools as applied."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectAlreadyExists
 
-    spec = load_pools(pools_file)
+    spec = load_pools(pools_file).with_gpu_sets(gpu_sets or {})
     with get_client(sync_client=True) as client:
-        for name, pool in spec["pools"].items():
-            template = base_job_template(kind, pool.get(kind))
+        for pool in spec.pools.values():
+            fields = dict(
+                base_job_template=base_job_template(kind, pool),
+                description=pool.description,
+                concurrency_limit=pool.concurrency_limit,
+            )
             try:
-                client.create_work_pool(
-                    WorkPoolCreate(
-                        name=name,
-                        type=kind,
-                        base_job_template=template,
-                        description=pool.get("description"),
-                        concurrency_limit=pool["concurrency_limit"],
-                    )
-                )
+                client.create_work_pool(WorkPoolCreate(name=pool.name, type=kind, **fields))
             except ObjectAlreadyExists:
-                client.update_work_pool(
-                    name,
-                    WorkPoolUpdate(
-                        base_job_template=template,
-                        description=pool.get("description"),
-                        concurrency_limit=pool["concurrency_limit"],
-                    ),
-                )
-        for tag, limit in (spec.get("tag_limits") or {}).items():
-            client.create_concurrency_limit(tag=tag, concurrency_limit=limit)  # creates or updates
-    return list(spec["pools"])
+                client.update_work_pool(pool.name, WorkPoolUpdate(**fields))
+        client.create_concurrency_limit(tag=GPU_TAG, concurrency_limit=spec.gpu_tag_limit)  # creates or updates
+    return spec
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,13 +237,27 @@ def apply_deployments(
         raise RuntimeError(f"prefect deploy failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
 
 
-def deploy(pool: str, kind: PoolKind = "process", preset: str | None = None, code_dir: str | None = None) -> None:
-    """Pools, tag limits, then both deployments of ``infra/prefect.yaml`` targeting ``pool``."""
-    pools = load_pools()["pools"]
+def deploy(
+    pool: str,
+    kind: PoolKind = "process",
+    preset: str | None = None,
+    code_dir: str | None = None,
+    gpu_sets: dict[str, int] | None = None,
+) -> PoolsSpec:
+    """Pools, the gpu tag limit, then both deployments of ``infra/prefect.yaml`` targeting ``pool``.
+    The pools file is validated before the server is touched."""
+    pools = load_pools().pools
     if pool not in pools:
         raise ValueError(f"unknown work pool {pool!r}; {POOLS_FILE} defines {', '.join(pools)}")
-    apply_work_pools(kind)
+    target = pools[pool]
+    if target.gpus and not (gpu_sets or {}).get(pool, target.gpu_sets):
+        raise ValueError(
+            f"work pool {pool!r} serves 0 GPU sets ({POOLS_FILE}: gpu_sets), so its runs would never start; "
+            f"set gpu_sets to the number of {target.profile} GPU sets its workers serve"
+        )
+    spec = apply_work_pools(kind, gpu_sets=gpu_sets)
     apply_deployments(pool, preset, code_dir)
+    return spec
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,12 +275,41 @@ class WorkerSpec:
         pool, _, gpus = text.partition(":")
         return cls(pool, gpus or None)
 
+    @property
+    def devices(self) -> list[str]:
+        return [d.strip() for d in (self.gpus or "").split(",") if d.strip()]
+
     def env(self) -> dict[str, str]:
         # The cpu pool sees no GPU at all (hardware.detect_machine reads "" as none); a GPU worker
         # sees only its cards, and the flow runs it starts inherit that.
         if self.gpus is None and self.pool == "cpu":
             return {"CUDA_VISIBLE_DEVICES": ""}
         return {"CUDA_VISIBLE_DEVICES": self.gpus} if self.gpus is not None else {}
+
+
+def served_gpu_sets(specs: list[WorkerSpec], pools: PoolsSpec) -> dict[str, int]:
+    """GPU sets per GPU pool that has workers here: one per worker (``--limit 1``). Refuses a worker
+    of an unknown pool, fewer cards than its profile needs, and a card given to two workers (or to
+    all of them: a GPU worker without cards beside another)."""
+    sets: dict[str, int] = {}
+    owner: dict[str, str] = {}
+    gpu_workers = [s for s in specs if s.pool in pools.pools and pools.pools[s.pool].gpus]
+    for spec in specs:
+        if spec.pool not in pools.pools:
+            raise ValueError(f"worker {spec.pool}: unknown work pool; {pools.path} defines {', '.join(pools.pools)}")
+        pool = pools.pools[spec.pool]
+        if not pool.gpus:
+            continue
+        if spec.gpus is None and len(gpu_workers) > 1:  # it would see, and share, every card
+            raise ValueError(f"worker {spec.pool}: with several GPU workers, give each its cards ({spec.pool}:0)")
+        sets[spec.pool] = sets.get(spec.pool, 0) + 1
+        if spec.gpus is not None and len(spec.devices) < pool.gpus:
+            raise ValueError(f"worker {spec.pool}:{spec.gpus}: profile {pool.profile} needs {pool.gpus} GPUs per run")
+        for device in spec.devices:
+            if device in owner:
+                raise ValueError(f"GPU {device} is given to two workers ({owner[device]}, {spec.pool}:{spec.gpus})")
+            owner[device] = f"{spec.pool}:{spec.gpus}"
+    return sets
 
 
 @dataclass
@@ -257,19 +408,22 @@ def serve_local(
 ) -> None:
     """Server, pools, deployments and workers on 127.0.0.1; runs until interrupted."""
     specs = [WorkerSpec.parse(w) for w in (workers if workers is not None else [pool])]
+    gpu_sets = served_gpu_sets(specs, load_pools())  # before anything starts: a wrong --worker fails here
     stack = LocalStack(port=port, log_dir=log_dir)
     stop = lambda *_: (_ for _ in ()).throw(KeyboardInterrupt)  # noqa: E731 — SIGTERM ends like Ctrl-C
     signal.signal(signal.SIGTERM, stop)
     try:
         stack.start_server()
         os.environ["PREFECT_API_URL"] = stack.api_url
-        deploy(pool, "process", preset)
+        applied = deploy(pool, "process", preset, gpu_sets=gpu_sets)
         for spec in specs:
             stack.start_worker(spec)
         names = ", ".join(f"{s.pool}[GPUs {s.gpus}]" if s.gpus else s.pool for s in specs) or "none"
         print(
             f"tuneline: Prefect UI at {stack.ui_url} — deployments retrain/nightly and retrain/manual on pool "
-            f"{pool!r}; workers: {names}. Ctrl-C stops.",
+            f"{pool!r}; workers: {names}; GPU sets: "
+            + (", ".join(f"{p.name} {p.gpu_sets}" for p in applied.pools.values() if p.gpus) or "none")
+            + f", gpu tag limit {applied.gpu_tag_limit}. Ctrl-C stops.",
             flush=True,
         )
         while all(p.poll() is None for p in stack.procs):

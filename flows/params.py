@@ -24,8 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from tasks.data import DataParams
 from tasks.evaluate import EvalParams
 from tasks.grpo_plan import GRPOParams
+from tasks.hardware import Machine
 from tasks.merge import MergeParams
 from tasks.release import ReleaseParams
+from tasks.requirements import TaskNeed, evaluate_need, grpo_need, merge_need, sft_need
 from tasks.sft_plan import SFTParams
 from tasks.stage import StageContext
 
@@ -87,6 +89,15 @@ class RetrainParams(BaseModel):
         return StageContext(
             base_model=self.model.base, base_revision=self.model.revision, root=root, storage_block=self.storage_block
         )
+
+    def task_needs(self, machine: Machine | None = None) -> dict[str, TaskNeed]:
+        """What each GPU-capable task of this run needs (tasks/requirements.py), by task name; a
+        profile ``auto`` cannot resolve without a GPU and raises ``HardwareError`` naming the task."""
+        sft = sft_need(self.sft.profile, machine)
+        needs = [sft, merge_need(self.merge.device), evaluate_need(self.eval.device, sft)]
+        if self.grpo.enabled:
+            needs.insert(1, grpo_need(self.grpo.profile, machine))
+        return {need.task: need for need in needs}
 
     def grpo_prompt_data(self) -> DataParams:
         """GRPO's prompts go through the dataset stage: its own sources, no validation split, and the

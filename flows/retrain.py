@@ -16,6 +16,7 @@ Run it::
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -25,9 +26,11 @@ from flows.params import RetrainParams
 from tasks.data import prepare_dataset
 from tasks.evaluate import check_eval_data, evaluate, metrics_table
 from tasks.grpo import grpo
+from tasks.hardware import detect_machine
 from tasks.merge import merge_lora
 from tasks.registry import current_champion, gate_champion
 from tasks.release import release
+from tasks.requirements import TaskNeed, check_needs
 from tasks.sft import lora_sft
 
 
@@ -39,6 +42,10 @@ class QualityGateFailed(RuntimeError):
 def retrain(params: RetrainParams = RetrainParams()) -> dict[str, Any]:
     """Dataset → LoRA SFT → GRPO (optional) → merge → evaluate (quality gate) → release."""
     logger = get_run_logger()
+    devices = os.environ.get("CUDA_VISIBLE_DEVICES")
+    logger.info("devices: CUDA_VISIBLE_DEVICES=%s", devices if devices is not None else "(unset)")
+    # Every GPU task's requirement, checked before anything is loaded (tasks/requirements.py).
+    needs = preflight_run(params, logger)
     ctx = params.stage_context().pinned()  # built once (hub revision resolved once); every stage gets it by keyword
 
     check_eval_data(params.eval, ctx.storage_block)  # bad evaluation data fails now, not after hours of training
@@ -46,15 +53,16 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict[str, Any]:
     latest = current_champion(ctx.store(), params.release.model_name)
     logger.info("champion: %s", f"release {latest.release_id}" if latest else "none yet (first release: base only)")
     dataset = prepare_dataset(params.data, ctx=ctx)
-    adapter = lora_sft(params.sft, dataset=dataset, ctx=ctx)
+    adapter = lora_sft.with_options(tags=needs["lora_sft"].tags)(params.sft, dataset=dataset, ctx=ctx)
     if params.grpo.enabled:
         prompts = prepare_dataset(params.grpo_prompt_data(), ctx=ctx)
-        adapter = grpo(params.grpo, adapter=adapter, dataset=prompts, ctx=ctx)
-    merged = merge_lora(params.merge, adapter=adapter, sft_profile=params.sft.profile, ctx=ctx)
+        adapter = grpo.with_options(tags=needs["grpo"].tags)(params.grpo, adapter=adapter, dataset=prompts, ctx=ctx)
+    merge_task = merge_lora.with_options(tags=needs["merge_lora"].tags)
+    merged = merge_task(params.merge, adapter=adapter, sft_profile=params.sft.profile, ctx=ctx)
     champion = gate_champion(ctx.store(), latest, merged.fingerprint)
     identity = {"name": params.data.model_name, "author": params.data.model_author}
-    report = evaluate(
-        params.eval,
+    report = evaluate.with_options(tags=needs["evaluate"].tags)(
+        params.eval.model_copy(update={"device": needs["evaluate"].device}),  # auto resolved: cpu or cuda
         merged=merged,
         dataset=dataset,
         system_prompt=params.data.system_prompt,
@@ -93,7 +101,21 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict[str, Any]:
         "release_uri": released.metrics["release_uri"],
         "release_id": released.metrics["release_id"],
         "sft": adapter.metrics,
+        "devices": devices,
+        "needs": {task: need.describe() for task, need in needs.items()},
     }
+
+
+def preflight_run(params: RetrainParams, logger: Any = None) -> dict[str, TaskNeed]:
+    """Each GPU-capable task's requirement, resolved and checked against this machine (read once, in
+    a subprocess: this process never initialises CUDA); raises ``HardwareError`` naming the task, the
+    parameter, the requirement and what was found."""
+    machine = detect_machine()
+    needs = params.task_needs(machine)
+    check_needs(list(needs.values()), machine)
+    for need in needs.values() if logger else ():
+        logger.info("preflight: %s; %s -> passed", need.describe(), machine.describe())
+    return needs
 
 
 if __name__ == "__main__":

@@ -49,9 +49,26 @@ from tasks.common import (
     torch_dtype,
 )
 from tasks.fingerprints import PACKAGES, code_identity, content_of, fingerprint, stack_versions, with_lineage
-from tasks.grpo_plan import GRPOParams, resolve_rewards, rollout_plan, to_prompt_rows
-from tasks.hardware import PROFILES, detect_machine, preflight, resolve_profile
+from tasks.grpo_plan import (
+    GRPOParams,
+    resolve_rewards,
+    rollout_plan,
+    server_devices,
+    to_prompt_rows,
+    vllm_lora_rank,
+)
+from tasks.grpo_vllm import setup_vllm, verify_vllm_sync
+from tasks.hardware import (
+    PROFILES,
+    Profile,
+    detect_machine,
+    preflight,
+    profile_from_job,
+    profile_to_job,
+    resolve_profile,
+)
 from tasks.launch import launch_training
+from tasks.requirements import grpo_need
 from tasks.stage import StageContext, Workspace, run_stage, stage_cache_key
 from tasks.store import StageRef
 
@@ -76,8 +93,12 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
     gpus = len(detect_machine().gpus)
     plan = rollout_plan(cfg, gpus, importlib.util.find_spec("vllm") is not None)
     print(f"{LOG} rollouts: {plan['engine']} ({plan['reason']})", flush=True)
+    server_gpus = None
     if plan["mode"] == "server" and gpus >= 2:
-        os.environ["CUDA_VISIBLE_DEVICES"] = "0"  # before torch: the trainer gets card 0, the server the last one
+        # Before torch: the trainer gets the worker's first card, the server its last (ids from the
+        # worker's own CUDA_VISIBLE_DEVICES, never physical positions).
+        trainer_gpu, server_gpus = server_devices(os.environ.get("CUDA_VISIBLE_DEVICES"), gpus)
+        os.environ["CUDA_VISIBLE_DEVICES"] = trainer_gpu
     if plan["engine"] == "vllm" and gpus == 0:
         from tasks.vllm_cpu import cpu_env_defaults
 
@@ -95,7 +116,8 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
             max_model_len=cfg.vllm.max_model_length,
             dtype=cfg.vllm.dtype,
             enforce_eager=cfg.vllm.enforce_eager,
-            gpus=str(gpus - 1) if gpus >= 2 else None,
+            gpus=server_gpus,
+            lora_rank=vllm_lora_rank(adapter_rank(job["adapter_dir"])),  # the CPU server hot-loads our adapter
         )
         with server:
             metrics = _train(job, cfg, rows, rewards, plan, server)
@@ -107,6 +129,11 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
         (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
         return metrics
     return _train(job, cfg, rows, rewards, plan, None)
+
+
+def adapter_rank(adapter_dir: str | Path) -> int:
+    """The LoRA rank peft saved with the adapter."""
+    return int(json.loads((Path(adapter_dir) / "adapter_config.json").read_text())["r"])
 
 
 def _train(
@@ -123,11 +150,11 @@ def _train(
     from transformers import AutoModelForCausalLM
     from trl import GRPOConfig, GRPOTrainer
 
-    profile = PROFILES.get(job["profile"]) or resolve_profile("auto")
+    profile = profile_from_job(job["profile"])  # resolved once by the task (auto included)
     output, scratch = Path(job["output_dir"]), Path(job["scratch_dir"])
     on_cpu = not torch.cuda.is_available()
     if plan["engine"] == "vllm":
-        _setup_vllm(cfg, plan, on_cpu, scratch)
+        setup_vllm(cfg, plan, on_cpu, scratch)
     dtype = torch_dtype(profile.dtype)
     tokenizer = load_tokenizer(job["adapter_dir"])
     base = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=dtype)
@@ -201,7 +228,7 @@ def _train(
         "python": sys.executable,
     }
     if plan["engine"] == "vllm" and cfg.vllm.verify_sync:
-        metrics["vllm_sync_check"] = _verify_vllm_sync(trainer, tokenizer, rows)
+        metrics["vllm_sync_check"] = verify_vllm_sync(trainer, tokenizer, rows)
     output.mkdir(parents=True, exist_ok=True)
     trainer.model.save_pretrained(output)
     tokenizer.save_pretrained(output)
@@ -218,18 +245,6 @@ def _train(
         flush=True,
     )
     return metrics
-
-
-def _setup_vllm(cfg: GRPOParams, plan: dict[str, Any], on_cpu: bool, scratch: Path) -> None:
-    """Knobs TRL's colocate ``LLM(...)`` lacks, and on CPU the weight-sync patches (tasks/vllm_cpu.py)."""
-    from tasks import vllm_cpu
-
-    if plan["mode"] == "colocate":
-        vllm_cpu.patch_colocate_llm_kwargs(dtype=cfg.vllm.dtype, enforce_eager=cfg.vllm.enforce_eager)
-        if on_cpu:
-            vllm_cpu.patch_colocate_sync()
-    elif on_cpu:
-        vllm_cpu.patch_server_sync_via_lora(scratch / "lora-sync")
 
 
 def _instrument(trainer: Any, num_samples: int) -> dict[str, Any]:
@@ -284,68 +299,6 @@ def _instrument(trainer: Any, num_samples: int) -> dict[str, Any]:
     return timing
 
 
-def _verify_vllm_sync(
-    trainer: Any, tokenizer: Any, rows: list[dict[str, Any]], n_prompts: int = 2, max_tokens: int = 12
-) -> dict[str, Any]:
-    """Sync the trained policy to vLLM, then compare vLLM's temperature-0 completion with transformers'
-    greedy completion of the same policy (LoRA merged), and of the base model (adapter off)."""
-    import torch
-    from vllm import SamplingParams
-
-    policy = trainer.model
-    prompt_ids = [
-        tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False) for r in rows[:n_prompts]
-    ]
-    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompt_ids]
-    vgen = trainer.vllm_generation
-    vgen.sync_weights()
-    outs = vgen.llm.generate(
-        [{"prompt_token_ids": ids} for ids in prompt_ids],
-        sampling_params=SamplingParams(temperature=0.0, max_tokens=max_tokens),
-        use_tqdm=False,
-    )
-    vllm_ids = [list(o.outputs[0].token_ids) for o in outs]
-
-    def greedy() -> list[list[int]]:
-        res = []
-        for ids in prompt_ids:
-            g = policy.generate(
-                torch.tensor([ids], device=policy.device),
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=policy.device),
-                max_new_tokens=max_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-            )[0, len(ids) :].tolist()
-            res.append(
-                g[: len(g) - next((i for i, t in enumerate(reversed(g)) if t != tokenizer.pad_token_id), 0)] if g else g
-            )
-        return res
-
-    policy.eval()
-    with torch.no_grad():
-        policy.merge_adapter()
-        try:
-            hf_policy = greedy()
-        finally:
-            policy.unmerge_adapter()
-        with policy.disable_adapter():
-            hf_base = greedy()
-    strip = lambda seq: [t for t in seq if t != tokenizer.pad_token_id]  # noqa: E731
-    result = {
-        "prompts": len(prompt_ids),
-        "identical": sum(strip(v) == strip(h) for v, h in zip(vllm_ids, hf_policy)),
-        "policy_differs_from_base": sum(strip(h) != strip(b) for h, b in zip(hf_policy, hf_base)),
-        "vllm": [tokenizer.decode(v) for v in vllm_ids],
-        "transformers_policy": [tokenizer.decode(h) for h in hf_policy],
-        "transformers_base": [tokenizer.decode(b) for b in hf_base],
-    }
-    print(
-        f"{LOG} vLLM sync check: {result['identical']}/{result['prompts']} prompts identical to transformers greedy",
-        flush=True,
-    )
-    return result
-
-
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -386,7 +339,7 @@ def plot_rewards(history: list[dict[str, Any]], path: Path) -> None:
 def fingerprint_of(config: GRPOParams, adapter: StageRef, dataset: StageRef, ctx: StageContext) -> str:
     """The code ``train`` runs (rewards and scoring included), the RL stack, the parameters, the base
     model's content and the adapter's and prompts' (docs/caching.md)."""
-    cfg = {"config": config, "model": ctx.model_identity(), "profile": resolve_profile("auto").name}
+    cfg = {"config": config, "model": ctx.model_identity(), "profile": resolve_profile(config.profile).name}
     upstream = [content_of(adapter), content_of(dataset)]
     return fingerprint(STAGE, _code(config), cfg, upstream=upstream, stack=stack_versions("rl"))
 
@@ -402,11 +355,14 @@ def _code(config: GRPOParams) -> str:
 
 
 def make_job(
-    config: GRPOParams, model_dir: Path, adapter_dir: Path, data_dir: Path, scratch: Path, profile: str
+    config: GRPOParams, model_dir: Path, adapter_dir: Path, data_dir: Path, scratch: Path, profile: Profile | str
 ) -> dict[str, Any]:
-    """The child's job file. ``python`` is the vLLM venv's interpreter when one is configured."""
+    """The child's job file. ``python`` is the vLLM venv's interpreter when one is configured, on a CPU
+    profile only: that venv holds the CPU build of vLLM (docs/vllm-cpu.md), which a GPU worker must not
+    use; there the worker's own Python (and its vLLM, when installed) runs the child."""
+    profile = PROFILES[profile] if isinstance(profile, str) else profile
     python = None
-    if config.vllm.enabled and config.vllm.python:
+    if config.vllm.enabled and config.vllm.python and profile.requirement.gpus == 0:
         python = os.path.abspath(os.path.expanduser(config.vllm.python))
         if not os.access(python, os.X_OK):
             raise ValueError(
@@ -420,7 +376,7 @@ def make_job(
         "data_dir": str(data_dir),
         "scratch_dir": str(scratch),
         "output_dir": str(scratch / "final"),
-        "profile": profile,
+        "profile": profile_to_job(profile),
         "python": python,
     }
 
@@ -431,7 +387,7 @@ def grpo(config: GRPOParams, adapter: StageRef, dataset: StageRef, ctx: StageCon
 
     Resources: the GPUs of the machine's profile (1 GPU colocated, or 2 with a vLLM server on the
     second), CPU for tests; memory ≈ SFT's plus the rollouts (and vLLM's KV cache when on)."""
-    profile = resolve_profile("auto")
+    profile = grpo_need(config.profile).profile  # tasks/requirements.py: the one declaration of what GRPO needs
     preflight(profile.requirement)
     resolve_rewards(config)  # a bad reward name or setting fails here, before any model is loaded
 
@@ -439,7 +395,7 @@ def grpo(config: GRPOParams, adapter: StageRef, dataset: StageRef, ctx: StageCon
         assert work.scratch is not None
         data_dir = ctx.open(dataset)
         to_prompt_rows(data_dir / "train.jsonl")  # malformed rows fail here, naming file, row and field
-        job = make_job(config, ctx.model_dir(), ctx.open(adapter), data_dir, work.scratch, profile.name)
+        job = make_job(config, ctx.model_dir(), ctx.open(adapter), data_dir, work.scratch, profile)
         launch_training("tasks.grpo", job, work.scratch / "job.json", 1)
         metrics = json.loads((work.out / "metrics.json").read_text())
         if not (work.out / "rewards.png").exists():

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tasks.hardware import ProfileName
+
 # GRPO's vLLM settings used to sit flat beside its training fields; an old key in a preset or
 # --set fails with the new one named instead of "extra fields not permitted".
 RENAMED_VLLM_KEYS = {
@@ -72,6 +74,10 @@ class GRPOParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = Field(default=False, description="Run GRPO after SFT. Off: the SFT adapter goes straight to merge.")
+    profile: ProfileName = Field(
+        default="auto",
+        description="Hardware profile: auto (the pool's, else read the machine; needs a GPU), cpu, v100 or a100x2.",
+    )
     datasets: list[str] = Field(
         default=["tuneline/arithmetic#256"],
         min_length=1,
@@ -231,3 +237,35 @@ def rollout_plan(cfg: GRPOParams, gpus: int, vllm_installed: bool) -> dict[str, 
         else (f"GPU {gpus - 1}, training on GPU 0" if mode == "server" else "the training GPU")
     )
     return {"engine": "vllm", "mode": mode, "reason": f"vLLM {mode} on {where}"}
+
+
+def server_devices(visible: str | None, count: int) -> tuple[str, str]:
+    """Server mode on ``count`` visible cards: (the trainer's CUDA_VISIBLE_DEVICES, the vLLM server's),
+    both taken from the worker's own list — first card for training, last for the server — so a
+    worker pinned to cards 2,3 never touches cards 0 and 1 (UUIDs and MIG ids pass through as they are).
+
+    >>> server_devices("2,3", 2)
+    ('2', '3')
+    >>> server_devices("GPU-aa,GPU-bb", 2)
+    ('GPU-aa', 'GPU-bb')
+    >>> server_devices(None, 4)
+    ('0', '3')
+    """
+    ids = [d.strip() for d in visible.split(",") if d.strip()] if visible else [str(i) for i in range(count)]
+    return ids[0], ids[-1]
+
+
+#: The LoRA ranks vLLM's ``--max-lora-rank`` accepts.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest ``--max-lora-rank`` vLLM accepts that holds an adapter of ``rank``.
+
+    >>> vllm_lora_rank(16), vllm_lora_rank(12), vllm_lora_rank(8)
+    (16, 16, 8)
+    """
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise ValueError(f"LoRA rank {rank} is above vLLM's largest --max-lora-rank ({VLLM_LORA_RANKS[-1]})")

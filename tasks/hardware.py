@@ -17,7 +17,8 @@ v100      1 GPU ≥ 30 GiB, 7.0 fp16 base  SDPA once per row (no       1 process
 a100x2    2 GPUs ≥ 40 GiB,    bf16       flash_attention_2 when      2 processes (DDP), same tokens
           8.0                            installed, else SDPA once   per step; micro-batch and
                                          per row; liger kernels      checkpointing fitted to memory
-auto      read from the machine: one bf16 card (as a100x2, 1 process) or one fp16 card (as v100)
+auto      the work pool's profile (TUNELINE_POOL_PROFILE), else read from the machine: one bf16 card
+          (as a100x2, 1 process) or one fp16 card (as v100); never CPU: no GPU fails preflight
 ========  ==================  =========  ==========================  ===============================
 
 "Fitted to memory" (``fit_memory``): the SFT stage picks gradient checkpointing and up to
@@ -29,11 +30,14 @@ Measurements: docs/benchmarks.md, "SFT".
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import json
 import os
 import subprocess
-from dataclasses import dataclass
-from typing import Literal
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
 
 ProfileName = Literal["auto", "cpu", "v100", "a100x2"]
 
@@ -64,6 +68,7 @@ class GpuInfo:
     name: str
     memory_gib: float
     compute_capability: tuple[int, int]
+    uuid: str = field(default="", compare=False)  # as torch reports it (names the card in logs)
 
     def describe(self) -> str:
         return f"{self.name} {self.memory_gib:.0f} GiB, cc %d.%d" % self.compute_capability
@@ -72,10 +77,12 @@ class GpuInfo:
 @dataclass(frozen=True)
 class Machine:
     gpus: tuple[GpuInfo, ...] = ()
+    # How the GPUs were looked for, named in "found no GPU" messages (CUDA_VISIBLE_DEVICES, probe errors).
+    how: str = field(default="", compare=False)
 
     def describe(self) -> str:
         if not self.gpus:
-            return "found no GPU"
+            return f"found no GPU ({self.how})" if self.how else "found no GPU"
         names = sorted({g.describe() for g in self.gpus})
         return "found " + "; ".join(f"{sum(g.describe() == n for g in self.gpus)} × {n}" for n in names)
 
@@ -137,31 +144,44 @@ PROFILES: dict[str, Profile] = {
 }
 
 
+#: Set by a work pool for its runs (infra/work-pools.yaml ``profile``): ``auto`` resolves to it there.
+POOL_PROFILE_ENV = "TUNELINE_POOL_PROFILE"
+
+# torch's own view of the devices: it understands what CUDA_VISIBLE_DEVICES may hold (indices, GPU
+# UUIDs, MIG ids), which nvidia-smi does not, and needs no nvidia-smi on the worker.
+_PROBE = """
+import json, torch
+props = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
+print(json.dumps([[p.name, p.total_memory, p.major, p.minor, str(getattr(p, "uuid", ""))] for p in props]))
+"""
+
+
 def detect_machine() -> Machine:
-    """The GPUs of this machine, read through ``nvidia-smi`` so that no CUDA context is created
-    in the orchestrating process (CUDA in a parent breaks forked children)."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
-        return Machine()
+    """The GPUs this process may use, as torch sees them, read in a short subprocess so that the
+    orchestrating process never initialises CUDA (CUDA in a parent breaks forked children). Read
+    once per process and ``CUDA_VISIBLE_DEVICES`` value."""
+    return _probe(os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+@functools.lru_cache(maxsize=8)
+def _probe(visible: str | None) -> Machine:
+    where = f"CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else "CUDA_VISIBLE_DEVICES unset"
+    if visible is not None and visible.strip() in ("", "-1"):
+        return Machine(how=f"{where}: no device is visible")
     try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,memory.total,compute_cap", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        ).stdout
-    except (FileNotFoundError, subprocess.SubprocessError):
-        return Machine()
-    gpus = []
-    for line in out.strip().splitlines():
-        name, mem, cc = (s.strip() for s in line.split(","))
-        major, minor = (int(x) for x in cc.split("."))
-        gpus.append(GpuInfo(name, float(mem) / 1024, (major, minor)))
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible:
-        idx = [int(i) for i in visible.split(",") if i.strip().isdigit()]
-        gpus = [gpus[i] for i in idx if i < len(gpus)]
-    return Machine(tuple(gpus))
+        done = subprocess.run(
+            [sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=180, env=dict(os.environ)
+        )
+    except subprocess.TimeoutExpired:
+        return Machine(how=f"{where}; torch's device probe timed out after 180 s")
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return Machine(how=f"{where}; torch's device probe failed: {last}")
+    gpus = tuple(
+        GpuInfo(name, mem / 2**30, (major, minor), uuid)
+        for name, mem, major, minor, uuid in json.loads(done.stdout.strip().splitlines()[-1])
+    )
+    return Machine(gpus, how=f"torch sees 0 CUDA devices, {where}")
 
 
 def satisfies(machine: Machine, req: GpuRequirement) -> bool:
@@ -184,14 +204,21 @@ def preflight(req: GpuRequirement, machine: Machine | None = None) -> Machine:
 
 
 def resolve_profile(name: ProfileName, machine: Machine | None = None) -> Profile:
-    """A named profile, or for ``auto`` the largest profile this machine satisfies."""
+    """A named profile; for ``auto``, the work pool's profile (``TUNELINE_POOL_PROFILE``) when the
+    run is on a GPU pool, else the largest GPU profile this machine satisfies. ``auto`` never means
+    CPU: with no GPU it raises ``HardwareError`` (a 7B must not quietly train on a CPU for days)."""
     if name != "auto":
         return PROFILES[name]
+    pool = os.environ.get(POOL_PROFILE_ENV, "")
+    if pool in PROFILES and pool != "cpu":
+        return PROFILES[pool]
     machine = machine or detect_machine()
+    if not machine.gpus:
+        raise HardwareError(
+            f"profile auto chooses among GPU profiles and {machine.describe()}; set the profile to cpu to run on CPU"
+        )
     if satisfies(machine, PROFILES["a100x2"].requirement):
         return PROFILES["a100x2"]
-    if not machine.gpus:
-        return PROFILES["cpu"]
     if max(g.compute_capability for g in machine.gpus) >= (8, 0):  # one Ampere-or-newer card: bf16
         big = min(g.memory_gib for g in machine.gpus) >= 39  # a 7B trains without checkpointing in ~27 GiB
         return Profile(
@@ -207,3 +234,35 @@ def resolve_profile(name: ProfileName, machine: Machine | None = None) -> Profil
     if satisfies(machine, PROFILES["v100"].requirement):
         return PROFILES["v100"]
     return Profile("gpu-fp16", GpuRequirement(1), "fp16", gradient_checkpointing=True)
+
+
+def profile_to_job(profile: Profile) -> dict[str, Any]:
+    """The resolved profile as the training child receives it (``auto`` is resolved once, by the task:
+    the child, its torchrun workers and a GRPO child that narrows its devices all train the same way)."""
+    return asdict(profile)
+
+
+def profile_from_job(spec: dict[str, Any] | str) -> Profile:
+    """Inverse of ``profile_to_job``; a plain name (older jobs) is looked up.
+
+    >>> profile_from_job(profile_to_job(PROFILES["v100"])) == PROFILES["v100"]
+    True
+    """
+    if isinstance(spec, str):
+        return PROFILES[spec]
+    req = spec["requirement"]
+    requirement = GpuRequirement(req["gpus"], req["min_memory_gib"], tuple(req["min_compute_capability"]))
+    return Profile(**{**spec, "requirement": requirement})
+
+
+def card_dtype(capability: tuple[int, int] | None) -> Literal["fp32", "fp16", "bf16"]:
+    """The precision a model runs in on a card: bf16 from compute capability 8.0, fp16 below (a V100
+    reports bf16 as supported, by emulation, so asking torch would evaluate a model that never ships),
+    fp32 without a GPU.
+
+    >>> card_dtype((7, 0)), card_dtype((9, 0)), card_dtype(None)
+    ('fp16', 'bf16', 'fp32')
+    """
+    if capability is None:
+        return "fp32"
+    return "bf16" if tuple(capability) >= (8, 0) else "fp16"

@@ -32,7 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.common import Dtype, load_tokenizer, run_logger, task, torch_dtype
 from tasks.fingerprints import code_identity, content_of, fingerprint, stack_versions, with_lineage
-from tasks.hardware import resolve_profile
+from tasks.hardware import card_dtype, detect_machine, preflight, resolve_profile
+from tasks.requirements import ONE_GPU
 from tasks.stage import StageContext, Workspace, run_stage, stage_cache_key
 from tasks.store import StageRef
 
@@ -187,10 +188,16 @@ def _verify_batch(tokenizer, device: str):
 
 def merge_dtype(config: MergeParams, adapter: StageRef, sft_profile: str) -> Dtype:
     """The pinned dtype: the parameter, else the dtype the adapter was trained in (recorded by the
-    SFT stage), else the SFT profile's."""
+    SFT stage), else the SFT profile's — and, merging on a card below compute capability 8.0, fp16
+    instead of bf16 (precision follows the card: such a card only emulates bf16)."""
     if config.dtype != "auto":
         return config.dtype
-    return adapter.metrics.get("dtype") or resolve_profile(sft_profile).dtype
+    dtype = adapter.metrics.get("dtype") or resolve_profile(sft_profile).dtype  # type: ignore[arg-type]
+    if dtype == "bf16" and config.device == "cuda":
+        cards = detect_machine().gpus
+        if cards and card_dtype(cards[0].compute_capability) == "fp16":
+            return "fp16"
+    return dtype
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,11 +216,14 @@ def merge_lora(config: MergeParams, adapter: StageRef, sft_profile: str, ctx: St
     """Merge the adapter into the base model and verify the result. CPU (or one GPU with device=cuda)."""
     from tasks.models import model_revision
 
+    if config.device == "cuda":  # before anything is loaded (tasks/requirements.py)
+        preflight(ONE_GPU.requirement)
     dtype = merge_dtype(config, adapter, sft_profile)
 
     def build(work: Workspace) -> dict[str, Any]:
         base_dir = ctx.model_dir()
         metrics = merge(config, str(base_dir), ctx.open(adapter), work.out, dtype)
+        metrics["device"] = config.device
         # The exact weights merged into, for the release's lineage (a hub commit, not just "main").
         metrics["base_revision_resolved"] = model_revision(ctx.base_model, base_dir)
         logger = run_logger()

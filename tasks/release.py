@@ -159,7 +159,9 @@ def build_lineage(
             for r in (dataset, adapter, merged, report)
         },
         "release_lineage": stage_lineage(STAGE, code_identity(CODE), {}, inputs=[dataset, adapter, merged, report]),
-        "merge": {k: merged.metrics.get(k) for k in ("dtype", "max_logit_diff", "tolerance", "verified")},
+        "merge": {k: merged.metrics.get(k) for k in ("dtype", "device", "max_logit_diff", "tolerance", "verified")},
+        # Precision follows the card (bf16 from compute capability 8.0, fp16 below, fp32 on CPU).
+        "evaluation": {k: eval_report.get(k) for k in ("device", "precision", "engine")},
         "metrics": eval_report["metrics"],
         "gate": eval_report["gate"],
         "forced": not eval_report["gate"]["passed"],

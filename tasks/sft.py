@@ -46,19 +46,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tasks.checkpoint_sync import CheckpointSync
 from tasks.common import (
     ProgressReporter,
     load_tokenizer,
     metrics_markdown,
     picture_markdown,
     publish_markdown,
+    run_logger,
     task,
     torch_dtype,
 )
 from tasks.fingerprints import code_identity, content_of, fingerprint, stack_versions, with_lineage
-from tasks.hardware import PROFILES, preflight, resolve_profile
+from tasks.hardware import PROFILES, Profile, preflight, profile_from_job, profile_to_job, resolve_profile
 from tasks.launch import launch_training
 from tasks.models import training_chat_template
+from tasks.requirements import sft_need
 from tasks.sft_plan import (
     SFTParams,
     check_quantization,
@@ -125,7 +128,7 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
     from trl import SFTTrainer
 
     cfg = SFTParams.model_validate(job["config"])
-    profile = PROFILES.get(job["profile"]) or resolve_profile("auto")  # auto-detected profiles are not in PROFILES
+    profile = profile_from_job(job["profile"])  # resolved once by the task (auto included)
     scratch, output, data_dir = Path(job["scratch_dir"]), Path(job["output_dir"]), Path(job["data_dir"])
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -356,14 +359,18 @@ def fingerprint_of(config: SFTParams, dataset: StageRef, ctx: StageContext) -> s
     return fingerprint(STAGE, code_identity(CODE), cfg, upstream=[content_of(dataset)], stack=stack)
 
 
-def make_job(config: SFTParams, model_dir: Path, data_dir: Path, scratch: Path, profile: str) -> dict[str, Any]:
+def make_job(
+    config: SFTParams, model_dir: Path, data_dir: Path, scratch: Path, profile: Profile | str
+) -> dict[str, Any]:
+    """The child's job file; the profile travels resolved, so every torchrun worker trains the same way."""
+    profile = PROFILES[profile] if isinstance(profile, str) else profile
     return {
         "config": config.model_dump(mode="json"),
         "model_dir": str(model_dir),
         "data_dir": str(data_dir),
         "scratch_dir": str(scratch),
         "output_dir": str(scratch / "final"),
-        "profile": profile,
+        "profile": profile_to_job(profile),
     }
 
 
@@ -373,16 +380,20 @@ def make_job(config: SFTParams, model_dir: Path, data_dir: Path, scratch: Path, 
 def lora_sft(config: SFTParams, dataset: StageRef, ctx: StageContext) -> StageRef:
     """Train a LoRA adapter. Needs the profile's GPUs (none for ``cpu``); a retry resumes from the
     newest complete checkpoint."""
-    profile = resolve_profile(config.profile)
+    profile = sft_need(config.profile).profile  # tasks/requirements.py: the one declaration of what SFT needs
     preflight(profile.requirement)  # before anything is loaded
     check_quantization(config, profile.dtype)
 
     def build(work: Workspace) -> dict[str, Any]:
         assert work.scratch is not None
-        job = make_job(config, ctx.model_dir(), ctx.open(dataset), work.scratch, profile.name)
+        job = make_job(config, ctx.model_dir(), ctx.open(dataset), work.scratch, profile)
         assert Path(job["output_dir"]) == work.out
         report = ProgressReporter(work.scratch / "progress.jsonl", "sft-progress", "LoRA SFT steps done")
-        launch_training("tasks.sft", job, work.scratch / "job.json", profile.nproc, on_progress=report.update)
+        # -- checkpoints in an s3:// store: a retry on another machine resumes (tasks/checkpoint_sync.py) --
+        with CheckpointSync(ctx.store(), STAGE, work.scratch.name, work.scratch, log=run_logger()) as sync:
+            launch_training("tasks.sft", job, work.scratch / "job.json", profile.nproc, on_progress=report.update)
+        sync.clear()  # trained: the stage's own folder replaces them
+        # -- end of checkpoint sync --
         report.finish()
         metrics = json.loads((work.out / "metrics.json").read_text())
         publish_markdown(

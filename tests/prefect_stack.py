@@ -36,7 +36,7 @@ def tiny_preset(path: Path, model_dir: Path, artifact_root: Path) -> Path:
 
 
 class ServeLocal:
-    def __init__(self, home: Path, preset: Path, workers: list[str]):
+    def __init__(self, home: Path, preset: Path, workers: list[str], pool: str = "cpu"):
         self.home, self.port = home, free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
         self.ui_url = f"http://127.0.0.1:{self.port}"
@@ -57,7 +57,7 @@ class ServeLocal:
             "--port",
             str(self.port),
             "--pool",
-            "cpu",
+            pool,
             "--preset",
             str(preset),
             "--log-dir",

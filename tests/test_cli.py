@@ -30,3 +30,30 @@ def test_first_release_has_no_champion_column(capsys):
     _print_summary(_result(None))
     out = capsys.readouterr().out
     assert "champion" not in out.splitlines()[1] and "Δ vs base [95% CI]" in out
+
+
+def test_auto_on_a_machine_without_gpu_fails_before_a_server_starts_or_a_model_loads(tmp_path):
+    """The nightly's `sft.profile: auto` on a worker with no usable GPU: one line naming the task, the
+    parameter and what was found; no Prefect server, no model conversion, no artifact written."""
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "TUNELINE_CACHE": str(tmp_path / "cache"),
+        "CUDA_VISIBLE_DEVICES": "GPU-5bd2e6a4-7a3c-2f0e-1e5b-0c2d3e4f5a6b",
+    }
+    env.pop("PREFECT_API_URL", None)
+    cmd = [sys.executable, "-m", "flows.cli", "run", "--preset", "demo", "--set", "sft.profile=auto"]
+    cmd += ["--set", f"artifact_root={tmp_path / 'artifacts'}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        "error: preflight: lora_sft (sft.profile=auto): profile auto chooses among GPU profiles and found no GPU "
+        "(torch sees 0 CUDA devices, CUDA_VISIBLE_DEVICES='GPU-5bd2e6a4"
+    )
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "artifacts").exists()
+    assert not list((tmp_path / "prefect").glob("*.db"))  # no temporary server was started

@@ -101,12 +101,48 @@ def test_deployments_pools_and_limits_come_from_infra_files(service, client):
     local = [r.expected_start_time.astimezone(ZoneInfo("Europe/Berlin")) for r in upcoming]
     assert local and all((t.hour, t.minute) == (1, 30) for t in local), local
 
-    pools_spec = yaml.safe_load(POOLS_FILE.read_text())
+    _assert_pools_as_in_the_file(client, {})  # the service's only worker is a cpu one: the file's GPU sets
+
+
+def _assert_pools_as_in_the_file(client, gpu_sets: dict[str, int]) -> None:
+    """Every pool of infra/work-pools.yaml on the server: its profile in the runs' env, its limit (a
+    GPU pool's: its GPU sets, ``gpu_sets`` overriding the file's); the gpu tag limit their sum."""
+    raw = yaml.safe_load(POOLS_FILE.read_text())["pools"]
     pools = {p.name: p for p in client.read_work_pools()}
-    for name, pool in pools_spec["pools"].items():
+    expected_gpu = 0
+    for name, pool in raw.items():
         assert pools[name].type == "process"
-        assert pools[name].concurrency_limit == pool["concurrency_limit"]
-    assert client.read_concurrency_limit_by_tag("gpu").concurrency_limit == pools_spec["tag_limits"]["gpu"]
+        env = pools[name].base_job_template["variables"]["properties"]["env"]["default"]
+        assert env["TUNELINE_POOL_PROFILE"] == pool["profile"], name
+        assert env["PYTHONUNBUFFERED"] == "1", name  # the template's env is kept beside it
+        if "gpu_sets" in pool:
+            sets = gpu_sets.get(name, pool["gpu_sets"])
+            assert pools[name].concurrency_limit == sets, name
+            expected_gpu += sets
+        else:
+            assert pool["profile"] == "cpu"
+            assert pools[name].concurrency_limit == pool["concurrency_limit"], name
+    assert client.read_concurrency_limit_by_tag("gpu").concurrency_limit == max(expected_gpu, 1)
+
+
+def test_apply_work_pools_follows_the_gpu_sets_served(service, client):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.deploy import apply_work_pools
+
+    with temporary_settings({PREFECT_API_URL: service.api_url}):
+        try:
+            # what `serve-local --worker gpu-v100:0 --worker gpu-v100:1 --worker gpu-a100x2:2,3` applies
+            spec = apply_work_pools("process", gpu_sets={"gpu-v100": 2, "gpu-a100x2": 1})
+            assert spec.gpu_tag_limit == 3
+            _assert_pools_as_in_the_file(client, {"gpu-v100": 2, "gpu-a100x2": 1})
+            # no GPU set served at all: the tag limit stays 1, since Prefect aborts a task whose limit is 0
+            spec = apply_work_pools("process", gpu_sets={"gpu-v100": 0, "gpu-a100x2": 0})
+            assert client.read_concurrency_limit_by_tag("gpu").concurrency_limit == spec.gpu_tag_limit == 1
+            assert client.read_work_pool("gpu-v100").concurrency_limit == 0
+        finally:
+            apply_work_pools("process")  # back to the file, for the tests after this one
+    _assert_pools_as_in_the_file(client, {})
 
 
 def _model_fields(model: type[BaseModel], path: str = ""):
@@ -278,12 +314,12 @@ def _placeholders(node) -> set[str]:
 
 @pytest.mark.parametrize("kind", ["process", "kubernetes"])
 def test_every_pool_template_is_complete(kind):
-    from flows.deploy import base_job_template
+    from flows.deploy import base_job_template, load_pools
 
-    spec = yaml.safe_load(POOLS_FILE.read_text())
-    for name, pool in spec["pools"].items():
-        template = base_job_template(kind, pool.get(kind))  # raises on an override the template lacks
+    for name, pool in load_pools().pools.items():
+        template = base_job_template(kind, pool)
         declared = set(template["variables"]["properties"])
+        assert template["variables"]["properties"]["env"]["default"]["TUNELINE_POOL_PROFILE"] == pool.profile
         assert _placeholders(template["job_configuration"]) <= declared, name
         if kind == "kubernetes":
             container = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
@@ -292,7 +328,7 @@ def test_every_pool_template_is_complete(kind):
             # the pool asks Kubernetes for exactly the GPUs of its profile, on matching nodes
             from tasks.hardware import PROFILES
 
-            assert gpus == PROFILES[pool["profile"]].requirement.gpus, name
+            assert gpus == PROFILES[pool.profile].requirement.gpus == pool.gpus, name
             assert bool(template["variables"]["properties"]["node_selector"]["default"]) == (gpus > 0), name
 
 
@@ -320,6 +356,92 @@ def test_deploy_refuses_an_unknown_pool_before_touching_the_server(capsys):
     assert main(["deploy", "--pool", "gpu-h100"]) == 1
     err = capsys.readouterr().err
     assert "gpu-h100" in err and "work-pools.yaml" in err and "gpu-v100" in err
+
+
+_GOOD_POOLS = POOLS_FILE.read_text()
+
+
+@pytest.mark.parametrize(
+    "edit, where, problem",
+    [
+        (lambda p: p["pools"]["gpu-v100"].update(profile="h100"), "pool 'gpu-v100', field 'profile'", "'h100'"),
+        (lambda p: p["pools"]["cpu"].pop("profile"), "pool 'cpu', field 'profile'", "missing"),
+        (lambda p: p["pools"]["gpu-v100"].pop("gpu_sets"), "pool 'gpu-v100', field 'gpu_sets'", "missing"),
+        (lambda p: p["pools"]["gpu-v100"].update(gpu_sets="two"), "pool 'gpu-v100', field 'gpu_sets'", "integer"),
+        (lambda p: p["pools"]["gpu-v100"].update(gpu_sets=-1), "pool 'gpu-v100', field 'gpu_sets'", "≥ 0"),
+        (
+            lambda p: p["pools"]["cpu"].update(concurrency_limit=True),
+            "pool 'cpu', field 'concurrency_limit'",
+            "integer",
+        ),
+        (
+            lambda p: p["pools"]["gpu-v100"].update(concurrency_limit=2),
+            "pool 'gpu-v100', field 'concurrency_limit'",
+            "gpu_sets",
+        ),
+        (lambda p: p["pools"]["cpu"].update(gpu_sets=1), "pool 'cpu', field 'gpu_sets'", "no GPU sets"),
+        (lambda p: p["pools"]["cpu"].update(profle="cpu"), "pool 'cpu', field 'profle'", "unknown field"),
+        (lambda p: p["pools"]["cpu"].update(description=3), "pool 'cpu', field 'description'", "string"),
+        (
+            lambda p: p["pools"]["cpu"]["kubernetes"].update(gpu=1),
+            "pool 'cpu', field 'kubernetes.gpu'",
+            "no such variable",
+        ),
+        (lambda p: p["pools"]["cpu"].update(process=["env"]), "pool 'cpu', field 'process'", "mapping"),
+        (lambda p: p.update(tag_limits={"gpu": 1}), "top level", "sum of the GPU pools' gpu_sets"),
+        (lambda p: p.pop("pools"), "top level", "'pools'"),
+    ],
+)
+def test_a_bad_pools_file_fails_with_one_line_naming_file_pool_and_field(tmp_path, edit, where, problem):
+    from flows.deploy import PoolsFileError, load_pools
+
+    spec = yaml.safe_load(_GOOD_POOLS)
+    edit(spec)
+    bad = tmp_path / "work-pools.yaml"
+    bad.write_text(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True))
+    with pytest.raises(PoolsFileError) as e:
+        load_pools(bad)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(f"{bad}: {where}: "), message
+    assert problem in message, message
+    if "profile" in where and "missing" not in problem:
+        assert "cpu, v100, a100x2" in message  # the known profiles: tasks.hardware.PROFILES
+
+
+def test_deploy_with_a_bad_pools_file_stops_before_the_server(tmp_path, monkeypatch, capsys):
+    import flows.deploy
+    from flows.cli import main
+
+    bad = tmp_path / "work-pools.yaml"
+    bad.write_text(_GOOD_POOLS.replace("profile: v100", "profile: v100x"))
+    monkeypatch.setattr(flows.deploy, "POOLS_FILE", bad)  # the file deploy reads; no server is running
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # nothing listens: touching it would fail
+    assert main(["deploy", "--pool", "gpu-v100"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {bad}: pool 'gpu-v100', field 'profile': unknown profile 'v100x' (known: cpu, v100, a100x2)"
+    # a GPU pool that serves no GPU set: its runs would never start, so deploying to it is refused
+    monkeypatch.setattr(flows.deploy, "POOLS_FILE", POOLS_FILE)
+    assert main(["deploy", "--pool", "gpu-a100x2"]) == 1
+    assert "serves 0 GPU sets" in capsys.readouterr().err
+
+
+def test_serve_local_workers_set_gpu_sets_and_never_share_a_card():
+    from flows.deploy import WorkerSpec, load_pools, served_gpu_sets
+
+    pools = load_pools()
+    specs = [WorkerSpec.parse(w) for w in ("gpu-v100:0", "gpu-v100:1", "gpu-a100x2:2,3", "cpu")]
+    assert served_gpu_sets(specs, pools) == {"gpu-v100": 2, "gpu-a100x2": 1}
+    assert served_gpu_sets([WorkerSpec.parse("gpu-v100"), WorkerSpec.parse("cpu")], pools) == {"gpu-v100": 1}
+    assert pools.with_gpu_sets({"gpu-v100": 2, "gpu-a100x2": 1}).gpu_tag_limit == 3
+    assert [s.env() for s in specs] == [{"CUDA_VISIBLE_DEVICES": d} for d in ("0", "1", "2,3", "")]
+    for workers, problem in [
+        (["gpu-v100:0", "gpu-a100x2:0,1"], "GPU 0 is given to two workers"),
+        (["gpu-a100x2:0"], "needs 2 GPUs"),
+        (["gpu-h100:0"], "unknown work pool"),
+        (["gpu-v100", "gpu-v100:1"], "give each its cards"),
+    ]:
+        with pytest.raises(ValueError, match=problem):
+            served_gpu_sets([WorkerSpec.parse(w) for w in workers], pools)
 
 
 def test_deploy_build_step_rejects_a_bad_preset(tmp_path):

@@ -77,6 +77,25 @@ def test_first_run_completes_every_stage_and_releases(first_run):
         assert len(folders) == 1 and (folders[0] / "_SUCCESS").exists(), stage
 
 
+def test_task_runs_are_tagged_by_their_requirement(first_run):
+    """The demo says cpu: no task holds a slot of the `gpu` tag limit (tasks/requirements.py)."""
+    root, state = first_run
+    flow_run_id = state.state_details.flow_run_id
+
+    async def read():
+        async with get_client() as client:
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            return {r.name.rsplit("-", 1)[0]: set(r.tags) for r in runs}
+
+    import asyncio
+
+    tags = asyncio.run(read())
+    assert all("gpu" not in tags[t] and "cpu" in tags[t] for t in ("lora_sft", "merge_lora", "evaluate")), tags
+    result = state.result()
+    assert set(result["needs"]) == {"lora_sft", "merge_lora", "evaluate"}
+    assert result["needs"]["lora_sft"] == "lora_sft (sft.profile=cpu): needs no GPU"
+
+
 def test_second_identical_run_is_all_cached(first_run, tiny_model_dir):
     root, first = first_run
     state = retrain(_params(tiny_model_dir, root), return_state=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tasks.grpo import GRPOParams, grpo, make_job, to_prompt_rows, train
+from tasks.hardware import HardwareError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "grpo_arithmetic.jsonl"
 # The easy task the policy must learn in a few steps: answer with a bare (signed) number first.
@@ -160,11 +161,18 @@ def test_prefect_task_fails_fast_on_bad_reward_and_publishes_report(tiny_model_d
         )
 
     with pytest.raises(ValueError, match="unknown reward 'speed'"):
-        run(GRPOParams(enabled=True, rewards=["speed"], num_generations=2, per_device_batch_size=2, max_steps=1))
+        run(
+            GRPOParams(
+                enabled=True, profile="cpu", rewards=["speed"], num_generations=2, per_device_batch_size=2, max_steps=1
+            )
+        )
     assert not (tmp_path / "root" / "scratch" / "grpo").exists()  # nothing started
 
+    with pytest.raises(HardwareError, match=r"^grpo \(grpo.profile=auto\): profile auto chooses among GPU"):
+        run(GRPOParams(enabled=True, num_generations=2, per_device_batch_size=2, max_steps=1))  # no GPU here
     config = GRPOParams(
         enabled=True,
+        profile="cpu",
         rewards=["format", "tasks.rewards:repetition_penalty_reward"],
         reward_weights=[1.0, 0.5],
         num_generations=2,

@@ -39,7 +39,6 @@ def test_preflight_passes_when_the_machine_is_enough():
 @pytest.mark.parametrize(
     ("gpus", "expected", "dtype", "nproc"),
     [
-        ((), "cpu", "fp32", 1),
         ((V100,), "v100", "fp16", 1),
         ((A100, A100), "a100x2", "bf16", 2),
         ((H100,), "gpu-bf16", "bf16", 1),  # one Ampere-or-newer card: bf16 on one process
@@ -61,12 +60,52 @@ def test_named_profiles_are_what_the_design_says():
     assert resolve_profile("v100", Machine()) is v100  # a named profile is taken as asked; preflight judges it
 
 
-def test_detect_machine_sees_no_gpu_when_none_is_visible(monkeypatch):
+def test_auto_never_means_cpu():
+    """A 7B must not quietly train on a CPU for days: auto without a GPU fails, naming what was found."""
+    with pytest.raises(HardwareError, match=r"^profile auto chooses among GPU profiles and found no GPU; set the "):
+        resolve_profile("auto", Machine())
+    assert resolve_profile("cpu", Machine()).name == "cpu"  # CPU only when the parameters say so
+
+
+def test_detection_is_torchs_view_read_in_a_subprocess(monkeypatch):
+    """CUDA_VISIBLE_DEVICES may hold indices, GPU UUIDs or MIG ids: torch (in a short subprocess, so
+    this process never initialises CUDA) reads them all; nvidia-smi is not needed. On this CPU machine
+    every form finds no GPU, and the message says what was looked at."""
+    import torch
+
     from tasks.hardware import detect_machine
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert detect_machine() == Machine()
-    assert resolve_profile("auto").name == "cpu"
+    assert detect_machine().describe() == "found no GPU (CUDA_VISIBLE_DEVICES='': no device is visible)"
+    uuid = "GPU-5bd2e6a4-7a3c-2f0e-1e5b-0c2d3e4f5a6b"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", uuid)
+    monkeypatch.setenv("PATH", "/nonexistent")  # no nvidia-smi to lean on
+    found = detect_machine()
+    assert found.gpus == () and f"CUDA_VISIBLE_DEVICES='{uuid}'" in found.describe()
+    assert not torch.cuda.is_initialized()
+    with pytest.raises(HardwareError, match=f"found no GPU .*{uuid}"):
+        resolve_profile("auto")
+
+
+def test_a_pool_profile_decides_auto(monkeypatch):
+    monkeypatch.setenv("TUNELINE_POOL_PROFILE", "v100")
+    assert resolve_profile("auto", Machine()) is PROFILES["v100"]  # preflight then judges the machine
+    with pytest.raises(HardwareError, match=r"needs 1 GPU ≥ 30 GiB, cc ≥ 7.0; found no GPU"):
+        preflight(resolve_profile("auto", Machine()).requirement, Machine())
+    monkeypatch.setenv("TUNELINE_POOL_PROFILE", "cpu")  # a CPU pool does not turn auto into CPU
+    with pytest.raises(HardwareError):
+        resolve_profile("auto", Machine())
+
+
+def test_the_resolved_profile_travels_to_the_training_child():
+    from tasks.hardware import profile_from_job
+    from tasks.sft import SFTParams, make_job
+
+    auto = resolve_profile("auto", Machine((H100,)))  # gpu-bf16 is not a named profile: it travels whole
+    job = make_job(SFTParams(), "/m", "/d", __import__("pathlib").Path("/s"), auto)
+    assert profile_from_job(job["profile"]) == auto
+    assert profile_from_job("v100") is PROFILES["v100"]
 
 
 def test_flash_attention_is_chosen_only_when_installed(tmp_path, monkeypatch):

@@ -16,8 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("flows", "tasks", "blocks")
 MAX_LINES = 500
 # The stage modules (or packages): each may import the shared pieces, never another stage.
-STAGES = {"data", "sft", "sft_plan", "grpo", "grpo_plan", "merge", "evaluate", "release"}
-STAGE_FAMILY = {"sft_plan": "sft", "grpo_plan": "grpo"}  # a stage's own helper module counts as the stage
+STAGES = {"data", "sft", "sft_plan", "grpo", "grpo_plan", "grpo_vllm", "merge", "evaluate", "release"}
+# a stage's own helper module counts as the stage
+STAGE_FAMILY = {"sft_plan": "sft", "grpo_plan": "grpo", "grpo_vllm": "grpo"}
 
 
 def _modules() -> list[Path]:

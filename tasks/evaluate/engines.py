@@ -7,8 +7,9 @@ import gc
 import importlib.util
 from typing import Any, Callable, Collection, Sequence
 
-from tasks.common import load_tokenizer
+from tasks.common import load_tokenizer, torch_dtype
 from tasks.evaluate.params import Engine, EvalError
+from tasks.hardware import card_dtype
 
 
 def select_engine(
@@ -94,14 +95,21 @@ def vllm_completion(output) -> Completion:
     return Completion(first.text.strip(), cut_off=first.finish_reason == "length")
 
 
-def load_model(model_dir: str, device: str) -> tuple[Any, Any]:
-    """The model (bf16 on a GPU that has it, else fp32), in eval mode, and its tokenizer."""
+def evaluation_dtype(device: str) -> str:
+    """The precision models are evaluated in: the card's (``tasks.hardware.card_dtype``: bf16 from
+    compute capability 8.0, fp16 below, where ``is_bf16_supported()`` says yes by emulation), fp32 on CPU."""
     import torch
+
+    return card_dtype(torch.cuda.get_device_capability() if device == "cuda" else None)
+
+
+def load_model(model_dir: str, device: str, dtype: str | None = None) -> tuple[Any, Any]:
+    """The model in ``dtype`` (default ``evaluation_dtype(device)``), in eval mode, and its tokenizer."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(model_dir)
-    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    dtype = dtype or evaluation_dtype(device)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype)).to(device).eval()
     return model, tokenizer
 
 

@@ -49,6 +49,11 @@ class EvalParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto",
+        description="Where evaluation runs. auto: on a GPU when the run trains on one (sft.profile), else on the CPU; "
+        "cpu or cuda pins it. Precision follows the card: bf16 from compute capability 8.0, fp16 below, fp32 on CPU.",
+    )
     suites: list[Suite] = Field(
         default=["validation", "gsm8k", "humaneval", "samples", "self_cognition"],
         min_length=1,

@@ -16,14 +16,23 @@ from tasks.evaluate.data import (
     identity_questions,
     validation_conversations,
 )
-from tasks.evaluate.engines import TransformersEngine, VLLMEngine, free_memory, load_model, select_engine
+from tasks.evaluate.engines import (
+    TransformersEngine,
+    VLLMEngine,
+    evaluation_dtype,
+    free_memory,
+    load_model,
+    select_engine,
+)
 from tasks.evaluate.gate import compare_models, quality_gate
 from tasks.evaluate.humaneval import check_code_isolation
 from tasks.evaluate.params import STAGE, EvalParams
 from tasks.evaluate.report import metrics_table, samples_markdown
 from tasks.evaluate.suites import generation_suites, metrics_from_items, validation_items
 from tasks.fingerprints import code_identity, content_of, fingerprint, stack_versions, with_lineage
+from tasks.hardware import preflight
 from tasks.registry import ChampionRef
+from tasks.requirements import ONE_GPU
 from tasks.stage import StageContext, Workspace, run_stage, stage_cache_key
 from tasks.store import StageRef
 
@@ -58,7 +67,9 @@ def evaluate_models(
     if "humaneval" in config.suites:  # refuses unisolated code (unless allowed) before any model loads
         sandbox_mode = check_code_isolation(config)
     engine_name = select_engine(config.engine)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # The flow pins the device (tasks/requirements.py); "auto" outside a flow: a GPU when torch sees one.
+    device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    precision = evaluation_dtype(device)  # what ships on this card, not what emulation allows
 
     items: dict[str, dict[str, list[float]]] = {}
     details: dict[str, dict[str, Any]] = {}
@@ -69,7 +80,7 @@ def evaluate_models(
         items["champion"], details["champion"] = champion.items, champion.details
     generating = [s for s in config.suites if s != "validation"]
     for label, model_dir in runs:
-        model, tokenizer = load_model(model_dir, device)
+        model, tokenizer = load_model(model_dir, device, precision)
         items[label] = validation_items(model, tokenizer, conversations, config.batch_size) if conversations else {}
         if generating:
             if engine_name == "vllm":  # free the transformers copy before vLLM takes the GPU
@@ -101,6 +112,7 @@ def evaluate_models(
         "suites": list(config.suites),
         "engine": engine_name,
         "device": device,
+        "precision": precision,
         "sandbox_mode": sandbox_mode,
         "sizes": {"validation": len(conversations), **{k: len(v) for k, v in data.items()}},
         "samples": {"prompts": config.prompts, **{k: v["samples"] for k, v in details.items() if "samples" in v}},
@@ -157,6 +169,8 @@ def evaluate(
     Resource profile: one GPU (or CPU); one model in memory at a time; HumanEval programs in
     ``humaneval_workers`` sandboxes. The task itself never raises on a failed gate: it records it.
     """
+    if config.device == "cuda":  # before anything is loaded (tasks/requirements.py)
+        preflight(ONE_GPU.requirement)
     fp = fingerprint_of(config, merged, dataset, name, author, system_prompt, ctx, champion)
     store = ctx.store()
 
