@@ -7,11 +7,18 @@ This machine has no GPU, so the pool is ``gpu-v100`` with the tiny preset's ``sf
 tag limit, both 1 before they followed the workers), while the runs train on CPU. The
 ``CUDA_VISIBLE_DEVICES`` values "0" and "1" name no real card here; what is checked is that each
 run got its worker's value, and that TUNELINE_POOL_PROFILE from the pool reached it.
+
+On a machine with two GPUs, ``TUNELINE_TEST_GPU_WORKERS=<card>,<card>`` (indices or UUIDs) runs the
+same test for real (docs/gpu-runs.md): each worker serves one of those cards, the runs train with
+``sft.profile: auto`` (the pool's v100 profile), and nvidia-smi must show each run's trainer on its
+own worker's card and nowhere else.
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -20,7 +27,9 @@ import pytest
 from tests.prefect_stack import ServeLocal, tiny_preset
 
 POOL = "gpu-v100"
-WORKERS = [f"{POOL}:0", f"{POOL}:1"]
+GPU_CARDS = [c for c in os.environ.get("TUNELINE_TEST_GPU_WORKERS", "").split(",") if c]
+CARDS = GPU_CARDS or ["0", "1"]
+WORKERS = [f"{POOL}:{card}" for card in CARDS]
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
 
 
@@ -66,6 +75,8 @@ def test_one_worker_per_card_runs_two_runs_at_once(service):
             deployment = client.read_deployment_by_name(f"retrain/{name}")
             params = copy.deepcopy(deployment.parameters["params"])
             assert params["sft"]["profile"] == "cpu"  # the tiny preset trains on CPU whatever the pool
+            if GPU_CARDS:  # real cards: the pool's profile decides, and training lasts long enough to be seen
+                params["sft"].update(profile="auto", max_steps=150, eval_steps=150, save_steps=150)
             params["artifact_root"] = str(service.home / f"artifacts-{name}")
             runs.append(client.create_flow_run_from_deployment(deployment.id, parameters={"params": params}))
 
@@ -75,6 +86,9 @@ def test_one_worker_per_card_runs_two_runs_at_once(service):
             current = [client.read_flow_run(r.id) for r in runs]
             for run in current:
                 seen[run.id].update(_environ(run.infrastructure_pid))
+                if GPU_CARDS:
+                    for card in _cards_in_use(run.infrastructure_pid):
+                        seen[run.id].setdefault("cards", set()).add(card)
             if all(r.state and r.state.type.value in FINAL for r in current):
                 break
             time.sleep(1)
@@ -101,7 +115,39 @@ def test_one_worker_per_card_runs_two_runs_at_once(service):
             # what the worker put in the run's environment: its card, and the pool's profile
             assert seen[run.id].get("CUDA_VISIBLE_DEVICES") == worker_card, sorted(seen[run.id])
             assert seen[run.id].get("TUNELINE_POOL_PROFILE") == "v100"
-        assert sorted(logged.values()) == ["0", "1"]
+        assert sorted(logged.values()) == sorted(CARDS)
+        if GPU_CARDS:  # each run's trainer was on its own worker's card, and only there
+            for run in current:
+                card = logged[run.id]
+                assert seen[run.id].get("cards") == {_uuid(card)}, (run.name, card, seen[run.id].get("cards"))
+
+
+def _uuid(card: str) -> str:
+    if card.startswith("GPU-"):
+        return card
+    out = subprocess.run(["nvidia-smi", "-i", card, "--query-gpu=uuid", "--format=csv,noheader"], capture_output=True)
+    return out.stdout.decode().strip()
+
+
+def _cards_in_use(pid: str | None) -> set[str]:
+    """GPU UUIDs on which a process under the flow run's process (``pid``) holds a CUDA context."""
+    import psutil
+
+    if not pid:
+        return set()
+    root = int(pid.rsplit(":", 1)[-1])
+    out = subprocess.run(
+        ["nvidia-smi", "--query-compute-apps=pid,gpu_uuid", "--format=csv,noheader"], capture_output=True, text=True
+    ).stdout
+    cards = set()
+    for line in out.strip().splitlines():
+        app, uuid = (part.strip() for part in line.split(","))
+        try:
+            if root in {p.pid for p in psutil.Process(int(app)).parents()}:
+                cards.add(uuid)
+        except (psutil.NoSuchProcess, ValueError):
+            continue
+    return cards
 
 
 def _device_lines(client, run_id) -> list[str]:
