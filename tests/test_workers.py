@@ -102,7 +102,7 @@ def test_one_worker_per_card_runs_two_runs_at_once(service):
 
         # each under its own worker, seeing only that worker's card
         workers = {r.labels["prefect.worker.name"] for r in current}
-        assert {w.split("@")[0] for w in workers} == {f"{POOL}-0", f"{POOL}-1"}, workers
+        assert {w.split("@")[0] for w in workers} == {f"{POOL}-{card}" for card in CARDS}, workers
         logged = {}
         for run in current:
             deadline = time.monotonic() + 30  # logs are sent in the background
@@ -110,7 +110,7 @@ def test_one_worker_per_card_runs_two_runs_at_once(service):
                 assert time.monotonic() < deadline, f"no 'devices:' line in the logs of {run.name}"
                 time.sleep(1)
             logged[run.id] = lines[0].split("=", 1)[1]
-            worker_card = run.labels["prefect.worker.name"].split("@")[0].rsplit("-", 1)[1]
+            worker_card = run.labels["prefect.worker.name"].split("@")[0].removeprefix(f"{POOL}-")  # UUIDs hold "-"
             assert logged[run.id] == worker_card, (run.name, lines, run.labels)
             # what the worker put in the run's environment: its card, and the pool's profile
             assert seen[run.id].get("CUDA_VISIBLE_DEVICES") == worker_card, sorted(seen[run.id])
