@@ -53,7 +53,9 @@ class TaskNeed:
 
     def describe(self) -> str:
         # "sft.profile=auto → v100": the profile auto chose (merge and evaluation have no profile to name)
-        named = ".profile=" in self.decided_by and not self.decided_by.endswith(f"={self.profile.name}")
+        named = self.decided_by.startswith(("sft.profile=", "grpo.profile=")) and not self.decided_by.endswith(
+            f"={self.profile.name}"
+        )
         resolved = f" → {self.profile.name}" if named else ""
         return f"{self.task} ({self.decided_by}{resolved}): {self.requirement.describe()}"
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -86,6 +88,30 @@ def test_detection_is_torchs_view_read_in_a_subprocess(monkeypatch):
     assert not torch.cuda.is_initialized()
     with pytest.raises(HardwareError, match=f"found no GPU .*{uuid}"):
         resolve_profile("auto")
+
+
+@pytest.mark.skipif(
+    shutil.which("nvidia-smi") is None, reason="needs GPUs (run on the two-H200 machine: docs/gpu-runs.md)"
+)
+def test_on_a_gpu_machine_each_card_is_found_by_its_uuid_and_index(monkeypatch):
+    """For real: CUDA_VISIBLE_DEVICES holding one card's UUID (how a pinned worker names it) finds
+    exactly that card, the same one its index finds."""
+    from tasks.hardware import detect_machine
+
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=index,uuid,name", "--format=csv,noheader"], capture_output=True, text=True
+    )
+    cards = [line.split(", ") for line in out.stdout.strip().splitlines()]
+    assert cards, out.stderr
+    for index, uuid, name in cards:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", uuid)
+        by_uuid = detect_machine()
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", index)
+        by_index = detect_machine()
+        assert [g.name for g in by_uuid.gpus] == [name] and by_uuid.gpus[0].uuid == by_index.gpus[0].uuid
+        assert by_uuid.gpus[0].uuid.replace("GPU-", "") == uuid.replace("GPU-", "")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", ",".join(uuid for _, uuid, _ in cards))
+    assert len(detect_machine().gpus) == len(cards)
 
 
 def test_a_pool_profile_decides_auto(monkeypatch):
