@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-ATTENTION = "tuneline_packed_sdpa"
+from tasks.hardware import PACKED_ATTENTION as ATTENTION  # the name transformers knows it by
 
 _bounds_cache: list[Any] = [None, None]  # [cu_seq_lens tensor, its boundaries as ints]
 

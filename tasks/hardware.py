@@ -41,6 +41,10 @@ from typing import Any, Literal
 
 ProfileName = Literal["auto", "cpu", "v100", "a100x2"]
 
+# The packed-row attention's registered name (tasks/attention.py registers it). Named here, not
+# imported from there: evaluation reads this module (precision by card) and must not count the kernel.
+PACKED_ATTENTION = "tuneline_packed_sdpa"
+
 
 class HardwareError(RuntimeError):
     """The machine does not meet a stage's declared requirement."""
@@ -106,13 +110,11 @@ class Profile:
 
     def attention(self, packing: bool = False) -> tuple[str, str]:
         """The attention implementation and why it was chosen (for the log and the metrics)."""
-        from tasks.attention import ATTENTION
-
         if self.prefer_flash_attention and importlib.util.find_spec("flash_attn") is not None:
             return "flash_attention_2", "flash-attn is installed"
         missing = "flash-attn is not installed: " if self.prefer_flash_attention else f"profile {self.name}: "
         if packing:
-            return ATTENTION, missing + "SDPA once per packed row (tasks/attention.py)"
+            return PACKED_ATTENTION, missing + "SDPA once per packed row (tasks/attention.py)"
         return "sdpa", missing + "SDPA"
 
     def use_liger(self) -> bool:
