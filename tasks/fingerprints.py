@@ -43,6 +43,12 @@ NOT_COUNTED = {
     "tasks.fingerprints": "names results",
     # where the store's endpoint and credentials come from
     "blocks.storage": "credentials",
+    # start, stream and stop the training child, and keep it from outliving its flow; the job file
+    # they pass holds everything the child computes with (its config and the resolved profile)
+    "tasks.launch": "runs the work",
+    "tasks.guard": "runs the work",
+    # copies complete checkpoints to and from an s3:// store (checked against their SHA-256)
+    "tasks.checkpoint_sync": "moves bytes",
 }
 
 Kind = Literal["data", "training", "rl", "merge", "evaluation"]
