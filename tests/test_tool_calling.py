@@ -213,7 +213,7 @@ def test_chatml_template_renders_tools_and_masks_only_the_assistant(tmp_path, ti
     assert text.startswith("<|im_start|>system\nBe brief.\n\n# Tools\n\nYou may call one or more functions")
     assert "<tools>\n" + json.dumps({"type": "function", "function": WEATHER}, ensure_ascii=False) + "\n" in text
     assert json.dumps({"type": "function", "function": STOCK}, ensure_ascii=False) + "\n</tools>" in text
-    assert "<|im_start|>user\n<tool_response>\n{\"temp_c\": 3}\n</tool_response>\n<tool_response>\n" in text
+    assert '<|im_start|>user\n<tool_response>\n{"temp_c": 3}\n</tool_response>\n<tool_response>\n' in text
     assert _masked(tokenizer, enc) == [
         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>\n'
         '<tool_call>\n{"name": "stock_price", "arguments": {"ticker": "SAP"}}\n</tool_call><|im_end|>',
