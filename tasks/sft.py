@@ -8,7 +8,9 @@ several — so a crash of training is a failed task that Prefect can retry, not 
 Features and their trade-offs:
 - Loss on assistant tokens only (TRL ``assistant_only_loss``). It needs ``{% generation %}``
   markers in the chat template: TRL's own training template when it knows the model's template,
-  else our ChatML training template (SmolLM2, many others), else a clear error.
+  else our ChatML training template (SmolLM2, many others), else a clear error. Rows are tokenized
+  here (``tasks.models.tokenize_record``: the row's ``tools`` and call arguments parsed from their
+  JSON text) and handed to TRL pre-tokenized with their assistant masks.
 - Checkpoints every ``save_steps`` into ``<root>/scratch/sft/<fingerprint>/``, keeping
   ``save_total_limit``; a checkpoint counts only once ``_COMPLETE`` is written after it, so a retry
   resumes from the newest complete one (global step, optimizer, scheduler, RNG, data position) and
