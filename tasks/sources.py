@@ -239,16 +239,15 @@ def read_hub(
     of ms-swift's table is read under its id on ``hub`` (``tasks.hub_ids``), with its row clean-up."""
     entry, asked = hub_dataset(source), hub_id(source, hub)
     where = f"{asked} ({hub})" if asked == source else f"{asked} ({hub}; ms-swift's id for {source})"
-    subsets = subset.split("/") if subset else [None]
-    for part in subsets:
-        rows = _hub_rows(asked, part, hub, where=where, name=name, error=error)
-        for i, row in enumerate(rows):
-            row = dict(row)
-            yield RawRow(where, i, entry.clean(row) if entry and entry.clean else row)
+    parts = [_hub_rows(asked, s, hub, where=where, name=name, error=error) for s in (subset or "").split("/")]
+    for i, row in enumerate(row for rows in parts for row in rows):  # one row count across the subsets
+        row = dict(row)
+        yield RawRow(where, i, entry.clean(row) if entry and entry.clean else row)
 
 
 def _hub_rows(source: str, subset: str | None, hub: str, *, where: str, name: str | None, error: ErrorType) -> Any:
     """One subset of a hub dataset as an iterable of rows."""
+    subset = subset or None
     if hub == "modelscope":
         try:
             from modelscope import MsDataset
