@@ -36,17 +36,92 @@ _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # ChatML with generation markers, for models whose template TRL does not know (SmolLM2 and other
 # ChatML models). Same text as the usual ChatML template, so training and inference see one format.
+# With ``tools``, the Hermes / Qwen2.5 tool layout: the schemas in the system turn, calls as
+# <tool_call> blocks inside the assistant turn (trained), results as <tool_response> blocks in a user
+# turn (not trained), consecutive results grouped in one turn as Qwen2.5 does.
 CHATML_TRAINING_TEMPLATE = (
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}"
+    "{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}"
+    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
+    'within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{"name": <function-name>, '
+    '"arguments": <args-json-object>}\\n</tool_call><|im_end|>\\n\' }}'
+    "{%- endif %}"
     "{%- for message in messages %}"
-    "{%- if message['role'] == 'assistant' %}"
-    "{{- '<|im_start|>assistant\\n' }}{% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{%- if message['role'] == 'system' and tools and loop.first %}"
+    "{%- elif message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' }}{% generation %}"
+    "{%- if message['tool_calls'] %}"
+    "{%- if message['content'] %}{{- message['content'] + '\\n' }}{%- endif %}"
+    "{%- for call in message['tool_calls'] %}"
+    "{%- set call = call['function'] if call['function'] is defined else call %}"
+    "{%- if not loop.first %}{{- '\\n' }}{%- endif %}"
+    "{{- '<tool_call>\\n{\"name\": \"' + call['name'] + '\", \"arguments\": ' }}"
+    "{{- (call['arguments'] if call['arguments'] is string else call['arguments'] | tojson) + '}\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{%- else %}{{- message['content'] }}{%- endif %}"
+    "{{- '<|im_end|>' }}{% endgeneration %}"
     "{{- '\\n' }}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
     "{%- else %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
+
+
+def chat_inputs(record: dict) -> tuple[list[dict], list[dict] | None]:
+    """(messages, tools) ready for ``apply_chat_template`` from one output row ``{"messages", "tools"}``.
+
+    The data stage keeps a row's ``tools`` and every call's ``arguments`` as JSON text: Arrow (datasets,
+    parquet) would merge the schemas of different rows into one struct and fill missing keys with
+    nulls. Templates need objects (``tool | tojson``), so they are parsed here, at rendering.
+
+    >>> msgs, tools = chat_inputs({"messages": [{"role": "assistant", "content": "", "tool_calls": [
+    ...     {"type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]}], "tools": '[{"name": "f"}]'})
+    >>> msgs[0]["tool_calls"][0]["function"]["arguments"], tools
+    ({'x': 1}, [{'name': 'f'}])
+    """
+    tools = record.get("tools")
+    tools = json.loads(tools) if isinstance(tools, str) else tools
+    messages = []
+    for m in record["messages"]:
+        m = {k: v for k, v in m.items() if v is not None}  # Arrow's nulls for keys other rows have
+        if m.get("tool_calls"):
+            calls = []
+            for call in m["tool_calls"]:
+                fn = dict(call.get("function", call))
+                if isinstance(fn.get("arguments"), str):
+                    fn["arguments"] = json.loads(fn["arguments"])
+                calls.append({"type": "function", "function": fn})
+            m["tool_calls"] = calls
+        else:
+            m.pop("tool_calls", None)
+        messages.append(m)
+    return messages, tools or None
+
+
+def tokenize_record(tokenizer, record: dict, chat_template: str | None = None) -> dict:
+    """``input_ids`` and ``assistant_masks`` (1 on the tokens the loss sees: assistant text and tool
+    calls, never tool results) of one output row, rendered with ``chat_template`` (the training
+    template) and the row's ``tools``."""
+    messages, tools = chat_inputs(record)
+    out = tokenizer.apply_chat_template(
+        messages,
+        tools=tools,
+        chat_template=chat_template,
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+    )
+    return {"input_ids": list(out["input_ids"]), "assistant_masks": list(out["assistant_masks"])}
 
 
 def training_chat_template(tokenizer) -> str | None:

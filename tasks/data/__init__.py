@@ -10,18 +10,22 @@ Spec grammar (ms-swift's): ``SOURCE[:SUBSET][#N]``. SOURCE is
   stem or a sub-folder);
 - ``s3://bucket/key`` — an object or a prefix of them in S3 (endpoint and credentials from the
   environment, or the stage's storage block);
-- ``swift/self-cognition`` — the project's own self-cognition set (subsets ``default``, ``en``, ``zh``);
+- ``swift/self-cognition`` — the project's own self-cognition set (subsets ``default``, ``qwen3``,
+  ``empty_think`` as ms-swift defines them, ``en``, ``zh``);
 - ``tuneline/arithmetic`` — generated arithmetic questions with exact answers (offline demo data);
 - anything else: a hub dataset id, Hugging Face through ``datasets`` (default) or ModelScope through
-  the optional ``modelscope`` extra (``hub: modelscope`` or an ``ms://`` prefix). SUBSET is the hub's
-  config name.
+  the optional ``modelscope`` extra (``hub: modelscope`` or an ``ms::`` / ``ms://`` prefix; ``hf::`` /
+  ``hf://`` the other way). SUBSET is the hub's config name; ``a/b`` several, ``all`` every one. The
+  reference job's ModelScope ids map to ms-swift's Hugging Face ids (``tasks.hub_ids``).
 ``#N`` samples N rows without replacement when N ≤ size; above the size it repeats the whole set and
-samples the remainder, as ms-swift does. Sampling is reproducible from ``seed``.
+samples the remainder, as ms-swift does. Sampling is reproducible from ``seed``; with ``shuffle`` off
+``#N`` takes the first N rows.
 
 Formats are detected per source from its field names (override: ``formats``; renames: ``columns``):
 OpenAI ``messages`` (role / content), sharegpt ``conversations`` (from / value; human, gpt, system,
-function_call and observation), alpaca (instruction / input / output, optional system and history),
-query / response, prompt / completion, question / answer (GSM8K) and problem / solution (NuminaMath).
+function_call and observation, with ``tools``: ``tasks.data.tools``), alpaca (instruction / input /
+output, optional system and history), query / response, prompt / completion, question / answer (GSM8K)
+and problem / solution (NuminaMath).
 Multi-turn conversations stay multi-turn. ``{{NAME}}`` / ``{{AUTHOR}}`` (and ``{{name}}`` /
 ``{{author}}``) are filled from ``model_name`` / ``model_author`` in every source.
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from tasks.data.report import SourceReport
 from tasks.data.specs import DataError, DataParams, Spec
+from tasks.data.tools import ToolError, merge_calls, parse_tools, with_tools
 
 # Detection order: the first format whose key fields are all present wins.
 FORMAT_KEYS: list[tuple[str, tuple[str, ...]]] = [
@@ -24,17 +25,23 @@ FORMAT_KEYS: list[tuple[str, tuple[str, ...]]] = [
     ("problem_solution", ("problem", "solution")),
     ("question_answer", ("question", "answer")),
 ]
-_SHAREGPT_ROLES = {
+_SHAREGPT_ROLES = {  # ms-swift's MessagesPreprocessor names, plus OpenAI's
     "human": "user",
     "user": "user",
     "gpt": "assistant",
+    "bot": "assistant",
     "assistant": "assistant",
     "system": "system",
-    "function_call": "assistant",
+    "function_call": "tool_call",
+    "tool_call": "tool_call",
     "observation": "tool",
+    "observations": "tool",
+    "function_response": "tool",
+    "tool_response": "tool",
     "tool": "tool",
     "function": "tool",
 }
+_CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 _PLACEHOLDER = re.compile(r"\{\{\s*(?i:name|author)\s*\}\}")
 
 
@@ -92,10 +99,19 @@ def _convert(fmt: str, row: dict[str, Any]) -> list[tuple[Any, Any, str, str]]:
         for i, m in enumerate(messages):
             if not isinstance(m, dict):
                 raise _RowError(f"messages[{i}]", "must be an object with role and content")
-            content = m.get("content")
-            if content is None and m.get("tool_calls"):
-                content = json.dumps(m["tool_calls"], ensure_ascii=False)
-            turns.append((m.get("role"), content, f"messages[{i}].content", f"messages[{i}].role"))
+            role, content = m.get("role"), m.get("content")
+            role = _SHAREGPT_ROLES.get(role, role) if isinstance(role, str) else role
+            where, role_field = f"messages[{i}].content", f"messages[{i}].role"
+            calls = m.get("tool_calls")
+            if role == "assistant" and calls:  # OpenAI: text (maybe none) and calls in one message
+                if not isinstance(calls, list):
+                    raise _RowError(f"messages[{i}].tool_calls", "must be a list of calls")
+                turns.append((role, "" if content is None else content, where, role_field))
+                turns += [("tool_call", c, f"messages[{i}].tool_calls[{j}]", role_field) for j, c in enumerate(calls)]
+                continue
+            if role in ("tool", "tool_call") and isinstance(content, (dict, list)):
+                content = json.dumps(content, ensure_ascii=False)
+            turns.append((role, content, where, role_field))
         return turns
     if fmt == "sharegpt":
         conversations = _get(row, "conversations")
@@ -110,14 +126,10 @@ def _convert(fmt: str, row: dict[str, Any]) -> list[tuple[Any, Any, str, str]]:
                 raise _RowError(
                     f"conversations[{i}].from", f"unknown speaker {speaker!r} (expected {', '.join(_SHAREGPT_ROLES)})"
                 )
-            turns.append(
-                (
-                    _SHAREGPT_ROLES[speaker],
-                    m.get("value", m.get("content")),
-                    f"conversations[{i}].value",
-                    f"conversations[{i}].from",
-                )
-            )
+            role, content = _SHAREGPT_ROLES[speaker], m.get("value", m.get("content"))
+            if role == "tool" and isinstance(content, (dict, list)):
+                content = json.dumps(content, ensure_ascii=False)
+            turns.append((role, content, f"conversations[{i}].value", f"conversations[{i}].from"))
         return turns
     if fmt in ("alpaca", "query_response"):
         q, a = ("instruction", "output") if fmt == "alpaca" else ("query", "response")
@@ -144,12 +156,13 @@ def _convert(fmt: str, row: dict[str, Any]) -> list[tuple[Any, Any, str, str]]:
     return [*_system(row), ("user", _get(row, q), q, q), ("assistant", _get(row, a), a, a)]
 
 
-def _check_turns(turns: list[tuple[Any, Any, str, str]]) -> None:
-    """Roles in a valid order, strings, valid UTF-8, non-empty user and assistant turns."""
+def _check_turns(turns: list[tuple[Any, Any, str, str, Any]]) -> None:
+    """Roles in a valid order, strings, valid UTF-8, non-empty user and assistant turns (an assistant
+    turn may be calls alone), every tool result after a call."""
     if not turns:
         raise _RowError("messages", "no turns")
     prev = None
-    for i, (role, content, where, role_field) in enumerate(turns):
+    for i, (role, content, where, role_field, calls) in enumerate(turns):
         if not isinstance(role, str) or role not in ("system", "user", "assistant", "tool"):
             raise _RowError(role_field, f"unknown role {role!r}")
         if not isinstance(content, str):
@@ -169,9 +182,9 @@ def _check_turns(turns: list[tuple[Any, Any, str, str]]) -> None:
         elif role == "assistant":
             if prev not in ("user", "tool"):
                 raise _RowError(role_field, "assistant turn without a user turn before it")
-        elif prev not in ("assistant", "tool"):
+        elif prev != "tool" and not (prev == "assistant" and turns[i - 1][4]):
             raise _RowError(role_field, "tool turn without an assistant call before it")
-        if role in ("user", "assistant") and not content.strip():
+        if role in ("user", "assistant") and not content.strip() and not calls:
             raise _RowError(where, f"empty {role} turn")
         prev = role
     if prev != "assistant":
@@ -185,6 +198,17 @@ def _fill(content: Any, name: str, author: str) -> Any:
         if m := _PLACEHOLDER.search(content):
             raise _RowError("", f"placeholder {m.group(0)!r} left after filling {{{{NAME}}}}/{{{{AUTHOR}}}}")
     return content
+
+
+def _name_author(config: DataParams, lang: str | None, turns: list[tuple]) -> tuple[str, str]:
+    """The row's (name, author): ``model_name`` / ``model_author`` are one value or a (zh, en) pair, and
+    a pair is chosen by the row's language, as ms-swift's self-cognition does (its ``lang`` for the
+    built-in set, else Chinese iff the row holds CJK characters)."""
+    if lang is None:
+        lang = "zh" if any(isinstance(t[1], str) and _CJK.search(t[1]) for t in turns) else "en"
+    k = 0 if lang == "zh" else 1
+    pick = [v if isinstance(v, str) else v[min(k, len(v) - 1)] for v in (config.model_name, config.model_author)]
+    return pick[0], pick[1]
 
 
 def load_source(
@@ -215,15 +239,21 @@ def load_source(
                         + " | ".join("+".join(keys) for _, keys in FORMAT_KEYS)
                         + " (rename fields with `columns`, or set `formats`)"
                     )
-            turns = _convert(fmt, row)
+            tools = parse_tools(row.get("tools"))
+            turns = merge_calls(_convert(fmt, row), tools, "tools")
             _check_turns(turns)
+            name, author = _name_author(config, raw.row.get("lang") if spec.kind == "builtin" else None, turns)
             messages = []
-            for role, content, where, _ in turns:
+            for role, content, where, _, calls in turns:
                 try:
-                    messages.append({"role": role, "content": _fill(content, config.model_name, config.model_author)})
+                    messages.append({"role": role, "content": _fill(content, name, author)})
                 except _RowError as e:
                     raise _RowError(where, e.reason) from None
-        except _RowError as e:
+                if calls:
+                    messages[-1]["tool_calls"] = calls
+            if tools:
+                messages = with_tools(messages, json.dumps(tools, ensure_ascii=False))
+        except (_RowError, ToolError) as e:
             at = f": field '{e.field}'" if e.field else ""
             if config.strict:
                 raise DataError(f"{raw.where}: row {raw.index}{at}: {e.reason}") from None

@@ -15,20 +15,24 @@ from tasks.data.formats import load_source
 from tasks.data.report import SourceReport, histogram, report_markdown, token_stats
 from tasks.data.specs import DataError, DataParams, Spec, parse_spec
 from tasks.data.tokens import QWEN2_FALLBACK, TokenCounter, load_tokenizer, truncate, write_tokens
+from tasks.data.tools import record, tools_of, with_tools
 
 Messages = list[dict[str, str]]
 
 
-def sample(rows: list[Any], n: int | None, rng: random.Random) -> list[Any]:
+def sample(rows: list[Any], n: int | None, rng: random.Random, shuffle: bool = True) -> list[Any]:
     """``#N``: without replacement up to the size; above it, whole copies plus a sampled remainder.
+    Without shuffling the remainder is the first rows (ms-swift's ``sample_dataset``).
 
     >>> sample(list("abc"), 7, random.Random(0))[:6]
     ['a', 'b', 'c', 'a', 'b', 'c']
+    >>> sample(list("abcde"), 2, random.Random(0), shuffle=False)
+    ['a', 'b']
     """
     if n is None:
         return list(rows)
     copies, rest = divmod(n, len(rows))
-    return list(rows) * copies + rng.sample(rows, rest)
+    return list(rows) * copies + (rng.sample(rows, rest) if shuffle else list(rows[:rest]))
 
 
 def apply_system(messages: list[dict[str, str]], prompt: str, mode: str) -> list[dict[str, str]]:
@@ -36,9 +40,9 @@ def apply_system(messages: list[dict[str, str]], prompt: str, mode: str) -> list
     if not prompt:
         return messages
     if messages[0]["role"] != "system":
-        return [{"role": "system", "content": prompt}, *messages]
+        return with_tools([{"role": "system", "content": prompt}, *messages], tools_of(messages))
     if mode == "force":
-        return [{"role": "system", "content": prompt}, *messages[1:]]
+        return with_tools([{"role": "system", "content": prompt}, *messages[1:]], tools_of(messages))
     return messages
 
 
@@ -156,7 +160,7 @@ def prepare(
     #    depend on the reading order; validation rows are taken once each, never repeated.
     sampled: list[list[Messages]] = []
     for k, spec in enumerate(every):
-        picked = sample(pools[k], spec.n, rng) if pools[k] else []
+        picked = sample(pools[k], spec.n, rng, config.shuffle) if pools[k] else []
         reports[k].rows_sampled = len(picked)
         sampled.append([apply_system(m, config.system_prompt, config.system_mode) for m in picked])
         held_out[k] = [apply_system(m, config.system_prompt, config.system_mode) for m in held_out[k]]
@@ -194,7 +198,8 @@ def prepare(
         mixed = unique
     if not mixed:
         raise DataError("no training rows survived: nothing to train on")
-    rng.shuffle(mixed)
+    if config.shuffle:
+        rng.shuffle(mixed)
     train, validation = mixed, split.in_hash_order(held_out)
 
     # 7. Write the splits (and their tokens) and the report.
@@ -203,7 +208,7 @@ def prepare(
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train", train), ("validation", validation)):
         with open(out_dir / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in rows)
+            f.writelines(json.dumps(record(m), ensure_ascii=False) + "\n" for m in rows)
         if config.pretokenize:
             write_tokens(tokenizer, rows, out_dir / f"{name}.tokens.parquet")
     all_lengths = [n for r in reports for n in r.lengths]

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Annotated, Iterator, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from tasks.sources import Kind, RawRow, local_files, read_source, source_fingerprint, source_kind
 
@@ -21,6 +21,9 @@ Format = Literal[
     "question_answer",
     "problem_solution",
 ]
+
+
+Name = Annotated[str, StringConstraints(min_length=1, max_length=100)]
 
 
 class DataError(ValueError):
@@ -68,17 +71,20 @@ class DataParams(BaseModel):
         description="missing: add the system prompt only to rows without one (keeps per-row system prompts); "
         "force: every row gets it, replacing its own.",
     )
-    model_name: str = Field(
+    model_name: Name | tuple[Name, Name] = Field(
         default="Tuneline Assistant",
-        min_length=1,
-        max_length=100,
-        description="The name the tuned model gives itself; fills {{NAME}} / {{name}} in the data.",
+        description="The name the tuned model gives itself; fills {{NAME}} / {{name}} in the data. One value, or a "
+        "(Chinese, English) pair chosen per row by its language, as ms-swift's --model_name.",
     )
-    model_author: str = Field(
+    model_author: Name | tuple[Name, Name] = Field(
         default="the Tuneline team",
-        min_length=1,
-        max_length=100,
-        description="Who the tuned model says made it; fills {{AUTHOR}} / {{author}} in the data.",
+        description="Who the tuned model says made it; fills {{AUTHOR}} / {{author}} in the data. One value, or a "
+        "(Chinese, English) pair chosen per row by its language.",
+    )
+    shuffle: bool = Field(
+        default=True,
+        description="Shuffle: #N samples N rows with data.seed and the mixed training rows are shuffled. Off: #N takes "
+        "the first N rows (ms-swift's rule without shuffling) and the rows stay in source order.",
     )
     strict: bool = Field(
         default=True,
@@ -176,7 +182,7 @@ class Spec:
 
     text: str
     source: str
-    subset: str | None
+    subset: str | None  # one subset, several joined by "/", or "all"
     n: int | None
     hub: str  # huggingface | modelscope (only used for hub ids)
 
@@ -214,6 +220,9 @@ def parse_spec(spec: str, hub: str = "huggingface") -> Spec:
     >>> parse_spec("AI-ModelScope/alpaca-gpt4-data-en:default#500")  # doctest: +NORMALIZE_WHITESPACE
     Spec(text='AI-ModelScope/alpaca-gpt4-data-en:default#500', source='AI-ModelScope/alpaca-gpt4-data-en',
          subset='default', n=500, hub='huggingface')
+    >>> parse_spec("hf::AI-ModelScope/alpaca-gpt4-data-zh:a/b#5")  # doctest: +NORMALIZE_WHITESPACE
+    Spec(text='hf::AI-ModelScope/alpaca-gpt4-data-zh:a/b#5', source='AI-ModelScope/alpaca-gpt4-data-zh',
+         subset='a/b', n=5, hub='huggingface')
     >>> parse_spec("ms://swift/self-cognition#abc")
     Traceback (most recent call last):
     ...
@@ -228,15 +237,17 @@ def parse_spec(spec: str, hub: str = "huggingface") -> Spec:
         if not n_text.isdigit() or int(n_text) <= 0:
             raise DataError(f"dataset spec {spec!r}: #N must be a positive integer, got #{n_text}")
         n = int(n_text)
-    if body.startswith("ms://"):
-        hub, body = "modelscope", body[5:]
-    elif body.startswith("hf://"):
-        hub, body = "huggingface", body[5:]
+    # ms-swift's ``hf::`` / ``ms::`` and tuneline's ``hf://`` / ``ms://`` pick the hub for one source.
+    prefixes = (("ms://", "modelscope"), ("hf://", "huggingface"), ("ms::", "modelscope"), ("hf::", "huggingface"))
+    for prefix, name in prefixes:
+        if body.lower().startswith(prefix) and not Path(body).expanduser().exists():
+            hub, body = name, body[len(prefix) :]
+            break
     subset = None
-    head, colon, tail = body.rpartition(":")
-    # A colon starts a subset unless it belongs to a scheme (s3://) or the whole text is an existing path.
-    if colon and head and tail and "/" not in tail and not Path(body).expanduser().exists():
-        body, subset = head, tail
+    # A colon starts the subsets (``:a/b``) unless it belongs to a scheme (s3://) or the text is an existing path.
+    head, colon, tail = body.partition(":")
+    if colon and head and tail and not tail.startswith("//") and not Path(body).expanduser().exists():
+        body, subset = head, "/".join(part.strip() for part in tail.split("/"))
     if not body:
         raise DataError(f"dataset spec {spec!r}: empty SOURCE")
     return Spec(text=text, source=body, subset=subset, n=n, hub=hub)

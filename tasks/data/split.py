@@ -42,7 +42,8 @@ def prompt_key(messages: Messages) -> str:
 
 def conversation_key(messages: Messages) -> str:
     """The whole normalised conversation (every role and turn): what makes two rows duplicates."""
-    return json.dumps([[m["role"], normalise(m["content"])] for m in messages], ensure_ascii=False)
+    turns = [[m["role"], normalise(m["content"]), m.get("tool_calls")] for m in messages]
+    return json.dumps([messages[0].get("tools") if messages else None, turns], ensure_ascii=False)
 
 
 def position(key: str) -> float:

