@@ -59,7 +59,7 @@ from tasks.fingerprints import (
     with_lineage,
 )
 from tasks.registry import LATEST, MANIFEST, latest_release, release_prefix
-from tasks.release_ops import LatestMoved, ReleaseError, fetch_release, move_latest, verify_files
+from tasks.release_ops import LatestMoved, ReleaseError, fetch_release, move_latest, read_log, verify_files
 from tasks.stage import StageContext, Workspace, run_stage, stage_cache_key
 from tasks.store import StageRef, Store, StoreError, safe_key, sha256_file
 
@@ -289,10 +289,11 @@ def publish_release(
         **lineage,
         "files": entries,
     }
+    retry = store.exists(f"{prefix}/{MANIFEST}")
     store.write_json(f"{prefix}/{MANIFEST}", manifest)
     current = latest_release(store, model_name)
-    if current == release_id:
-        return manifest  # a retry after LATEST was moved
+    if current == release_id or (retry and _moved_before(store, model_name, release_id)):
+        return manifest  # a retry after LATEST was moved (and maybe moved on by a person since: leave it)
     if expected_latest is UNCHECKED:
         # Plain calls: ids start with the UTC time of their first attempt, never move LATEST to an older
         # one (the time part only: two releases started in the same second go by publication order).
@@ -312,6 +313,11 @@ def publish_release(
             f"{e}; release {release_id} is complete but not LATEST (promote it by hand if wanted)"
         ) from None
     return manifest
+
+
+def _moved_before(store: Store, model_name: str, release_id: str) -> bool:
+    """Whether an earlier attempt already moved LATEST to this release (the move log says so)."""
+    return any(e.get("action") == "release" and e.get("to") == release_id for e in read_log(store, model_name))
 
 
 def _check_latest(store: Store, model_name: str, release_id: str, expected: Any) -> None:

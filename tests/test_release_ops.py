@@ -438,3 +438,16 @@ def test_release_ops_flow_and_the_nightly_release_task_refusing(tmp_path):
     with pytest.raises(LatestMoved, match=f"moved from {rid(2)} to {rid(1)} since this run started"):
         refused.result()
     assert latest_release(store, MODEL) == rid(1)
+
+
+def test_a_retried_night_does_not_undo_a_rollback_of_its_own_release(store, tmp_path):
+    ship(store, 1, tmp_path)
+    night = tmp_path / "night.safetensors"
+    night.write_bytes(b"night")
+    publish_release(store, MODEL, rid(2), {"model/x": night}, {"gate": {"passed": True}}, expected_latest=rid(1))
+    assert latest_release(store, MODEL) == rid(2)
+    promote(store, MODEL, rid(1), who="ops", why="2 is bad")  # a person undoes the night
+    # The night's task is retried (e.g. it failed after moving LATEST): its release stands, LATEST stays.
+    publish_release(store, MODEL, rid(2), {"model/x": night}, {"gate": {"passed": True}}, expected_latest=rid(1))
+    assert latest_release(store, MODEL) == rid(1)
+    assert [e["action"] for e in read_log(store, MODEL)] == ["release", "release", "promote"]
