@@ -451,3 +451,30 @@ def test_a_retried_night_does_not_undo_a_rollback_of_its_own_release(store, tmp_
     publish_release(store, MODEL, rid(2), {"model/x": night}, {"gate": {"passed": True}}, expected_latest=rid(1))
     assert latest_release(store, MODEL) == rid(1)
     assert [e["action"] for e in read_log(store, MODEL)] == ["release", "release", "promote"]
+
+
+def test_movers_racing_without_the_lock_have_exactly_one_winner(store, tmp_path):
+    """Eight movers read LATEST at once and write at once: a read-then-write would let several win;
+    the conditional write lets exactly one (a night's move takes no lock, so this is its guarantee)."""
+    from tasks.release_ops import move_latest
+
+    for n in range(1, 10):
+        ship(store, n, tmp_path)
+    start = threading.Barrier(8)
+    won: list[str] = []
+    lost: list[LatestMoved] = []
+
+    def go(n: int) -> None:
+        start.wait()
+        try:
+            move_latest(store, MODEL, rid(n), expected=rid(9), action="release", who=f"night-{n}", why="race")
+            won.append(rid(n))
+        except LatestMoved as e:
+            lost.append(e)
+
+    threads = [threading.Thread(target=go, args=(n,)) for n in range(1, 9)]
+    [t.start() for t in threads]
+    [t.join(60) for t in threads]
+    assert len(won) == 1 and len(lost) == 7
+    assert latest_release(store, MODEL) == won[0]
+    assert [e["to"] for e in read_log(store, MODEL) if e["why"] == "race"] == won
