@@ -3,6 +3,7 @@
 tuneline run --preset demo [--set sft.max_steps=10 ...]   run the flow here
 tuneline data check [SPEC ...] [--preset P] [--set data.K=V] [--max-length N ...]  validate datasets
 tuneline fetch ROOT MODEL [RELEASE_ID|LATEST] DEST        download a release, verify checksums
+tuneline release list|show|promote|rollback|prune|log MODEL [ID] --root ROOT   operate releases
 tuneline deploy --pool gpu-v100                           apply pools + deployments (infra/prefect.yaml)
 tuneline serve-local                                      Prefect server + worker on 127.0.0.1:4200
 """
@@ -169,6 +170,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
     try:
         store = store_for(args.root, args.block)
+        store.max_attempts = 2  # a person waits: an unreachable endpoint fails in seconds
+        store.check()  # missing credentials, bucket or endpoint: one line naming them, before any download
         manifest = fetch_release(store, args.model, args.release_id, Path(args.dest))
     except (ReleaseError, StoreError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -261,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         help="name of a saved 'Tuneline Artifact Store' block giving the endpoint and credentials",
     )
     fetch.set_defaults(func=cmd_fetch)
+    from flows.release_ops import add_release_parser
+
+    add_release_parser(sub)
     dep = sub.add_parser("deploy", help="apply work pools and the deployments of infra/prefect.yaml (PREFECT_API_URL)")
     dep.add_argument("--pool", default="gpu-v100", help="work pool the deployments target: cpu, gpu-v100, gpu-a100x2")
     dep.add_argument(

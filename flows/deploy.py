@@ -57,7 +57,15 @@ def deployment_values(preset: str | None = None, code_dir: str | None = None) ->
 
     params = load_params(preset or NIGHTLY_PRESET)
     code = Path(code_dir or REPO)
-    return {"params": params.model_dump(mode="json"), "code_dir": str(code)}
+    # The release-ops deployment (UI buttons for promote, rollback, prune) acts on the preset's store and model.
+    ops = {
+        "model_name": params.release.model_name,
+        "artifact_root": params.artifact_root,
+        "storage_block": params.storage_block,
+        "keep_last": params.release.keep_last,
+        "stage_max_age_days": params.release.stage_max_age_days,
+    }
+    return {"params": params.model_dump(mode="json"), "code_dir": str(code), "release_ops": ops}
 
 
 # ----------------------------------------------------------------------------------------------

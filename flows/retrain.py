@@ -31,6 +31,7 @@ from tasks.merge import merge_lora
 from tasks.registry import current_champion, gate_champion
 from tasks.release import release
 from tasks.requirements import TaskNeed, check_needs
+from tasks.retention import after_release
 from tasks.sft import lora_sft
 
 
@@ -90,6 +91,10 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict[str, Any]:
         params=lineage_params,
         ctx=ctx,
         expected_latest=latest.release_id if latest else None,
+    )
+    # Retention (release.keep_last, tasks/retention.py); a failure is logged, the release stands.
+    after_release(
+        ctx.store(), params.release.model_name, params.release.keep_last, params.release.stage_max_age_days, logger
     )
     stored = json.loads((ctx.open(report) / "report.json").read_text(encoding="utf-8"))
     return {

@@ -96,9 +96,14 @@ def download_champion_model(store: Store, champion: ChampionRef, dest: Path) -> 
     manifest, _ = read_manifest(store, champion.model_name, champion.release_id)
     files = {rel: e for rel, e in manifest["files"].items() if rel.startswith("model/")}
     name = f"release {champion.model_name}/{champion.release_id} at {store.where()}"
+    prefix = release_prefix(champion.model_name, champion.release_id)
+    if store.exists(f"{prefix}/pruned.json"):  # retention (tasks/retention.py) removed its merged weights
+        raise RegistryError(
+            f"{name} was pruned by retention (its merged model is gone) and its evaluation report cannot be reused "
+            "for this measurement: promote a whole release as the champion, or evaluate with the champion's settings"
+        )
     if not files:
         raise RegistryError(f"{name} has no merged model (release.include_merged was off) to evaluate as the champion")
-    prefix = release_prefix(champion.model_name, champion.release_id)
     for rel, entry in sorted(files.items()):
         target = dest / safe_key(rel).removeprefix("model/")
         if target.is_file() and target.stat().st_size == entry["size"] and sha256_file(target) == entry["sha256"]:

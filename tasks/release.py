@@ -23,7 +23,8 @@ Order of writes, so that a reader never sees half a release:
    ``multipart_chunk_mib``; botocore retries transient errors with backoff, the task retries too);
 3. every file is checked against the store (its content read back and hashed, by default);
 4. ``manifest.json`` is written — only now is the release complete;
-5. ``LATEST`` is pointed at it (never moved back to an older release).
+5. ``LATEST`` is moved to it by compare-and-swap against the release the run's gate compared with
+   (``tasks/release_ops.py``): a rollback made meanwhile wins, and the night refuses with the reason.
 
 S3 goes through boto3 with credentials from a ``Tuneline Artifact Store`` block (prefect-aws
 ``AwsCredentials``) or the environment; ``endpoint_url`` picks an S3-compatible server. Credentials
@@ -40,7 +41,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import platform
-import shutil
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -59,17 +59,16 @@ from tasks.fingerprints import (
     with_lineage,
 )
 from tasks.registry import LATEST, MANIFEST, latest_release, release_prefix
+from tasks.release_ops import LatestMoved, ReleaseError, fetch_release, move_latest, read_log, verify_files
 from tasks.stage import StageContext, Workspace, run_stage, stage_cache_key
 from tasks.store import StageRef, Store, StoreError, safe_key, sha256_file
+
+__all__ = ["ReleaseError", "LatestMoved", "fetch_release", "publish_release", "release", "verify_files"]
 
 STAGE = "release"
 CODE = "tasks.release"  # the module of publish_release(): the code identity starts here
 # publish_release's default: LATEST is not compared before it moves (plain calls, tests of the layout).
 UNCHECKED = object()
-
-
-class ReleaseError(RuntimeError):
-    """A release is incomplete or does not match its manifest."""
 
 
 class ReleaseParams(BaseModel):
@@ -98,6 +97,23 @@ class ReleaseParams(BaseModel):
         description="Files larger than this go up in parts of this size (S3: ≥ 5 MiB a part, ≤ 10,000 parts). Smaller "
         "parts resume finer after a failure; larger parts mean fewer requests.",
     )
+    keep_last: int = Field(
+        default=7,
+        ge=1,
+        description="Retention: after each release, releases older than the newest keep_last lose their merged "
+        "weights (manifest, adapter and evaluation report stay). Never pruned: LATEST, the champion its gate used, a "
+        "release made LATEST by hand.",
+    )
+    stage_max_age_days: int = Field(
+        default=30,
+        ge=0,
+        description="Retention: stage folders (stages/) older than this many days are deleted, unless a kept "
+        "release's lineage points at them or a run holds their lock. 0: never.",
+    )
+
+
+# Retention settings decide what is deleted later, not what is released: not part of the fingerprint.
+RETENTION_FIELDS = frozenset({"keep_last", "stage_max_age_days"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,13 +249,15 @@ def publish_release(
     verify: Literal["content", "metadata"] = "content",
     on_progress: Callable[[str, bool], None] | None = None,
     expected_latest: Any = UNCHECKED,
+    who: str = "",
 ) -> dict[str, Any]:
     """Upload ``files`` (release-relative key -> local path) unless already there, verify them
-    against the store, then write the manifest and the ``LATEST`` pointer. Returns the manifest.
+    against the store, then write the manifest and move ``LATEST``. Returns the manifest.
     ``on_progress(key, uploaded)`` is called after each file (uploaded False: it was already there).
-    ``expected_latest``: the release id (or None) ``LATEST`` named when the run started; if it moved
-    meanwhile (a rollback, another run), nothing is published (checked before the upload and again
-    before the manifest; a check, not an atomic swap — the release-operations work adds the lock)."""
+    ``expected_latest``: the release id (or None) ``LATEST`` named when the run read its champion; if
+    it moved meanwhile (a rollback, another run), ``LatestMoved``: checked before the upload, before
+    the manifest, and by the compare-and-swap that moves LATEST (then the release is complete but not
+    LATEST; a person may promote it)."""
     prefix = release_prefix(model_name, release_id)
     _check_latest(store, model_name, release_id, expected_latest)
     entries: dict[str, dict[str, Any]] = {}
@@ -271,13 +289,35 @@ def publish_release(
         **lineage,
         "files": entries,
     }
+    retry = store.exists(f"{prefix}/{MANIFEST}")
     store.write_json(f"{prefix}/{MANIFEST}", manifest)
     current = latest_release(store, model_name)
-    # Ids start with the UTC time of their first attempt: never move LATEST to an older one. Compare
-    # the time part only — two releases started in the same second are ordered by publication.
-    if current is None or current.split("-", 1)[0] <= release_id.split("-", 1)[0]:
-        store.write_bytes(f"releases/{safe_key(model_name)}/{LATEST}", release_id.encode())
+    if current == release_id or (retry and _moved_before(store, model_name, release_id)):
+        return manifest  # a retry after LATEST was moved (and maybe moved on by a person since: leave it)
+    if expected_latest is UNCHECKED:
+        # Plain calls: ids start with the UTC time of their first attempt, never move LATEST to an older
+        # one (the time part only: two releases started in the same second go by publication order).
+        if current is not None and current.split("-", 1)[0] > release_id.split("-", 1)[0]:
+            return manifest
+        expected_latest = current
+    champion = (lineage.get("champion") or {}).get("release_id")
+    why = ("forced past a failed gate" if lineage.get("forced") else "gate passed") + (
+        f" against champion {champion}" if champion else " (no champion: first release)"
+    )
+    try:
+        move_latest(
+            store, model_name, release_id, expected=expected_latest, action="release", who=who or "release", why=why
+        )
+    except LatestMoved as e:
+        raise LatestMoved(
+            f"{e}; release {release_id} is complete but not LATEST (promote it by hand if wanted)"
+        ) from None
     return manifest
+
+
+def _moved_before(store: Store, model_name: str, release_id: str) -> bool:
+    """Whether an earlier attempt already moved LATEST to this release (the move log says so)."""
+    return any(e.get("action") == "release" and e.get("to") == release_id for e in read_log(store, model_name))
 
 
 def _check_latest(store: Store, model_name: str, release_id: str, expected: Any) -> None:
@@ -285,71 +325,10 @@ def _check_latest(store: Store, model_name: str, release_id: str, expected: Any)
         return
     current = latest_release(store, model_name)
     if current not in (expected, release_id):  # our own id: a retry after LATEST was already moved
-        raise ReleaseError(
+        raise LatestMoved(
             f"LATEST of {model_name} moved from {expected or '(none)'} to {current} since this run started (a "
             "rollback or another run): nothing released; rerun to be gated against the new champion"
         )
-
-
-def verify_files(
-    store: Store, prefix: str, entries: dict[str, dict[str, Any]], how: Literal["content", "metadata"] = "content"
-) -> dict[str, str]:
-    """Compare each file in the store with its entry (size and SHA-256); return ``{key: problem}``."""
-    problems = {}
-    for rel, entry in entries.items():
-        key = f"{prefix}/{rel}"
-        there = store.head(key)
-        if there is None:
-            problems[rel] = "missing"
-        elif there["size"] != entry["size"]:
-            problems[rel] = f"size {there['size']} != {entry['size']}"
-        elif how == "content" and store.sha256_of(key) != entry["sha256"]:
-            problems[rel] = "checksum mismatch"
-        elif how == "metadata" and there["sha256"] != entry["sha256"]:
-            problems[rel] = "checksum mismatch"
-    return problems
-
-
-# ----------------------------------------------------------------------------------------------
-# Fetching (the ``tuneline fetch`` command)
-# ----------------------------------------------------------------------------------------------
-def fetch_release(store: Store, model_name: str, release_id: str, dest: Path) -> dict[str, Any]:
-    """Download a release (``LATEST`` or an id) into ``dest`` and verify every file's size and SHA-256
-    against the manifest. Files land in ``dest`` only when all of them are right; on a mismatch
-    nothing is left behind and ``ReleaseError`` names the bad files."""
-    dest = Path(dest)
-    if dest.exists() and any(dest.iterdir()):
-        raise ReleaseError(f"destination {dest} is not empty")
-    if release_id == LATEST:
-        release_id = latest_release(store, model_name)
-        if release_id is None:
-            raise ReleaseError(f"no release of {model_name!r} at {store.where()} ({LATEST} is missing)")
-    prefix = release_prefix(model_name, release_id)
-    if not store.exists(f"{prefix}/{MANIFEST}"):
-        raise ReleaseError(f"no complete release {model_name}/{release_id} at {store.where()} (no {MANIFEST})")
-    manifest = store.read_json(f"{prefix}/{MANIFEST}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.partial-"))
-    try:
-        bad = []
-        for rel, entry in sorted(manifest["files"].items()):
-            rel = safe_key(rel)  # the manifest is data from the store: never a path outside dest
-            target = tmp / rel
-            store.download_file(f"{prefix}/{rel}", target)
-            if target.stat().st_size != entry["size"] or sha256_file(target) != entry["sha256"]:
-                bad.append(rel)
-        if bad:
-            raise ReleaseError(
-                f"release {model_name}/{release_id} at {store.where()}: checksum mismatch for {', '.join(bad)}; "
-                "nothing was kept"
-            )
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
-        if dest.exists():
-            dest.rmdir()
-        tmp.rename(dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return manifest
 
 
 # ----------------------------------------------------------------------------------------------
@@ -367,7 +346,8 @@ def fingerprint_of(
 ) -> str:
     """The release code, the parameters and the content of everything it publishes (docs/caching.md)."""
     upstream = [content_of(r) for r in (adapter, merged, report, dataset)]
-    return fingerprint(STAGE, code_identity(CODE), {"config": config, "params": params}, upstream=upstream)
+    released = config.model_dump(mode="json", exclude=RETENTION_FIELDS)
+    return fingerprint(STAGE, code_identity(CODE), {"config": released, "params": params}, upstream=upstream)
 
 
 def _release_files(
@@ -388,8 +368,8 @@ def _release_files(
 
 
 def _worth_retrying(task, task_run, state) -> bool:
-    """Retry transient failures; a missing bucket or rejected credentials fail at once."""
-    return not (isinstance(state.data, StoreError) and state.data.permanent)
+    """Retry transient failures; a missing bucket, rejected credentials or a moved LATEST fail at once."""
+    return not (isinstance(state.data, StoreError) and state.data.permanent or isinstance(state.data, LatestMoved))
 
 
 # Transient failures (the store went away, a timeout) are retried with growing pauses: 10 s, 20 s, 40 s
@@ -419,6 +399,8 @@ def release(
     ``expected_latest``: the release ``LATEST`` named when the run started (None: no release yet).
     If it moved meanwhile, nothing is published. Not part of the fingerprint: a rerun with nothing
     new stays a cache hit whatever LATEST says now."""
+    from prefect.runtime import flow_run
+
     logger = run_logger()
     fp = fingerprint_of(config, adapter, merged, report, dataset, params, ctx)
     store = ctx.store()
@@ -442,9 +424,9 @@ def release(
             card = Path(tmp) / "README.md"
             card.write_text(model_card(config.model_name, lineage, eval_report), encoding="utf-8")
             files["README.md"] = card
-            manifest = publish_release(
-                store, config.model_name, release_id, files, lineage, config.verify_upload, progress, expected_latest
-            )
+            who = f"flow run {flow_run.name or '?'} ({flow_run.id or '?'})"
+            args = (config.verify_upload, progress, expected_latest, who)
+            manifest = publish_release(store, config.model_name, release_id, files, lineage, *args)
         uri = store.uri(release_prefix(config.model_name, release_id))
         size = sum(e["size"] for e in manifest["files"].values())
         logger.info(

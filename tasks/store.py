@@ -235,15 +235,7 @@ class Store:
     def exists(self, key: str) -> bool:
         if not self.is_s3:
             return self.local_path(key).exists()
-        from botocore.exceptions import ClientError
-
-        try:
-            self.client.head_object(Bucket=self.bucket, Key=self._object_key(key))
-            return True
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise StoreError(f"S3 head {key} failed at {self.where()}: {e.response['Error'].get('Code')}") from None
+        return self.head(key) is not None
 
     def read_bytes(self, key: str) -> bytes:
         if not self.is_s3:

@@ -458,3 +458,44 @@ def test_deploy_build_step_rejects_a_bad_preset(tmp_path):
         yaml.safe_load((REPO / "infra" / "presets" / "nightly.yaml").read_text())
     ).model_dump(mode="json")
     assert good["code_dir"] == str(REPO)
+
+
+def test_release_ops_deployment_rolls_back_from_the_ui(service, client, tmp_path):
+    """The release-ops deployment (cpu pool, the preset's model and store) run as the UI's Run form
+    does: a rollback moves LATEST, and the move log is the run's markdown artifact."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from tasks.registry import latest_release
+    from tasks.release import publish_release
+    from tasks.store import Store
+
+    ops = client.read_deployment_by_name("release-ops/release-ops")
+    preset = load_params(service.preset)
+    assert ops.work_pool_name == "cpu" and ops.entrypoint == "flows/release_ops.py:release_ops"
+    assert ops.parameters["model_name"] == preset.release.model_name
+    assert ops.parameters["artifact_root"] == preset.artifact_root and ops.parameters["action"] == "list"
+
+    store = Store(str(tmp_path / "root"))
+    for n, passed in ((1, True), (2, True)):
+        weights = tmp_path / f"w{n}"
+        weights.write_bytes(bytes([n]) * 100)
+        publish_release(
+            store, "ui-model", f"2026010{n}T000000Z-0000000{n}", {"model/w": weights}, {"gate": {"passed": passed}}
+        )
+    params = {
+        "action": "rollback",
+        "model_name": "ui-model",
+        "artifact_root": store.root,
+        "reason": "clicked in the UI",
+    }
+    run = client.create_flow_run_from_deployment(ops.id, parameters=params)
+    (done,) = _wait_final(client, [run.id], service, timeout=180)
+    assert done.state.type.value == "COMPLETED", service.output()
+    assert latest_release(store, "ui-model") == "20260101T000000Z-00000001"
+    (artifact,) = client.read_artifacts(
+        artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))
+    )
+    assert (
+        artifact.key == "release-log"
+        and "| rollback | 20260102T000000Z-00000002 | 20260101T000000Z-00000001 |" in artifact.data
+    )
