@@ -87,28 +87,60 @@ def alive(pid: int) -> bool:
     return st is None or st[0] != "Z"  # without /proc, kill(0) is all we know
 
 
-def _survivors(pgid: int) -> list[int]:
-    """Live processes of a trainer: the group ``pgid`` and our own children (orphans we adopted)."""
-    if not Path("/proc/self/stat").exists():  # no /proc: the group as a whole
-        try:
-            os.killpg(pgid, 0)
-            return [pgid]
-        except (ProcessLookupError, PermissionError):
-            return []
-    me, found = os.getpid(), []
+def _processes() -> dict[int, tuple[str, int, int]]:
+    """Every live process: pid -> (state, ppid, pgrp); zombies left out."""
+    found = {}
     for name in os.listdir("/proc"):
-        if name.isdigit() and int(name) != me and (st := _stat(int(name))) and st[0] != "Z":
-            if st[2] == pgid or st[1] == me:
-                found.append(int(name))
+        if name.isdigit() and (st := _stat(int(name))) and st[0] != "Z":
+            found[int(name)] = st
     return found
 
 
-def _signal_all(pgid: int, pids: list[int], sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-    for pid in pids:  # adopted descendants that left the group
+def descendant_groups(root: int) -> set[int]:
+    """The process groups of ``root`` and of every process under it. A trainer's helpers may lead
+    groups of their own (the vLLM server does), so stopping the trainer's group alone would miss them."""
+    procs = _processes()
+    children: dict[int, list[int]] = {}
+    for pid, (_, ppid, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    groups, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        if pid in procs:
+            groups.add(procs[pid][2])
+        todo.extend(children.get(pid, []))
+    return groups
+
+
+def _survivors(groups: set[int]) -> list[int]:
+    """Live processes of a trainer: every group it made (``groups``) and our own children (orphans we
+    adopted as subreaper)."""
+    if not Path("/proc/self/stat").exists():  # no /proc: the groups as a whole
+        live = []
+        for pgid in groups:
+            try:
+                os.killpg(pgid, 0)
+                live.append(pgid)
+            except (ProcessLookupError, PermissionError):
+                pass
+        return live
+    me = os.getpid()
+    mine = os.getpgrp()
+    return [
+        pid
+        for pid, (_, ppid, pgrp) in _processes().items()
+        if pid != me and ((pgrp in groups and pgrp != mine) or ppid == me)
+    ]
+
+
+def _signal_all(groups: set[int], pids: list[int], sig: int) -> None:
+    mine = os.getpgrp()
+    for pgid in groups - {mine}:
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for pid in pids:  # adopted descendants whose group is not among them
         try:
             os.kill(pid, sig)
         except (ProcessLookupError, PermissionError):
@@ -203,7 +235,7 @@ class Guard:
             pgid = int(pid_file.read_text())
         except (OSError, ValueError):
             pgid = 0
-        if pgid and _survivors(pgid):
+        if pgid and _survivors({pgid}):
             return False
         try:
             delete_if(store, LOCK_KEY, current[1])
@@ -244,33 +276,37 @@ class Guard:
         self.trainer = subprocess.Popen(self.args.cmd, start_new_session=True, preexec_fn=_die_with_guard)
         pgid = self.trainer.pid
         Path(self.args.pid_file).write_text(str(pgid))
+        groups, scanned = {pgid}, 0.0
         while self.status is None:
             self.reap()
+            if time.monotonic() - scanned > 1.0 and Path("/proc/self/stat").exists():
+                groups |= descendant_groups(pgid)  # groups the trainer's helpers lead (a vLLM server)
+                scanned = time.monotonic()
             if self.status is None and self.should_stop(lock):
                 break
             time.sleep(_POLL_S)
         if self.status is None:
             self.say(f"{self.stop_reason}: stopping the trainer (process group {pgid})")
-        self._stop(pgid)  # after a clean exit too: a worker whose torchrun died must not keep the GPU
+        self._stop(groups)  # after a clean exit too: a worker whose torchrun died must not keep the GPU
         if self.status is None:
             self.status = -signal.SIGKILL
         return self.status
 
-    def _stop(self, pgid: int) -> None:
+    def _stop(self, groups: set[int]) -> None:
         """SIGTERM to what is left of the trainer, then SIGKILL after the grace period."""
         self.reap()
-        if not (left := _survivors(pgid)):
+        if not (left := _survivors(groups)):
             return
-        _signal_all(pgid, left, signal.SIGTERM)
+        _signal_all(groups, left, signal.SIGTERM)
         deadline = time.monotonic() + self.args.grace
-        while (left := _survivors(pgid)) and time.monotonic() < deadline:
+        while (left := _survivors(groups)) and time.monotonic() < deadline:
             self.reap()
             time.sleep(0.1)
         if left:
             self.say(f"{len(left)} trainer process(es) still alive after {self.args.grace:.0f}s: SIGKILL")
-            _signal_all(pgid, left, signal.SIGKILL)
+            _signal_all(groups, left, signal.SIGKILL)
             deadline = time.monotonic() + 10
-            while _survivors(pgid) and time.monotonic() < deadline:
+            while _survivors(groups) and time.monotonic() < deadline:
                 self.reap()
                 time.sleep(0.05)
         self.reap()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 # Prefect reads its settings when it is first imported, so its home (SQLite database, results) is
@@ -80,6 +81,18 @@ def s3_server(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    """An empty artifact store, once on local disk and once under a fresh prefix of the real S3 server
+    (tests of the store's guarantees run on both)."""
+    from tasks.store import Store
+
+    if request.param == "local":
+        return Store(str(tmp_path / "root"))
+    server = request.getfixturevalue("s3_server")
+    return Store(f"s3://{server.bucket}/{uuid.uuid4().hex[:12]}")
 
 
 @pytest.fixture(scope="session")

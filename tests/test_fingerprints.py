@@ -87,8 +87,8 @@ def test_a_changed_constant_in_a_module_sft_imports_reruns_sft_and_what_follows(
     copy = _copy(tmp_path)
     _edit(
         copy / "tasks" / "models.py",
-        "{% generation %}{{- message['content']",
-        "{% generation %}{{- message['content'].strip()",
+        "{%- else %}{{- message['content'] }}{%- endif %}",
+        "{%- else %}{{- message['content'].strip() }}{%- endif %}",
     )
     edited = _identities(copy)
     # the training chat template is the loss mask: SFT and every stage it reaches rerun; the data

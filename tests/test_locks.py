@@ -17,18 +17,11 @@ from pathlib import Path
 import pytest
 
 from tasks.locks import LockLost, LockTimeout, PreconditionFailed, StoreLock, delete_if, put_if, read_versioned
+from tasks.release_ops import release_ids
 from tasks.stage import StageContext, Workspace, run_stage
 from tasks.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path):
-    if request.param == "local":
-        return Store(str(tmp_path / "root"))
-    server = request.getfixturevalue("s3_server")
-    return Store(f"s3://{server.bucket}/{tmp_path.name}")
 
 
 @pytest.fixture(autouse=True)
@@ -316,5 +309,6 @@ def test_two_concurrent_flow_runs_build_each_stage_once_and_release_once(tiny_mo
         assert len(folders) == 1 and (folders[0] / "_SUCCESS").exists(), stage
     assert not [p for p in (root / "locks").rglob("*") if p.is_file()]  # no lock left behind
     model = root / "releases" / "smollm2-135m-quokka"
-    releases = [p.name for p in model.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    assert releases == [results[0]["release_id"]] == [(model / "LATEST").read_text()]
+    assert list(release_ids(Store(str(root)), "smollm2-135m-quokka")) == [results[0]["release_id"]]
+    assert (model / "LATEST").read_text() == results[0]["release_id"]
+    assert len([p for p in (model / "log").iterdir()]) == 1  # LATEST moved once

@@ -97,14 +97,6 @@ def test_fingerprint_changes_with_config_code_and_upstream():
     assert base != fingerprint("sft", "code1", {"lr": 1e-4}, upstream=["abd"])
 
 
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path):
-    if request.param == "local":
-        return Store(str(tmp_path / "root"))
-    server = request.getfixturevalue("s3_server")
-    return Store(f"s3://{server.bucket}/{tmp_path.name}")
-
-
 def test_publish_writes_success_last_and_completed_reads_the_ref(store, tmp_path):
     out = tmp_path / "out"
     (out / "sub").mkdir(parents=True)

@@ -66,14 +66,6 @@ def test_a_night_that_reproduces_the_champion_keeps_the_champion_it_was_gated_ag
     assert gate_champion(store, None, "m9") is None
 
 
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path):
-    if request.param == "local":
-        return Store(str(tmp_path / "root"))
-    server = request.getfixturevalue("s3_server")
-    return Store(f"s3://{server.bucket}/registry-{tmp_path.name}")
-
-
 def test_release_refuses_when_latest_moved_during_the_run(store, tmp_path):
     _release(store, "20260101T000000Z-aaaa", "m1", None, tmp_path)
     seen_at_start = latest_release(store, MODEL)

@@ -33,14 +33,6 @@ def rid(n: int) -> str:
     return f"202601{n:02d}T010000Z-{n:08x}"
 
 
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path):
-    if request.param == "local":
-        return Store(str(tmp_path / "root"))
-    server = request.getfixturevalue("s3_server")
-    return Store(f"s3://{server.bucket}/ops-{uuid.uuid4().hex[:8]}")
-
-
 @pytest.fixture(autouse=True)
 def _quick_locks(monkeypatch):
     monkeypatch.setenv("TUNELINE_LOCK_HEARTBEAT_S", "0.3")  # a waiter polls as often: races settle quickly
