@@ -6,23 +6,12 @@ Offline: local files, the built-in self-cognition set, the Qwen2 tokenizer.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from tasks.data import DataError, DataParams, parse_spec, prepare
+from tasks.data import DataError, DataParams, parse_spec
 from tasks.hub_ids import _strip_zh_input_prefix, hub_id
-
-
-def _rows(out: Path, split: str = "train") -> list[list[dict]]:
-    return [json.loads(line)["messages"] for line in (out / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()]
-
-
-def _run(tmp_path: Path, datasets: list[str], **kw) -> tuple[dict, Path]:
-    kw.setdefault("validation_ratio", 0.0)
-    kw.setdefault("system_prompt", "")
-    out = tmp_path / "out"
-    return prepare(DataParams(datasets=datasets, **kw), out), out
+from tests.test_data import _rows, _run  # the data tests' own helpers: prepare and read back
 
 
 def test_hub_prefixes_and_subsets_parse_like_ms_swift():
