@@ -1,8 +1,8 @@
-"""Hardware: what a stage needs, what the machine has, and the training profiles.
+"""Hardware: the training profiles, what the machine has (torch's view, read in a subprocess), the
+preflight check that names both sides, and the precision a card runs in.
 
-One declaration per task (``GpuRequirement``) drives three things: the preflight check that fails
-fast, with both sides named, before a model is loaded; the Prefect tags used for GPU concurrency
-limits (the ``gpu`` tag that the work pools limit); and which work pool a deployment targets.
+Which task needs what is declared once in ``tasks/requirements.py``; its tags, the flow's preflight
+and the device evaluation and merge use follow from that declaration and this module.
 
 Profiles are data, not ``if`` chains (docs/design.md, "Hardware"):
 
