@@ -18,7 +18,13 @@ Variants (``--variants``, comma-separated):
   liger kernels, no fp32 copies of adapter inputs; ``stage:80`` plans as if the card had 80 GiB
   (an H100); ``v100``: the v100 profile (fp16, checkpointing, one packed sequence per micro-batch);
   ``a100x2[:GIB]``: that profile on as many processes as ``torchrun`` starts;
-- levers, one at a time: ``pack-b<B>x<A>-<gc|nogc>[-liger][-varlen][-nocast][-fp16]`` (``parse_variant``).
+- levers, one at a time: ``pack-b<B>x<A>-<gc|nogc>[-liger][-varlen][-nocast][-fp16]`` (``parse_variant``);
+- ``trl-pf-b<B>-<gc|nogc>[-liger]``: what a user who reads TRL's docs runs (issue 18): TRL's
+  padding-free batches of B rows (``padding_free=True``, no packing, SDPA), B x (16 / B) rows per
+  step, liger kernels with ``-liger``;
+- suffixes on any variant: ``@loop`` attends packed rows with the per-row SDPA loop instead of
+  torch's one-launch varlen kernel (``tasks/attention.py``; the lever of issue 18), ``+compile``
+  compiles every decoder layer (with its LoRA adapters) with ``torch.compile``.
 
 Tokens/s counts non-pad input tokens (``num_input_tokens_seen``) between the end of the warm-up
 steps and the last step, with the GPU synchronised at each step end. MFU = model FLOPs / (time x
@@ -31,6 +37,8 @@ Run (device machine; needs trl, datasets, pydantic, liger-kernel wheels)::
 
     CUDA_VISIBLE_DEVICES=0 python bench/sft_throughput.py --out bench.json
     torchrun --standalone --nproc_per_node 2 bench/sft_throughput.py --variants a100x2   # two cards
+    CUDA_VISIBLE_DEVICES=0 python bench/sft_throughput.py --measure-tokens 40000 \
+        --variants baseline,trl-pf-b8-nogc-liger,stage:80@loop,stage:80,stage:80+compile   # issue 18
     python bench/sft_throughput.py --tiny --steps 2 --warmup 1     # CPU smoke test of the script
 """
 
@@ -84,6 +92,14 @@ def make_rows(n: int, vocab: int, seed: int, lo: int = 300, hi: int = 2048, mean
     return rows, lengths
 
 
+# Dense bf16 (fp16 for the V100) tensor-core peaks from NVIDIA's datasheets, TFLOP/s, by device name.
+DATASHEET_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "V100": 125.0}
+
+
+def datasheet_tflops(device_name: str) -> float:
+    return next((v for k, v in DATASHEET_TFLOPS.items() if k in device_name), float("nan"))
+
+
 def matmul_tflops(n: int = 8192, reps: int = 10) -> float:
     import torch
 
@@ -127,6 +143,31 @@ def parse_variant(name: str) -> dict:
     )
 
 
+def parse_trl_variant(name: str) -> dict | None:
+    """TRL's padding-free settings from ``trl-pf-b<B>-<gc|nogc>[-liger]``, or None for other names."""
+    m = re.fullmatch(r"trl-pf-b(\d+)-(gc|nogc)(-liger)?", name)
+    if not m:
+        return None
+    batch = int(m[1])
+    return dict(
+        padding_free=True,
+        packing=False,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=max(1, 16 // batch),
+        gradient_checkpointing=m[2] == "gc",
+        use_liger_kernel=bool(m[3]),
+    )
+
+
+def compile_decoder_layers(model) -> int:
+    """``torch.compile`` each decoder layer in place (the LoRA adapters inside it included), as
+    torchtune's recipes do: one layer's graph is reused by all of them. Returns how many."""
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
 def trace_summary(prof, wall: float, micro_batches: int) -> dict:
     """Where one optimizer step's time goes: host (CPU) time of the ops, device kernel time, launches."""
     events = prof.key_averages()
@@ -160,6 +201,7 @@ def run_variant(
     nocast=False,
     measure_tokens=0,
     mean_len=620.0,
+    compile_layers=False,
 ):
     import torch
     from datasets import Dataset
@@ -167,10 +209,10 @@ def run_variant(
     from trl import SFTTrainer
 
     from tasks.attention import ATTENTION, register
+    from tasks.attention import backend as packed_backend
     from tasks.sft import SFTParams, lora_config, skip_adapter_input_casts
 
-    if attn == ATTENTION:
-        register()
+    register()  # also reads TUNELINE_PACKED_ATTENTION, set per variant by main()
 
     args = args_fn()
     if measure_tokens:  # enough timed steps for ~measure_tokens tokens, at least 3
@@ -225,6 +267,8 @@ def run_variant(
     )
     if nocast:
         skip_adapter_input_casts(trainer.model)
+    if compile_layers:
+        compile_decoder_layers(trainer.model)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -246,8 +290,9 @@ def run_variant(
         "accumulation": args.gradient_accumulation_steps,
         "liger": bool(args.use_liger_kernel),
         "dtype": "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32",
-        "attention": attn,
+        "attention": attn if attn != ATTENTION else f"{ATTENTION} ({packed_backend()})",
         "adapter_input_casts": not nocast,
+        "compiled_layers": compile_layers,
     }
     if traced:
         out["trace"] = traced
@@ -280,7 +325,8 @@ def main() -> None:
         help="comma-separated: baseline, stage (the stage's defaults on this card), stage:GIB (its plan for a "
         "card of GIB GiB), v100 (the v100 profile's settings: fp16, its batch and checkpointing), "
         "a100x2[:GIB] (that profile's settings, as many processes as torchrun starts), or a lever "
-        "pack-b<B>x<A>-<gc|nogc>[-liger][-varlen][-nocast][-fp16]",
+        "pack-b<B>x<A>-<gc|nogc>[-liger][-varlen][-nocast][-fp16], or trl-pf-b<B>-<gc|nogc>[-liger] (TRL's "
+        "padding-free batches); suffix @loop (packed rows by the per-row loop) or +compile (compiled layers)",
     )
     ap.add_argument(
         "--trace", default="", help="comma-separated variants to profile (torch.profiler) over one extra step"
@@ -306,6 +352,7 @@ def main() -> None:
     rows, lengths = make_rows(3000 if not opts.tiny else 400, model_cfg["vocab_size"], seed=0)
     card = (f"{world} x " if world > 1 else "") + (torch.cuda.get_device_name() if cuda else "cpu")
     peak = matmul_tflops() if cuda else float("nan")
+    sheet = datasheet_tflops(torch.cuda.get_device_name()) if cuda else float("nan")
     profile = resolve_profile("auto", detect_machine()) if cuda else resolve_profile("cpu")
     say(
         f"card: {card}; bf16 matmul {peak:.0f} TFLOP/s; stage profile {profile.name}; rows: mean {lengths.mean():.0f} "
@@ -388,8 +435,25 @@ def main() -> None:
             for name, prof in (("stage", profile), ("v100", PROFILES["v100"]), ("a100x2", PROFILES["a100x2"]))
         },
     }
-    for name in opts.variants.split(","):
-        if name.startswith(("stage:", "a100x2:")):  # the stage's plan for a card of that many GiB (stage:80 = an H100)
+
+    def plain(name: str) -> str:  # the variant without its @loop / +compile suffixes
+        return name.replace("@loop", "").replace("+compile", "")
+
+    for name in map(plain, opts.variants.split(",")):
+        if name in variants:
+            continue
+        if (trl := parse_trl_variant(name)) is not None:
+            how[name] = ("sdpa", False)
+            if not cuda:
+                trl.update(use_liger_kernel=False)
+            variants[name] = lambda trl=trl, name=name: SFTConfig(
+                # rows are at most 2048 tokens already; TRL refuses max_length with padding-free unpacked batches
+                output_dir=str(tmp / name),
+                bf16=cuda,
+                max_length=None,
+                **{**common, **trl},
+            )
+        elif name.startswith(("stage:", "a100x2:")):  # the stage's plan for a card of that many GiB (stage:80: H100)
             base, gib = name.split(":")
             prof = profile if base == "stage" else PROFILES["a100x2"]
             how[name] = how[base]
@@ -404,7 +468,7 @@ def main() -> None:
                 mean_row_tokens=float(lengths.mean()),
                 **common,
             )
-        elif name not in variants:
+        else:
             lever = parse_variant(name)
             how[name] = (ATTENTION if lever.pop("varlen") else "sdpa", lever.pop("nocast"))
             if not cuda:
@@ -421,11 +485,12 @@ def main() -> None:
     e_len2 = float((lengths.astype(float) ** 2).mean() / lengths.mean())
     results = []
     for name in opts.variants.split(","):
+        os.environ["TUNELINE_PACKED_ATTENTION"] = "loop" if "@loop" in name else "auto"
         try:
-            attn, nocast = how[name]
+            attn, nocast = how[plain(name)]
             r = run_variant(
                 name,
-                variants[name],
+                variants[plain(name)],
                 model_cfg,
                 tokenizer,
                 rows,
@@ -437,12 +502,14 @@ def main() -> None:
                 nocast=nocast,
                 measure_tokens=opts.measure_tokens,
                 mean_len=float(lengths.mean()),
+                compile_layers="+compile" in name,
             )
         except torch.OutOfMemoryError as e:
             r = {"variant": name, "error": f"out of memory: {e}"[:200]}
         if "error" not in r:
             flops_tok = 4 * r["n_linear"] + 6 * model_cfg["num_hidden_layers"] * model_cfg["hidden_size"] * e_len2
             r["mfu"] = r["tokens_per_s"] * flops_tok / (peak * 1e12 * world) if cuda else float("nan")
+            r["mfu_datasheet"] = r["tokens_per_s"] * flops_tok / (sheet * 1e12 * world) if cuda else float("nan")
             r["processes"] = world
         results.append(r)
         if "trace" in r:
@@ -452,19 +519,22 @@ def main() -> None:
             Path(opts.out).write_text(json.dumps({"card": card, "results": results}, indent=2))
 
     base = next((r for r in results if r["variant"] == "baseline" and "error" not in r), None)
-    say(f"\n{card}, bf16 matmul {peak:.0f} TFLOP/s, Qwen2-7B architecture (random weights), LoRA r8/a32 all-linear")
+    say(f"\n{card}, bf16 matmul {peak:.0f} TFLOP/s measured, {sheet:.0f} datasheet; MFU vs measured | datasheet")
+    say("Qwen2-7B architecture (random weights), LoRA r8/a32 all-linear")
     say(
-        f"{'variant':<22} {'tokens/s':>9} {'MFU':>6} {'peak GiB':>9} {'s/step':>7} {'tok/step':>9} {'final loss':>10} "
+        f"{'variant':<26} {'tokens/s':>9} {'MFU':>6} {'sheet':>6} {'peak GiB':>9} {'s/step':>7} {'tok/step':>9} "
+        f"{'final loss':>10} "
         f"{'x base':>7} {'GPU busy':>8}"
     )
     for r in results:
         if "error" in r:
-            say(f"{r['variant']:<22} {r['error']}")
+            say(f"{r['variant']:<26} {r['error']}")
             continue
         ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
         busy = r.get("trace", {}).get("device_busy_fraction")
         say(
-            f"{r['variant']:<22} {r['tokens_per_s']:9.0f} {r['mfu']:6.1%} {r['peak_gib']:9.1f} "
+            f"{r['variant']:<26} {r['tokens_per_s']:9.0f} {r['mfu']:6.1%} {r['mfu_datasheet']:6.1%} "
+            f"{r['peak_gib']:9.1f} "
             f"{r['seconds_per_step']:7.2f} "
             f"{r['tokens_per_step']:9.0f} {r['final_loss']:10.3f} {ratio:7.2f} {'' if busy is None else f'{busy:8.0%}'}"
         )
@@ -474,6 +544,7 @@ def main() -> None:
                 {
                     "card": card,
                     "matmul_tflops": peak,
+                    "datasheet_tflops": sheet,
                     "profile": profile.name,
                     "results": results,
                     "rows_mean_len": float(lengths.mean()),

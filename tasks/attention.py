@@ -7,21 +7,37 @@ attention work grows with the square of the *micro-batch* (4 x 2048 packed token
 of the rows' own attention) and each new length costs cuDNN a new plan (~1.7 ms of host time per
 call on an H200). Measured in docs/benchmarks.md ("SFT").
 
-``packed_sdpa`` runs SDPA once per conversation, causal and unmasked, so the flash kernel computes
-only each row's own triangle. flash-attn's ``flash_attn_varlen_func`` does the same in one launch
-and is preferred where it is installed (``Profile.attention``); transformers ships no varlen SDPA,
-hence this small loop (a launch per row and layer: its host cost starts to show at 16k tokens per
-micro-batch; PyTorch's nested-tensor SDPA, one launch for all rows, was not tried). It registers
-under ``ATTENTION`` with transformers' ``AttentionInterface`` and keeps plain SDPA for anything
-that is not a packed row (evaluation batches, generation).
+Two ways to attend only within each conversation, chosen by ``backend()``:
+
+- ``varlen`` (issue 18): PyTorch's own variable-length flash attention,
+  ``torch.nn.attention.varlen.varlen_attn`` — one launch per layer for the whole packed row, however
+  many conversations it holds (CUDA only; torch >= 2.10). The per-row loop's launches grew with the
+  micro-batch and capped it at ~4 packed sequences (docs/benchmarks.md).
+- ``loop``: SDPA once per conversation, causal and unmasked, so the flash kernel computes only each
+  row's own triangle: a launch per row and layer. Used on CPU, on a torch without ``varlen_attn``,
+  and when ``TUNELINE_PACKED_ATTENTION=loop`` (the benchmark's lever).
+
+flash-attn's ``flash_attn_varlen_func`` does what ``varlen`` does and is preferred where it is
+installed (``Profile.attention``). Registered under ``ATTENTION`` with transformers'
+``AttentionInterface``; plain SDPA stays for anything that is not a packed row (evaluation batches,
+generation).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import inspect
+import os
+from typing import Any, Callable
 
 from tasks.hardware import PACKED_ATTENTION as ATTENTION  # the name transformers knows it by
 
+#: ``TUNELINE_PACKED_ATTENTION``: ``auto`` (varlen where it runs, else the loop), ``varlen``, ``loop``.
+BACKEND_ENV = "TUNELINE_PACKED_ATTENTION"
+
+# The varlen kernel when packed rows use it, set by ``register`` (a module global rather than a call
+# per layer, so that torch.compile traces a plain attribute read).
+_varlen: Callable[..., Any] | None = None
 _bounds_cache: list[Any] = [None, None]  # [cu_seq_lens tensor, its boundaries as ints]
 
 
@@ -33,6 +49,45 @@ def _boundaries(cu_seq_lens: Any) -> list[int]:
     if _bounds_cache[0] is not cu_seq_lens:
         _bounds_cache[0], _bounds_cache[1] = cu_seq_lens, [int(x) for x in cu_seq_lens.tolist()]
     return _bounds_cache[1]
+
+
+@functools.cache
+def _varlen_kernel() -> Callable[..., Any] | None:
+    """torch's ``varlen_attn`` called the same way on every torch that has it, or None. Its keywords
+    changed between releases (``is_causal`` in 2.10; ``window_size=(-1, 0)`` and ``enable_gqa``
+    later), so they are read from its signature; without ``enable_gqa`` grouped key/value heads are
+    repeated first."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    gqa = "enable_gqa" in params
+
+    def attend(q: Any, k: Any, v: Any, cu: Any, max_len: int, scale: float | None) -> Any:
+        if q.shape[1] != k.shape[1]:
+            if gqa:
+                return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, enable_gqa=True, **causal)
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, **causal)
+
+    return attend
+
+
+def backend(device_type: str = "cuda") -> str:
+    """Which way packed rows are attended on ``device_type``: ``varlen`` or ``loop`` (see above)."""
+    wanted = os.environ.get(BACKEND_ENV, "auto")
+    if wanted not in ("auto", "varlen", "loop"):
+        raise ValueError(f"{BACKEND_ENV}={wanted!r}: use auto, varlen or loop")
+    if wanted == "loop" or device_type != "cuda":
+        return "loop"
+    if _varlen_kernel() is None:
+        if wanted == "varlen":
+            raise RuntimeError(f"{BACKEND_ENV}=varlen but this torch has no torch.nn.attention.varlen.varlen_attn")
+        return "loop"
+    return "varlen"
 
 
 def packed_sdpa(
@@ -57,11 +112,19 @@ def packed_sdpa(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
+    p = dropout if module.training else 0.0
+    if p == 0.0 and _varlen is not None and query.is_cuda:
+        # [1, heads, tokens, dim] -> [tokens, heads, dim]: the layout varlen kernels take
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+        max_len = kwargs.get("max_length_q")
+        if max_len is None:
+            max_len = max(b - a for a, b in zip(_boundaries(cu)[:-1], _boundaries(cu)[1:]))
+        out = _varlen(q, k, v, cu.to(device=query.device, dtype=torch.int32), int(max_len), scaling)
+        return out.unsqueeze(0), None
     bounds = _boundaries(cu)
     if bounds[-1] != query.shape[2]:
         raise ValueError(f"cu_seq_lens_q ends at {bounds[-1]} but the packed row holds {query.shape[2]} tokens")
     groups = getattr(module, "num_key_value_groups", 1)
-    p = dropout if module.training else 0.0
     outs = []
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
         for start, end in zip(bounds[:-1], bounds[1:]):
@@ -83,7 +146,12 @@ def packed_sdpa(
 
 def register() -> str:
     """Make ``attn_implementation=ATTENTION`` known to transformers; returns the name. Masks are
-    built as for SDPA (used by the fallback; the packed path ignores them)."""
+    built as for SDPA (used by the fallback; the packed path ignores them). Reads the backend
+    (``TUNELINE_PACKED_ATTENTION``) again, so a benchmark can switch it between runs."""
+    global _varlen
+    import torch
+
+    _varlen = _varlen_kernel() if torch.cuda.is_available() and backend("cuda") == "varlen" else None
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 

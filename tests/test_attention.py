@@ -93,3 +93,38 @@ def test_boundaries_that_do_not_cover_the_row_are_an_error():
     bad = torch.tensor([0, 8, 10], dtype=torch.int32)
     with pytest.raises(ValueError, match="cu_seq_lens_q ends at 10 but the packed row holds 12 tokens"):
         _model(ATTENTION)(input_ids=ids, position_ids=pos, cu_seq_lens_q=bad, cu_seq_lens_k=bad)
+
+
+def test_backend_setting_is_checked_and_cpu_uses_the_loop(monkeypatch):
+    from tasks.attention import BACKEND_ENV, backend
+
+    monkeypatch.setenv(BACKEND_ENV, "fast")
+    with pytest.raises(ValueError, match="TUNELINE_PACKED_ATTENTION='fast'"):
+        backend()
+    monkeypatch.setenv(BACKEND_ENV, "auto")
+    assert backend("cpu") == "loop"  # varlen kernels are CUDA only
+    monkeypatch.setenv(BACKEND_ENV, "loop")
+    assert backend("cuda") == "loop"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's varlen attention runs on CUDA only")
+def test_varlen_kernel_matches_the_per_row_loop_on_cuda(monkeypatch):
+    """One varlen launch per layer gives the loop's logits and gradients (bf16, GQA heads)."""
+    from tasks.attention import BACKEND_ENV, backend
+
+    torch.manual_seed(4)
+    rows = [torch.randint(0, 300, (n,)) for n in (70, 190, 1, 120)]
+    ids, pos, cu = _packed(rows)
+    ids, pos, cu = ids.cuda(), pos.cuda(), cu.cuda()
+    results = {}
+    for kind in ("loop", "varlen"):
+        monkeypatch.setenv(BACKEND_ENV, kind)
+        assert backend() == kind
+        model = _model(ATTENTION).cuda().to(torch.bfloat16)
+        out = model(input_ids=ids, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=190)
+        out.logits.float().pow(2).mean().backward()
+        results[kind] = (out.logits.float(), [p.grad.float() for p in model.parameters()])
+    (a, ga), (b, gb) = results["loop"], results["varlen"]
+    assert torch.allclose(a, b, atol=2e-2), (a - b).abs().max()
+    for x, y in zip(ga, gb):
+        assert torch.allclose(x, y, atol=2e-2, rtol=5e-2), (x - y).abs().max()

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Issue 18's GPU measurements in one device call each (docs/gpu-runs.md lists the calls). Run from the
+# repository root on the device machine; what the image lacks travels in the git-ignored .carry/
+# (wheels: trl, datasets, pydantic, liger-kernel; smollm2: a tokenizer folder, only its pad id is
+# used). Results and logs go to $OUT.
+#
+#   bash bench/speed_runs.sh install     carried wheels into .carry/site
+#   bash bench/speed_runs.sh attention   the varlen-vs-loop attention test on CUDA (tests/test_attention.py)
+#   bash bench/speed_runs.sh sft [VARIANTS]   bench/sft_throughput.py on GPU 0, baselines and the stage
+#   bash bench/speed_runs.sh trace VARIANT    one variant with a torch.profiler step (where time goes)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+SITE=$PWD/.carry/site
+OUTDIR=${OUT:-/tmp/speed-runs}
+mkdir -p "$OUTDIR"
+export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+SFT_VARIANTS=baseline,trl-pf-b8-nogc-liger,trl-pf-b16-gc-liger,stage:80@loop,stage:80,stage:80+compile
+
+install() {
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+    .carry/wheels/*.whl || return 1
+  python3 -c "import torch, trl, liger_kernel, transformers, peft; print('torch', torch.__version__, 'trl', trl.__version__,
+'transformers', transformers.__version__, 'peft', peft.__version__)"
+  python3 -c "import inspect, torch.nn.attention.varlen as v; print('varlen_attn', inspect.signature(v.varlen_attn))" ||
+    echo "no torch.nn.attention.varlen in this torch"
+}
+
+attention() {
+  CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py 2>&1 | tail -5
+}
+
+sft() {
+  CUDA_VISIBLE_DEVICES=${GPU:-0} python3 bench/sft_throughput.py --warmup 2 --measure-tokens 40000 \
+    --tokenizer .carry/smollm2 --variants "${1:-$SFT_VARIANTS}" --out "$OUTDIR/sft.json" 2>&1 |
+    grep -v -i -E "warn|it/s\]|s/it\]" | tee "$OUTDIR/sft.log" | tail -25
+}
+
+trace() {
+  CUDA_VISIBLE_DEVICES=${GPU:-0} python3 bench/sft_throughput.py --steps 4 --warmup 2 --tokenizer .carry/smollm2 \
+    --variants "$1" --trace "$1" --out "$OUTDIR/trace.json" 2>&1 | grep -v -i -E "warn|it/s\]|s/it\]" |
+    tee "$OUTDIR/trace.log" | tail -60
+}
+
+"$@"
