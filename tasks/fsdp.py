@@ -97,7 +97,7 @@ def fsdp_training_args() -> dict[str, Any]:
     return {
         "fsdp": "full_shard",
         "fsdp_config": {
-            "fsdp_version": 2,
+            "version": 2,  # FSDP2 (transformers reads "version"; 2 is its default from 5.16)
             "reshard_after_forward": True,
             "auto_wrap_policy": "NO_WRAP",
             "state_dict_type": "SHARDED_STATE_DICT",

@@ -310,7 +310,7 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
         "micro_batch": args.per_device_train_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         # sharded: per-layer checkpointing set up with the model (tasks/fsdp.py), not by the Trainer
-        "gradient_checkpointing": args.gradient_checkpointing or (profile.shard_model and profile.gradient_checkpointing),
+        "gradient_checkpointing": args.gradient_checkpointing or profile.gradient_checkpointing,
         "liger_kernels": bool(args.use_liger_kernel),
     }
     # Sharded: gather the adapter alone (every process takes part), never the base.
