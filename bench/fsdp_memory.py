@@ -229,7 +229,10 @@ def main() -> None:
                 model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
             args = sft_config(cfg, prof, Path("/tmp/fsdp-bench/ddp"), mean_row_tokens=float(lengths.mean()), **common)
             results.append(
-                {**run("ddp (a100x2)", model, args, rows, tokenizer, lora, opts.warmup, cuda), "model": "7B"}
+                {
+                    **run("ddp (a100x2)", model, args, rows, tokenizer, lora, opts.warmup, cuda),
+                    "model": "tiny" if opts.tiny else "Qwen2-7B",
+                }
             )
         elif part == "fsdp":
             prof = PROFILES["fsdp"]
@@ -238,7 +241,12 @@ def main() -> None:
             args = sft_config(cfg, prof, Path("/tmp/fsdp-bench/fsdp"), mean_row_tokens=float(lengths.mean()), **common)
             if not cuda:
                 let_accelerate_shard_on_cpu()
-            results.append({**run("fsdp", model, args, rows, tokenizer, None, opts.warmup, cuda), "model": "7B"})
+            results.append(
+                {
+                    **run("fsdp", model, args, rows, tokenizer, None, opts.warmup, cuda),
+                    "model": "tiny" if opts.tiny else "Qwen2-7B",
+                }
+            )
         elif part == "big":
             results += run_big(opts, world, card_gib, cuda, dtype, tokenizer, lora, common, say)
         else:
