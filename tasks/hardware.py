@@ -44,7 +44,9 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-ProfileName = Literal["auto", "cpu", "v100", "a100x2", "fsdp"]
+ProfileName = Literal["auto", "cpu", "v100", "a100x2"]
+# SFT can also shard the model (tasks/fsdp.py); GRPO cannot, so its parameter keeps ProfileName.
+SFTProfileName = Literal["auto", "cpu", "v100", "a100x2", "fsdp"]
 
 # The packed-row attention's registered name (tasks/attention.py registers it). Named here, not
 # imported from there: evaluation reads this module (precision by card) and must not count the kernel.
@@ -224,7 +226,7 @@ def preflight(req: GpuRequirement, machine: Machine | None = None) -> Machine:
     return machine
 
 
-def resolve_profile(name: ProfileName, machine: Machine | None = None) -> Profile:
+def resolve_profile(name: SFTProfileName, machine: Machine | None = None) -> Profile:
     """A named profile; for ``auto``, the work pool's profile (``TUNELINE_POOL_PROFILE``) when the
     run is on a GPU pool, else the largest GPU profile this machine satisfies. ``auto`` never means
     CPU: with no GPU it raises ``HardwareError`` (a 7B must not quietly train on a CPU for days)."""
@@ -234,7 +236,7 @@ def resolve_profile(name: ProfileName, machine: Machine | None = None) -> Profil
     if name != "auto":
         return PROFILES[name]
     pool = os.environ.get(POOL_PROFILE_ENV, "")
-    if pool in PROFILES and pool != "cpu":
+    if pool in PROFILES and pool not in ("cpu", "fsdp"):  # fsdp is asked for by name, never chosen
         return PROFILES[pool]
     machine = machine or detect_machine()
     if not machine.gpus:

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.attention import ATTENTION
 from tasks.attention import register as register_packed_attention
-from tasks.hardware import Profile, ProfileName
+from tasks.hardware import Profile, SFTProfileName
 
 
 class SFTParams(BaseModel):
@@ -25,7 +25,7 @@ class SFTParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    profile: ProfileName = Field(
+    profile: SFTProfileName = Field(
         default="auto",
         description="Hardware profile: auto (read the machine), cpu, v100 (fp16, 1 GPU), a100x2 (bf16, 2 GPUs, DDP) "
         "or fsdp (bf16, every GPU, the base model sharded: for a model that does not fit one card).",

@@ -45,6 +45,18 @@ def test_fsdp_profile_takes_every_gpu_and_preflight_names_both_sides():
     assert SFTParams(profile="fsdp").profile == "fsdp"  # selectable as sft.profile=fsdp
 
 
+def test_auto_never_means_fsdp_and_grpo_has_none(monkeypatch):
+    from pydantic import ValidationError
+
+    from tasks.grpo_plan import GRPOParams
+    from tasks.hardware import POOL_PROFILE_ENV
+
+    monkeypatch.setenv(POOL_PROFILE_ENV, "fsdp")
+    assert resolve_profile("auto", Machine((H200,) * 4)).name == "a100x2"
+    with pytest.raises(ValidationError, match="profile"):
+        GRPOParams(profile="fsdp")
+
+
 def test_fsdp_settings_go_to_accelerates_fsdp2_plugin(tmp_path, monkeypatch):
     from tasks.sft_plan import sft_config
 
