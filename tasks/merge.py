@@ -249,7 +249,8 @@ def merge_lora(config: MergeParams, adapter: StageRef, sft_profile: str, ctx: St
             metrics["shards"],
             metrics["size_bytes"] / 1e6,
         )
-        if metrics["adapter_effect"] is not None and metrics["adapter_effect"] <= metrics["tolerance"]:
+        adapter_effect = metrics["adapter_effect"] if config.method == "peft" else None  # stream: |ΔW|, not logits
+        if adapter_effect is not None and adapter_effect <= metrics["tolerance"]:
             logger.warning(
                 "the adapter moves logits by at most %.3g, within the merge tolerance %.3g: the check cannot tell "
                 "this merge from no merge (undertrained adapter?)",
