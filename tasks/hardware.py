@@ -17,6 +17,10 @@ v100      1 GPU ≥ 30 GiB, 7.0 fp16 base  SDPA once per row (no       1 process
 a100x2    2 GPUs ≥ 40 GiB,    bf16       flash_attention_2 when      2 processes (DDP), same tokens
           8.0                            installed, else SDPA once   per step; micro-batch and
                                          per row; liger kernels      checkpointing fitted to memory
+fsdp      ≥ 2 GPUs, 8.0       bf16       as a100x2 (no liger         every visible GPU, FSDP2: base
+                                         kernels)                    sharded, built on meta, read
+                                                                     shard by shard; activation
+                                                                     checkpointing (tasks/fsdp.py)
 auto      the work pool's profile (TUNELINE_POOL_PROFILE), else read from the machine: one bf16 card
           (as a100x2, 1 process) or one fp16 card (as v100); never CPU: no GPU fails preflight
 ========  ==================  =========  ==========================  ===============================
@@ -30,6 +34,7 @@ Measurements: docs/benchmarks.md, "SFT".
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -40,6 +45,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 ProfileName = Literal["auto", "cpu", "v100", "a100x2"]
+# SFT can also shard the model (tasks/fsdp.py); GRPO cannot, so its parameter keeps ProfileName.
+SFTProfileName = Literal["auto", "cpu", "v100", "a100x2", "fsdp"]
 
 # The packed-row attention's registered name (tasks/attention.py registers it). Named here, not
 # imported from there: evaluation reads this module (precision by card) and must not count the kernel.
@@ -106,6 +113,8 @@ class Profile:
     # memory and the model's size (tasks.sft.memory_plan) instead of the fixed values
     fit_memory: bool = False
     liger_kernels: bool = False  # liger-kernel's Triton RMSNorm/SwiGLU/RoPE when installed (bf16 cards)
+    # FSDP2: the base model sharded over the processes, never whole in one (tasks/fsdp.py)
+    shard_model: bool = False
     notes: str = ""
 
     def attention(self, packing: bool = False) -> tuple[str, str]:
@@ -142,6 +151,18 @@ PROFILES: dict[str, Profile] = {
         fit_memory=True,
         liger_kernels=True,
         notes="bf16, DDP over two processes, no gradient checkpointing",
+    ),
+    # nproc: every visible GPU, set by resolve_profile; 2 here is the least it runs on.
+    "fsdp": Profile(
+        "fsdp",
+        GpuRequirement(2, 0, (8, 0)),
+        "bf16",
+        nproc=2,
+        gradient_checkpointing=True,  # activation checkpointing per decoder layer: a 72B's activations
+        prefer_flash_attention=True,
+        packed_sequences=4,
+        shard_model=True,
+        notes="bf16, FSDP2 over every GPU: the frozen base sharded, never whole in one process",
     ),
 }
 
@@ -205,14 +226,17 @@ def preflight(req: GpuRequirement, machine: Machine | None = None) -> Machine:
     return machine
 
 
-def resolve_profile(name: ProfileName, machine: Machine | None = None) -> Profile:
+def resolve_profile(name: SFTProfileName, machine: Machine | None = None) -> Profile:
     """A named profile; for ``auto``, the work pool's profile (``TUNELINE_POOL_PROFILE``) when the
     run is on a GPU pool, else the largest GPU profile this machine satisfies. ``auto`` never means
     CPU: with no GPU it raises ``HardwareError`` (a 7B must not quietly train on a CPU for days)."""
+    if name == "fsdp":  # one process per visible GPU (at least 2: fewer fails preflight)
+        machine = machine or detect_machine()
+        return dataclasses.replace(PROFILES["fsdp"], nproc=max(2, len(machine.gpus)))
     if name != "auto":
         return PROFILES[name]
     pool = os.environ.get(POOL_PROFILE_ENV, "")
-    if pool in PROFILES and pool != "cpu":
+    if pool in PROFILES and pool not in ("cpu", "fsdp"):  # fsdp is asked for by name, never chosen
         return PROFILES[pool]
     machine = machine or detect_machine()
     if not machine.gpus:

@@ -67,6 +67,13 @@ class MergeParams(BaseModel):
         description="Where to merge: cpu (any machine, slow for 7B) or cuda (one GPU, fast; needs ~3× the fp16 model "
         "size in GPU memory).",
     )
+    method: Literal["peft", "stream"] = Field(
+        default="peft",
+        description="peft: load the whole base model, merge with peft and check logits (needs ~3x the model in "
+        "memory). stream: merge one safetensors shard at a time on the CPU, checking each merged weight "
+        "(holds about one shard: for a model that fits neither one card nor the host's memory; "
+        "tasks/merge_stream.py). stream keeps the base's shard files and ignores device and max_shard_size.",
+    )
     max_shard_size: str = Field(
         default="2GB",
         pattern=r"^\d+(MB|GB)$",
@@ -87,6 +94,10 @@ class MergeParams(BaseModel):
 # ----------------------------------------------------------------------------------------------
 def merge(config: MergeParams, base_dir: str, adapter_dir: Path, out_dir: Path, dtype: Dtype) -> dict[str, Any]:
     """Merge, save and verify; return the metrics (dtype, size, max logit difference, tolerance)."""
+    if config.method == "stream":  # shard by shard on the CPU, checked per weight (tasks/merge_stream.py)
+        from tasks.merge_stream import stream_merge
+
+        return stream_merge(Path(base_dir), adapter_dir, out_dir, dtype)
     reference = merge_and_save(base_dir, adapter_dir, out_dir, dtype, config.device, config.max_shard_size)
     return verify_merged(out_dir, reference, dtype, config.device, config.tolerance)
 
@@ -216,6 +227,8 @@ def merge_lora(config: MergeParams, adapter: StageRef, sft_profile: str, ctx: St
     """Merge the adapter into the base model and verify the result. CPU (or one GPU with device=cuda)."""
     from tasks.models import model_revision
 
+    if config.device == "cuda" and config.method == "stream":
+        raise ValueError("merge.method=stream runs on the CPU, one shard at a time: set merge.device=cpu")
     if config.device == "cuda":  # before anything is loaded (tasks/requirements.py)
         preflight(ONE_GPU.requirement)
     dtype = merge_dtype(config, adapter, sft_profile)
@@ -228,14 +241,16 @@ def merge_lora(config: MergeParams, adapter: StageRef, sft_profile: str, ctx: St
         metrics["base_revision_resolved"] = model_revision(ctx.base_model, base_dir)
         logger = run_logger()
         logger.info(
-            "merged in %s: max |Δlogit| %.3g ≤ %.3g, %d shard(s), %.1f MB",
+            "merged in %s: max %s %.3g ≤ %.3g, %d shard(s), %.1f MB",
             dtype,
-            metrics["max_logit_diff"],
+            "|Δweight| / max|weight|" if config.method == "stream" else "|Δlogit|",
+            metrics.get("max_logit_diff", metrics.get("max_weight_rel_diff")),
             metrics["tolerance"],
             metrics["shards"],
             metrics["size_bytes"] / 1e6,
         )
-        if metrics["adapter_effect"] is not None and metrics["adapter_effect"] <= metrics["tolerance"]:
+        adapter_effect = metrics["adapter_effect"] if config.method == "peft" else None  # stream: |ΔW|, not logits
+        if adapter_effect is not None and adapter_effect <= metrics["tolerance"]:
             logger.warning(
                 "the adapter moves logits by at most %.3g, within the merge tolerance %.3g: the check cannot tell "
                 "this merge from no merge (undertrained adapter?)",

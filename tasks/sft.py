@@ -60,6 +60,12 @@ from tasks.common import (
     torch_dtype,
 )
 from tasks.fingerprints import code_identity, content_of, fingerprint, stack_versions, with_lineage
+from tasks.fsdp import (
+    adapter_state_dict,
+    build_sharded_lora,
+    check_sharding,
+    let_accelerate_shard_on_cpu,
+)
 from tasks.hardware import PROFILES, Profile, preflight, profile_from_job, profile_to_job, resolve_profile
 from tasks.launch import launch_training
 from tasks.models import tokenize_record, training_chat_template
@@ -148,6 +154,7 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     check_quantization(cfg, profile.dtype)
+    check_sharding(cfg, profile)
     attn, attn_reason, skip_casts = speed_settings(profile, cfg.packing)
     if rank == 0:
         print(
@@ -177,7 +184,11 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
             bnb_4bit_compute_dtype=dtype,
         )
         load_kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
-    model = AutoModelForCausalLM.from_pretrained(job["model_dir"], **load_kwargs)
+    lora = lora_config(cfg)
+    if profile.shard_model:  # FSDP2: built on meta, each process reads only its shards (tasks/fsdp.py)
+        model = build_sharded_lora(Path(job["model_dir"]), lora, dtype, attn, profile.gradient_checkpointing, cfg.seed)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(job["model_dir"], **load_kwargs)
     if cfg.packing and torch.cuda.is_available():
         card = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0")))
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -190,9 +201,16 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
     data = {s: Dataset.from_dict(tokenize_rows(tokenizer, data_dir / f"{s}.jsonl")) for s in splits}
     has_val = "validation" in data  # an empty validation split means no evaluation
 
-    lora = lora_config(cfg)
     args = sft_config(
-        cfg, profile, scratch, world=world, evaluate=has_val, mean_row_tokens=mean_row_tokens, disable_tqdm=rank != 0
+        cfg,
+        profile,
+        scratch,
+        world=world,
+        evaluate=has_val,
+        mean_row_tokens=mean_row_tokens,
+        disable_tqdm=rank != 0,
+        # accelerate sees several CPU processes as distributed only when told it runs on the CPU (tests)
+        **({"use_cpu": True} if profile.shard_model and not torch.cuda.is_available() else {}),
     )
     # The rows come pre-tokenized with their assistant masks, which TRL turns into the labels (loss on
     # assistant tokens only); its assistant_only_loss switch is for rows it tokenizes itself.
@@ -203,7 +221,8 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
             f"{'packed sequences' if cfg.packing else 'rows'} x "
             f"{args.gradient_accumulation_steps} accumulation x {world} processes (rows average {mean_row_tokens:.0f} "
             "tokens); "
-            f"gradient_checkpointing={args.gradient_checkpointing}",
+            f"gradient_checkpointing={args.gradient_checkpointing or profile.gradient_checkpointing}"
+            + (" fsdp2=sharded base" if profile.shard_model else ""),
             flush=True,
         )
 
@@ -239,6 +258,8 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
                 (ckpt / COMPLETE).write_text(str(time.time()))
                 print(f"[tuneline.sft] {ckpt.name} complete", flush=True)
 
+    if profile.shard_model and not torch.cuda.is_available():
+        let_accelerate_shard_on_cpu()
     guard = _nonfinite_guard(cfg.max_nonfinite_steps)
     progress = Progress()
     trainer = SFTTrainer(
@@ -247,7 +268,7 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
         train_dataset=data["train"],
         eval_dataset=data["validation"] if has_val else None,
         processing_class=tokenizer,
-        peft_config=lora,
+        peft_config=None if profile.shard_model else lora,  # the sharded model carries its adapter
         callbacks=[progress, guard],
     )
     if skip_casts:
@@ -288,12 +309,15 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
         "packing": cfg.packing,
         "micro_batch": args.per_device_train_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "gradient_checkpointing": args.gradient_checkpointing,
+        # sharded: per-layer checkpointing set up with the model (tasks/fsdp.py), not by the Trainer
+        "gradient_checkpointing": args.gradient_checkpointing or profile.gradient_checkpointing,
         "liger_kernels": bool(args.use_liger_kernel),
     }
+    # Sharded: gather the adapter alone (every process takes part), never the base.
+    adapter = adapter_state_dict(trainer.model) if profile.shard_model else None
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
-        trainer.model.save_pretrained(output)
+        trainer.model.save_pretrained(output, state_dict=adapter)
         tokenizer.chat_template = inference_template
         tokenizer.save_pretrained(output)
         (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -401,6 +425,7 @@ def lora_sft(config: SFTParams, dataset: StageRef, ctx: StageContext) -> StageRe
     profile = sft_need(config.profile).profile  # tasks/requirements.py: the one declaration of what SFT needs
     preflight(profile.requirement)  # before anything is loaded
     check_quantization(config, profile.dtype)
+    check_sharding(config, profile)
 
     def build(work: Workspace) -> dict[str, Any]:
         assert work.scratch is not None

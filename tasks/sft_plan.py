@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.attention import ATTENTION
 from tasks.attention import register as register_packed_attention
-from tasks.hardware import Profile, ProfileName
+from tasks.hardware import Profile, SFTProfileName
 
 
 class SFTParams(BaseModel):
@@ -25,9 +25,10 @@ class SFTParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    profile: ProfileName = Field(
+    profile: SFTProfileName = Field(
         default="auto",
-        description="Hardware profile: auto (read the machine), cpu, v100 (fp16, 1 GPU) or a100x2 (bf16, 2 GPUs, DDP).",
+        description="Hardware profile: auto (read the machine), cpu, v100 (fp16, 1 GPU), a100x2 (bf16, 2 GPUs, DDP) "
+        "or fsdp (bf16, every GPU, the base model sharded: for a model that does not fit one card).",
     )
     lora_rank: int = Field(
         default=8, ge=1, le=1024, description="LoRA rank r: capacity of the adapter; memory and time grow with it."
@@ -295,5 +296,11 @@ def sft_config(
         ddp_find_unused_parameters=False,
         include_num_input_tokens_seen="non_padding",
     )
+    if profile.shard_model:
+        # FSDP2 (tasks/fsdp.py): the model arrives sharded, activation checkpointing already applied
+        from tasks.fsdp import fsdp_training_args
+
+        kwargs.update(fsdp_training_args())
+        kwargs.update(gradient_checkpointing=False)
     kwargs.update(overrides)
     return SFTConfig(**kwargs)
