@@ -294,6 +294,9 @@ def sft_config(
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
         include_num_input_tokens_seen="non_padding",
+        # CPU profiles: several processes (a multi-node run of the cpu profile, tests/test_multinode.py)
+        # train as one DDP group over gloo; without it accelerate sees no GPU and each trains alone.
+        use_cpu=profile.requirement.gpus == 0,
     )
     kwargs.update(overrides)
     return SFTConfig(**kwargs)
