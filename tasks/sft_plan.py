@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.attention import ATTENTION
 from tasks.attention import register as register_packed_attention
+from tasks.cluster import ClusterParams
 from tasks.hardware import Profile, ProfileName
 
 
@@ -118,6 +119,11 @@ class SFTParams(BaseModel):
         "its scale.",
     )
     seed: int = Field(default=42, ge=0, description="Seed of the adapter initialisation and the data order.")
+    cluster: ClusterParams = Field(
+        default_factory=ClusterParams,
+        description="Train here (mode none) or on several GPU nodes through Kubeflow Trainer (docs/operating.md, "
+        '"Multi-node SFT").',
+    )
 
 
 def check_quantization(cfg: SFTParams, dtype: str) -> None:
