@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -117,6 +118,7 @@ def _start_nodes(job_uri: str, work: Path, nnodes: int = 2) -> list[tuple[subpro
     """``nnodes`` agents as the pods run them: ``python -m tasks.node JOB_URI`` with the PET_* values the
     torch runtime sets, each with a local folder of its own (its own "machine")."""
     port = _free_port()
+    work.mkdir(parents=True, exist_ok=True)
     nodes = []
     for rank in range(nnodes):
         env = {
@@ -206,7 +208,9 @@ def test_a_dead_node_fails_the_survivor_and_a_rerun_resumes_from_the_store(tmp_p
     text = survivor_log.read_text(errors="replace")
     assert code == 1, text[-3000:]
     assert "error: training process exited with 1" in text
-    assert "ChildFailedError" in text  # torchrun's summary of the failed worker, quoted in docs/operating.md
+    # What docs/operating.md quotes: the worker's gloo error naming the dead peer, torchrun's summary
+    assert re.search(r"\[rank0\]: RuntimeError: \[.*gloo.*\] .* by peer", text), text[-3000:]
+    assert "ChildFailedError" in text and "tasks.sft FAILED" in text
     print(f"survivor failed {noticed_s:.1f}s after node 1 died")
     steps = [
         int(k.split("/")[-2].split("-")[1]) for k in store.list("scratch/sft/deadnode/checkpoints") if "_COMPLETE" in k
