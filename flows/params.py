@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks.cluster import check_cluster
 from tasks.data import DataParams
 from tasks.evaluate import EvalParams
 from tasks.grpo_plan import GRPOParams
@@ -93,7 +94,8 @@ class RetrainParams(BaseModel):
     def task_needs(self, machine: Machine | None = None) -> dict[str, TaskNeed]:
         """What each GPU-capable task of this run needs (tasks/requirements.py), by task name; a
         profile ``auto`` cannot resolve without a GPU and raises ``HardwareError`` naming the task."""
-        sft = sft_need(self.sft.profile, machine)
+        check_cluster(self.sft.cluster, self.sft.profile, self.stage_context().root)  # one line, before any work
+        sft = sft_need(self.sft.profile, machine, cluster=self.sft.cluster.mode)
         needs = [sft, merge_need(self.merge.device), evaluate_need(self.eval.device, sft)]
         if self.grpo.enabled:
             needs.insert(1, grpo_need(self.grpo.profile, machine))

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import uuid
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,8 +28,34 @@ def _setting(name: str, default: float) -> float:
     return float(os.environ.get(name) or default)
 
 
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where this node meets the others: torchrun's ``--nnodes/--node-rank/--master-addr/--master-port``,
+    the values Kubeflow Trainer's torch runtime hands every pod as ``PET_*`` (tasks/node.py reads them).
+    torchrun's static rendezvous: node 0 hosts the TCP store, ranks follow the node rank."""
+
+    nnodes: int
+    node_rank: int
+    master_addr: str
+    master_port: int
+
+    def torchrun_args(self, nproc: int) -> list[str]:
+        return [
+            f"--nnodes={self.nnodes}",
+            f"--nproc-per-node={nproc}",
+            f"--node-rank={self.node_rank}",
+            f"--master-addr={self.master_addr}",
+            f"--master-port={self.master_port}",
+        ]
+
+
 def launch_training(
-    module: str, job: dict[str, Any], job_path: Path, nproc: int, on_progress: Callable[[], None] | None = None
+    module: str,
+    job: dict[str, Any],
+    job_path: Path,
+    nproc: int,
+    on_progress: Callable[[], None] | None = None,
+    rendezvous: Rendezvous | None = None,
 ) -> None:
     """Run ``python -m MODULE JOB.json`` in a child process (``torchrun`` for several processes).
 
@@ -41,8 +68,14 @@ def launch_training(
     The trainer runs under ``python -m tasks.guard``, which holds the lock of JOB.json's folder while
     the trainer lives (a second launch there waits, ``TUNELINE_TRAINER_LOCK_TIMEOUT_S``, then fails)
     and stops the trainer's whole process group (SIGTERM, ``TUNELINE_TRAINER_GRACE_S``, SIGKILL) when
-    this process dies — by SIGKILL too — or the launch is cancelled."""
-    if nproc > 1:
+    this process dies — by SIGKILL too — or the launch is cancelled.
+
+    ``rendezvous``: one node of several (tasks/node.py): ``torchrun`` joins the other nodes instead of
+    ``--standalone``, with ``nproc`` processes here."""
+    if rendezvous is not None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", *rendezvous.torchrun_args(nproc), "-m", module]
+        cmd.append(str(job_path))
+    elif nproc > 1:
         cmd = [
             sys.executable,
             "-m",

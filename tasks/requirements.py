@@ -11,7 +11,8 @@ it and from nothing else:
   task started on its own is held to the same requirement;
 - the **device** evaluation and merge run on (``cuda`` or ``cpu``).
 
-Which GPU tasks there are: ``lora_sft`` (``sft.profile``), ``grpo`` (``grpo.profile``), ``merge_lora``
+Which GPU tasks there are: ``lora_sft`` (``sft.profile``; none with ``sft.cluster.mode: kubeflow``,
+whose pods train), ``grpo`` (``grpo.profile``), ``merge_lora``
 when ``merge.device`` is ``cuda``, and ``evaluate`` when the run trains on a GPU (``eval.device: auto``
 follows ``sft.profile``; ``cpu`` or ``cuda`` pins it).
 """
@@ -24,6 +25,8 @@ from tasks.hardware import PROFILES, GpuRequirement, HardwareError, Machine, Pro
 
 #: One card of any kind: merge and evaluation on a GPU (precision then follows the card).
 ONE_GPU = Profile("one-gpu", GpuRequirement(1), "bf16", notes="merge or evaluation on one card")
+#: SFT on a cluster (``sft.cluster.mode: kubeflow``): the nodes train, the task needs no GPU.
+ON_CLUSTER = Profile("cluster", GpuRequirement(0), "fp32", notes="training runs in a Kubeflow TrainJob's pods")
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,11 @@ def _resolve(task: str, decided_by: str, name: str, machine: Machine | None) -> 
         raise HardwareError(f"{task} ({decided_by}): {e}") from None
 
 
-def sft_need(profile: str, machine: Machine | None = None) -> TaskNeed:
+def sft_need(profile: str, machine: Machine | None = None, cluster: str = "none") -> TaskNeed:
+    """``sft.cluster.mode`` other than ``none``: the training runs in a cluster's pods (tasks/cluster.py)
+    and the task only submits and follows it, so it needs no GPU and its flow run stays on a CPU pool."""
+    if cluster != "none":
+        return TaskNeed("lora_sft", f"sft.cluster.mode={cluster}", ON_CLUSTER)
     return _resolve("lora_sft", f"sft.profile={profile}", profile, machine)
 
 

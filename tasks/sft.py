@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.checkpoint_sync import CheckpointSync
+from tasks.cluster import check_cluster, train_on_cluster
 from tasks.common import (
     ProgressReporter,
     load_tokenizer,
@@ -396,7 +397,9 @@ def _plot_curves(history: list[dict[str, Any]], path: Path) -> None:
 def fingerprint_of(config: SFTParams, dataset: StageRef, ctx: StageContext) -> str:
     """The code ``train`` runs, the training stack, the parameters, the base model's content and the
     dataset's (docs/caching.md)."""
-    cfg = {"config": config, "model": ctx.model_identity(), "profile": resolve_profile(config.profile).name}
+    # sft.cluster counts only when used: with mode none the fingerprints stay those before it existed
+    dumped = config.model_dump(mode="json", exclude={"cluster"} if config.cluster.mode == "none" else None)
+    cfg = {"config": dumped, "model": ctx.model_identity(), "profile": resolve_profile(config.profile).name}
     stack = stack_versions("training")
     return fingerprint(STAGE, code_identity(CODE), cfg, upstream=[content_of(dataset)], stack=stack)
 
@@ -422,8 +425,11 @@ def make_job(
 def lora_sft(config: SFTParams, dataset: StageRef, ctx: StageContext) -> StageRef:
     """Train a LoRA adapter. Needs the profile's GPUs (none for ``cpu``); a retry resumes from the
     newest complete checkpoint."""
-    profile = sft_need(config.profile).profile  # tasks/requirements.py: the one declaration of what SFT needs
-    preflight(profile.requirement)  # before anything is loaded
+    check_cluster(config.cluster, config.profile, ctx.root)
+    need = sft_need(config.profile, cluster=config.cluster.mode)  # tasks/requirements.py: what SFT needs here
+    preflight(need.requirement)  # before anything is loaded
+    # On a cluster the task needs nothing; the nodes train with the named profile (tasks/cluster.py).
+    profile = need.profile if config.cluster.mode == "none" else resolve_profile(config.profile)
     check_quantization(config, profile.dtype)
     check_sharding(config, profile)
 
@@ -431,14 +437,20 @@ def lora_sft(config: SFTParams, dataset: StageRef, ctx: StageContext) -> StageRe
         assert work.scratch is not None
         job = make_job(config, ctx.model_dir(), ctx.open(dataset), work.scratch, profile)
         assert Path(job["output_dir"]) == work.out
-        report = ProgressReporter(work.scratch / "progress.jsonl", "sft-progress", "LoRA SFT steps done")
-        # -- checkpoints in an s3:// store: a retry on another machine resumes (tasks/checkpoint_sync.py) --
-        with CheckpointSync(ctx.store(), STAGE, work.scratch.name, work.scratch, log=run_logger()) as sync:
-            launch_training("tasks.sft", job, work.scratch / "job.json", profile.nproc, on_progress=report.update)
-        sync.clear()  # trained: the stage's own folder replaces them
-        # -- end of checkpoint sync --
-        report.finish()
-        metrics = json.loads((work.out / "metrics.json").read_text())
+        if config.cluster.mode != "none":  # a TrainJob's pods train; this task submits and follows it
+            metrics = train_on_cluster(
+                config, dataset.uri, ctx.store(), job["model_dir"], ctx.model_identity(), work.scratch.name,
+                job["profile"], work.out,
+            )  # fmt: skip
+        else:
+            report = ProgressReporter(work.scratch / "progress.jsonl", "sft-progress", "LoRA SFT steps done")
+            # -- checkpoints in an s3:// store: a retry on another machine resumes (tasks/checkpoint_sync.py) --
+            with CheckpointSync(ctx.store(), STAGE, work.scratch.name, work.scratch, log=run_logger()) as sync:
+                launch_training("tasks.sft", job, work.scratch / "job.json", profile.nproc, on_progress=report.update)
+            sync.clear()  # trained: the stage's own folder replaces them
+            # -- end of checkpoint sync --
+            report.finish()
+            metrics = json.loads((work.out / "metrics.json").read_text())
         publish_markdown(
             "sft-curves",
             picture_markdown(work.out / "curves.png", "loss, accuracy and learning rate") + metrics_markdown(metrics),

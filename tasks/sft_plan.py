@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.attention import ATTENTION
 from tasks.attention import register as register_packed_attention
+from tasks.cluster import ClusterParams
 from tasks.hardware import Profile, SFTProfileName
 
 
@@ -119,6 +120,11 @@ class SFTParams(BaseModel):
         "its scale.",
     )
     seed: int = Field(default=42, ge=0, description="Seed of the adapter initialisation and the data order.")
+    cluster: ClusterParams = Field(
+        default_factory=ClusterParams,
+        description="Train here (mode none) or on several GPU nodes through Kubeflow Trainer (docs/operating.md, "
+        '"Multi-node SFT").',
+    )
 
 
 def check_quantization(cfg: SFTParams, dtype: str) -> None:
@@ -295,6 +301,9 @@ def sft_config(
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
         include_num_input_tokens_seen="non_padding",
+        # CPU profiles: several processes (a multi-node run of the cpu profile, tests/test_multinode.py)
+        # train as one DDP group over gloo; without it accelerate sees no GPU and each trains alone.
+        use_cpu=profile.requirement.gpus == 0,
     )
     if profile.shard_model:
         # FSDP2 (tasks/fsdp.py): the model arrives sharded, activation checkpointing already applied
