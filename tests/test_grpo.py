@@ -78,7 +78,7 @@ def test_grpo_learns_the_format_on_smollm2(smollm2_dir, smollm2_adapter, tmp_pat
     assert len(curve) == 6 and metrics["steps"] == 6
     assert metrics["reward_std_mean"] > 0  # non-zero variance: GRPO has advantages to learn from
     assert sum(curve[-2:]) / 2 > sum(curve[:2]) / 2 + 0.15, curve
-    assert metrics["rollout_engine"] == "transformers"
+    assert metrics["rollout_engine"] == "continuous"
     out = Path(job["output_dir"])
     assert (out / "adapter_model.safetensors").exists() and (out / "rewards.png").stat().st_size > 1000
     samples = json.loads((out / "samples.json").read_text())
@@ -86,7 +86,8 @@ def test_grpo_learns_the_format_on_smollm2(smollm2_dir, smollm2_adapter, tmp_pat
 
 
 def test_use_vllm_without_vllm_falls_back_and_says_so(tiny_model_dir, tmp_path, capfd):
-    """The project venv has no vLLM: vllm.enabled still trains, with transformers, and says why."""
+    """The project venv has no vLLM: vllm.enabled still trains, with transformers' continuous batching, and
+    says why."""
     pytest.importorskip("trl")
     import importlib.util
 
@@ -105,7 +106,7 @@ def test_use_vllm_without_vllm_falls_back_and_says_so(tiny_model_dir, tmp_path, 
         config, tiny_model_dir, make_adapter(tiny_model_dir, tmp_path / "adapter"), data_dir(tmp_path, rows=4), tmp_path
     )
     metrics = train(job)
-    assert metrics["rollout_engine"] == "transformers"
+    assert metrics["rollout_engine"] == "continuous"
     assert "vLLM is not installed" in metrics["rollout_reason"]
     assert "vLLM is not installed" in capfd.readouterr().out
 
@@ -182,7 +183,7 @@ def test_prefect_task_fails_fast_on_bad_reward_and_publishes_report(tiny_model_d
     )
     ref = run(config)
     folder = Path(ref.uri)
-    assert ref.metrics["steps"] == 2 and ref.metrics["rollout_engine"] == "transformers"
+    assert ref.metrics["steps"] == 2 and ref.metrics["rollout_engine"] == "continuous"
     assert {"adapter_model.safetensors", "rewards.png", "samples.json", "metrics.json"} <= {
         p.name for p in folder.iterdir()
     }

@@ -1,5 +1,7 @@
-"""Generation engines and model loading: batched ``transformers`` ``generate``, or vLLM on the merged
-folder when it is installed and a GPU is present (``select_engine``)."""
+"""Generation engines and model loading: transformers — padded batched ``generate`` (``transformers``)
+or continuous batching (``continuous``: ``generate_batch``, no padding, a finished answer frees its
+slot at once) — or vLLM on the merged folder. ``select_engine`` picks: vLLM when installed and a GPU is
+present, else continuous batching on a GPU, padded ``generate`` on CPU."""
 
 from __future__ import annotations
 
@@ -15,24 +17,25 @@ from tasks.hardware import card_dtype
 def select_engine(
     requested: Engine, find_spec: Callable[[str], Any] = importlib.util.find_spec, has_gpu: bool | None = None
 ) -> str:
-    """``transformers`` or ``vllm``. ``auto`` takes vLLM only when it is installed and a GPU is
-    present (vLLM has no useful CPU path here); ``vllm`` without vLLM installed is an error.
+    """``transformers``, ``continuous`` or ``vllm``. ``auto`` takes vLLM only when it is installed and a
+    GPU is present (vLLM has no useful CPU path here), else continuous batching on a GPU and padded
+    ``generate`` on CPU (docs/evaluation.md, "Engines"); ``vllm`` without vLLM installed is an error.
 
     >>> select_engine("auto", find_spec=lambda name: None, has_gpu=True)
-    'transformers'
+    'continuous'
     """
     installed = find_spec("vllm") is not None
     if requested == "vllm" and not installed:
         raise EvalError("eval.engine=vllm but vLLM is not installed (pip install 'tuneline[vllm]'), or use engine=auto")
-    if requested == "transformers":
-        return "transformers"
-    if requested == "vllm":
-        return "vllm"
+    if requested != "auto":
+        return requested
     if has_gpu is None:
         import torch
 
         has_gpu = torch.cuda.is_available()
-    return "vllm" if installed and has_gpu else "transformers"
+    if not has_gpu:
+        return "transformers"
+    return "vllm" if installed else "continuous"
 
 
 class Completion(str):
@@ -114,21 +117,28 @@ def load_model(model_dir: str, device: str, dtype: str | None = None) -> tuple[A
 
 
 class TransformersEngine:
-    """Batched ``model.generate`` with left padding; prompts sorted by length so a batch holds
-    similar lengths (less padding), answers returned in the callers' order, each a
-    :class:`Completion` that knows whether it hit ``max_new_tokens``."""
+    """transformers generation, each answer a :class:`Completion` that knows whether it hit
+    ``max_new_tokens``, in the callers' order.
 
-    def __init__(self, model, tokenizer, batch_size: int):
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+    Padded (default): batched ``model.generate`` with left padding, prompts sorted by length so a
+    batch holds similar lengths. ``continuous=True``: ``model.generate_batch`` (continuous batching,
+    paged KV cache): all prompts at once, no padding, a finished answer's slot goes to the next one.
+    Greedy answers are the same tokens where the arithmetic is (fp32 on CPU: tests/test_rollouts.py);
+    in bf16 the different kernels and batch shapes can flip a near-tie, as between batch sizes."""
+
+    def __init__(self, model, tokenizer, batch_size: int, continuous: bool = False):
+        self.model, self.tokenizer, self.batch_size, self.continuous = model, tokenizer, batch_size, continuous
 
     def generate(
         self, chats: list[list[dict[str, str]]], max_new_tokens: int, temperature: float, seed: int
     ) -> list[Completion]:
+        tok = self.tokenizer
+        texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
+        if self.continuous:
+            return self._generate_continuous(texts, max_new_tokens, temperature, seed)
         import torch
 
-        tok = self.tokenizer
         tok.padding_side = "left"
-        texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         outputs: dict[int, Completion] = {}
         torch.manual_seed(seed)
@@ -151,6 +161,49 @@ class TransformersEngine:
             for i, ids, text in zip(idx, new.tolist(), tok.batch_decode(new, skip_special_tokens=True)):
                 outputs[i] = Completion(text.strip(), cut_off=hit_token_limit(ids, stops, max_new_tokens))
         return [outputs[i] for i in range(len(texts))]
+
+    def _generate_continuous(
+        self, texts: list[str], max_new_tokens: int, temperature: float, seed: int
+    ) -> list[Completion]:
+        import torch
+        from transformers import ContinuousBatchingConfig, GenerationConfig
+
+        tok = self.tokenizer
+        prompts = tok(texts, add_special_tokens=False)["input_ids"]  # the padded path's ids, without the padding
+        stops = stop_token_ids(self.model)
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else None,
+            top_p=None,
+            top_k=None,
+            eos_token_id=sorted(stops) or None,
+            pad_token_id=tok.pad_token_id,
+        )
+        sizing: dict[str, Any] = {}
+        if next(self.model.parameters()).device.type == "cpu":
+            # transformers sizes the cache from the machine's RAM on CPU (most of it, filled before use):
+            # count the 256-token blocks every prompt and answer needs instead.
+            blocks = sum(-(-(len(p) + max_new_tokens) // 256) for p in prompts)
+            sizing = {"num_blocks": blocks, "max_batch_tokens": 512}
+        with torch.no_grad():
+            results = self.model.generate_batch(
+                prompts,
+                generation_config=config,
+                continuous_batching_config=ContinuousBatchingConfig(seed=seed, **sizing),
+                progress_bar=False,
+            )
+        outputs = list(results.values())  # in the inputs' order
+        if len(outputs) != len(prompts) or any(o.error for o in outputs):
+            errors = sorted({str(o.error) for o in outputs if o.error})
+            raise EvalError(f"continuous batching returned {len(outputs)} of {len(prompts)} answers: {errors}")
+        return [
+            Completion(
+                tok.decode(o.generated_tokens, skip_special_tokens=True).strip(),
+                cut_off=hit_token_limit(o.generated_tokens, stops, max_new_tokens),
+            )
+            for o in outputs
+        ]
 
     def close(self) -> None:
         del self.model

@@ -18,7 +18,7 @@ GateMetric = Literal[
     "humaneval_pass_at_1",
     "self_cognition_accuracy",
 ]
-Engine = Literal["auto", "transformers", "vllm"]
+Engine = Literal["auto", "transformers", "continuous", "vllm"]
 LOWER_IS_BETTER = {"validation_loss", "perplexity"}
 #: Metrics whose items are 0/1 (a question right or wrong): compared by the exact McNemar test.
 BINARY_METRICS = {"gsm8k_accuracy", "humaneval_pass_at_1", "self_cognition_accuracy"}
@@ -164,8 +164,9 @@ class EvalParams(BaseModel):
     )
     engine: Engine = Field(
         default="auto",
-        description="Generation engine: auto (vLLM when installed and a GPU is present, else transformers), "
-        "transformers, or vllm (an error when it is not installed).",
+        description="Generation engine: auto (vLLM when installed and a GPU is present, else continuous on a GPU "
+        "and transformers on CPU), transformers (padded generate), continuous (transformers' continuous "
+        "batching), or vllm (an error when it is not installed).",
     )
     gate_metrics: list[GateMetric] = Field(
         default=["validation_loss", "gsm8k_accuracy", "humaneval_pass_at_1", "self_cognition_accuracy"],

@@ -88,7 +88,7 @@ def evaluate_models(
                 free_memory()
                 engine = VLLMEngine(model_dir, config.seed)
             else:
-                engine = TransformersEngine(model, tokenizer, config.batch_size)
+                engine = TransformersEngine(model, tokenizer, config.batch_size, engine_name == "continuous")
                 del model
             more, details[label] = generation_suites(engine, config, data, system_prompt, name, author)
             items[label].update(more)
