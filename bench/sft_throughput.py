@@ -24,7 +24,8 @@ Variants (``--variants``, comma-separated):
   step, liger kernels with ``-liger``;
 - suffixes on any variant: ``@loop`` attends packed rows with the per-row SDPA loop instead of
   torch's one-launch varlen kernel (``tasks/attention.py``; the lever of issue 18), ``+compile``
-  compiles every decoder layer (with its LoRA adapters) with ``torch.compile``.
+  compiles every decoder layer (with its LoRA adapters) with ``torch.compile``, ``+noliger`` turns
+  liger's kernels off (its Triton functions break the compiled graph).
 
 Tokens/s counts non-pad input tokens (``num_input_tokens_seen``) between the end of the warm-up
 steps and the last step, with the GPU synchronised at each step end. MFU = model FLOPs / (time x
@@ -189,7 +190,7 @@ def trace_summary(prof, wall: float, micro_batches: int) -> dict:
 
 def run_variant(
     name,
-    args_fn,
+    args_fn,  # a variant's SFTConfig, built when it runs
     model_cfg,
     tokenizer,
     rows,
@@ -215,6 +216,8 @@ def run_variant(
     register()  # also reads TUNELINE_PACKED_ATTENTION, set per variant by main()
 
     args = args_fn()
+    if "+noliger" in name:
+        args.use_liger_kernel = False
     if measure_tokens:  # enough timed steps for ~measure_tokens tokens, at least 3
         per_step = (
             args.per_device_train_batch_size * args.gradient_accumulation_steps * (2000 if args.packing else mean_len)
@@ -437,7 +440,7 @@ def main() -> None:
     }
 
     def plain(name: str) -> str:  # the variant without its @loop / +compile suffixes
-        return name.replace("@loop", "").replace("+compile", "")
+        return name.replace("@loop", "").replace("+compile", "").replace("+noliger", "")
 
     for name in map(plain, opts.variants.split(",")):
         if name in variants:

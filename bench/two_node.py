@@ -143,7 +143,9 @@ def main() -> None:
         logging_steps=1,
     )
     profile = profile_to_job(PROFILES["a100x2" if cuda else "cpu"])
-    base_env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # the repository first, then what the caller had (carried wheels on the GPU machine)
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    base_env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     results: dict = {"model": opts.model, "steps": opts.steps, "card": torch.cuda.get_device_name(0) if cuda else "cpu"}
 
     if not opts.no_baseline:

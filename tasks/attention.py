@@ -119,7 +119,9 @@ def packed_sdpa(
         max_len = kwargs.get("max_length_q")
         if max_len is None:
             max_len = max(b - a for a, b in zip(_boundaries(cu)[:-1], _boundaries(cu)[1:]))
-        out = _varlen(q, k, v, cu.to(device=query.device, dtype=torch.int32), int(max_len), scaling)
+        # the kernel launches on the current device: make it the tensors' (a process may hold two)
+        with torch.cuda.device(query.device):
+            out = _varlen(q, k, v, cu.to(device=query.device, dtype=torch.int32), int(max_len), scaling)
         return out.unsqueeze(0), None
     bounds = _boundaries(cu)
     if bounds[-1] != query.shape[2]:
