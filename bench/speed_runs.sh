@@ -52,11 +52,21 @@ rollout() {
 }
 
 ddp() {  # where the DDP run's illegal memory access comes from (CUDA_LAUNCH_BLOCKING: the failing kernel)
-  CUDA_LAUNCH_BLOCKING=1 timeout 240 torchrun --standalone --nproc_per_node 2 bench/fsdp_memory.py --parts ddp \
-    --steps 4 --out "$OUTDIR/ddp.json" >"$OUTDIR/ddp.log" 2>&1
+  CUDA_LAUNCH_BLOCKING=1 timeout 100 torchrun --standalone --nproc_per_node 2 bench/fsdp_memory.py --parts ddp \
+    --steps 3 --warmup 1 --out "$OUTDIR/ddp.json" >"$OUTDIR/ddp.log" 2>&1
   echo "ddp rc=$?"
   grep -v -E "it/s|s/it|^W1130|^frame|^\s*$" "$OUTDIR/ddp.log" | grep -B2 -A12 -m1 -E "Error|error" | head -40
   tail -4 "$OUTDIR/ddp.log"
+}
+
+scaleout() {  # issue 19 on two cards: two nodes (NCCL over sockets), then FSDP vs DDP and the large model
+  timeout 150 python3 bench/two_node.py --tokenizer .carry/smollm2 --out "$OUTDIR/two_node.json" >"$OUTDIR/two_node.log" 2>&1
+  echo "two_node rc=$?"
+  grep -v -E "it/s|s/it|NCCL INFO|^W1130" "$OUTDIR/two_node.log" | tail -12
+  timeout "${FSDP_TIMEOUT:-300}" torchrun --standalone --nproc_per_node 2 bench/fsdp_memory.py --out "$OUTDIR/fsdp.json" \
+    >"$OUTDIR/fsdp.log" 2>&1
+  echo "fsdp rc=$?"
+  grep -E "^\{|^\||^\[big\]|rror" "$OUTDIR/fsdp.log" | tail -25
 }
 
 "$@"
