@@ -135,9 +135,11 @@ def run(name, model, args, rows, tokenizer, peft_config, warmup, cuda) -> dict:
     resident = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0  # the model as built: whole or a shard
     trainer.train()
     (t0, k0), (t1, k1) = marks[warmup - 1], marks[-1]
-    peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0])
-    peaks = [torch.zeros(1) for _ in range(dist.get_world_size())]
-    dist.all_gather(peaks, peak.to("cuda") if cuda else peak)
+    # NCCL gathers into the card's memory: every buffer on this rank's device (CPU ones crash it)
+    here = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0], device=here)
+    peaks = [torch.zeros(1, device=here) for _ in range(dist.get_world_size())]
+    dist.all_gather(peaks, peak)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     out = {
         "variant": name,
