@@ -24,8 +24,10 @@ Variants (``--variants``, comma-separated):
   step, liger kernels with ``-liger``;
 - suffixes on any variant: ``@loop`` attends packed rows with the per-row SDPA loop instead of
   torch's one-launch varlen kernel (``tasks/attention.py``; the lever of issue 18), ``+compile``
-  compiles every decoder layer (with its LoRA adapters) with ``torch.compile``, ``+noliger`` turns
-  liger's kernels off (its Triton functions break the compiled graph).
+  compiles every decoder layer (with its LoRA adapters) with ``torch.compile`` (the stage's own
+  variants compile where the stage does: ``Profile.compiles``), ``+noliger`` turns liger's kernels
+  off (its Triton functions break the compiled graph; liger patches transformers' classes for the
+  whole process, so a ``+noliger`` variant must come before any liger one).
 
 Tokens/s counts non-pad input tokens (``num_input_tokens_seen``) between the end of the warm-up
 steps and the last step, with the GPU synchronised at each step end. MFU = model FLOPs / (time x
@@ -160,15 +162,6 @@ def parse_trl_variant(name: str) -> dict | None:
     )
 
 
-def compile_decoder_layers(model) -> int:
-    """``torch.compile`` each decoder layer in place (the LoRA adapters inside it included), as
-    torchtune's recipes do: one layer's graph is reused by all of them. Returns how many."""
-    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
-    for layer in layers:
-        layer.compile()
-    return len(layers)
-
-
 def trace_summary(prof, wall: float, micro_batches: int) -> dict:
     """Where one optimizer step's time goes: host (CPU) time of the ops, device kernel time, launches."""
     events = prof.key_averages()
@@ -271,6 +264,8 @@ def run_variant(
     if nocast:
         skip_adapter_input_casts(trainer.model)
     if compile_layers:
+        from tasks.sft_plan import compile_decoder_layers
+
         compile_decoder_layers(trainer.model)
     if cuda:
         torch.cuda.synchronize()
@@ -484,6 +479,12 @@ def main() -> None:
                 assistant_only_loss=False,
                 **{"bf16": cuda and not lever["fp16"], **common, **lever},
             )
+    # the stage's own choice for its variants: compiled decoder layers where its fitted plan says so
+    stage_compiles = {"stage": fitted(profile).compiles(), "a100x2": fitted(PROFILES["a100x2"]).compiles()}
+    for name in map(plain, opts.variants.split(",")):
+        if name.startswith(("stage:", "a100x2:")):
+            base, gib = name.split(":")
+            stage_compiles[name] = fitted(profile if base == "stage" else PROFILES["a100x2"], float(gib)).compiles()
     trace = set(filter(None, opts.trace.split(",")))
     e_len2 = float((lengths.astype(float) ** 2).mean() / lengths.mean())
     results = []
@@ -505,7 +506,7 @@ def main() -> None:
                 nocast=nocast,
                 measure_tokens=opts.measure_tokens,
                 mean_len=float(lengths.mean()),
-                compile_layers="+compile" in name,
+                compile_layers="+compile" in name or (stage_compiles.get(plain(name), False) and cuda),
             )
         except torch.OutOfMemoryError as e:
             r = {"variant": name, "error": f"out of memory: {e}"[:200]}

@@ -74,6 +74,7 @@ from tasks.requirements import sft_need
 from tasks.sft_plan import (
     SFTParams,
     check_quantization,
+    compile_decoder_layers,
     lora_config,
     memory_plan,
     sft_config,
@@ -222,7 +223,8 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
             f"{'packed sequences' if cfg.packing else 'rows'} x "
             f"{args.gradient_accumulation_steps} accumulation x {world} processes (rows average {mean_row_tokens:.0f} "
             "tokens); "
-            f"gradient_checkpointing={args.gradient_checkpointing or profile.gradient_checkpointing}"
+            f"gradient_checkpointing={args.gradient_checkpointing or profile.gradient_checkpointing} "
+            f"compiled_layers={profile.compiles() and torch.cuda.is_available()} liger_kernels={args.use_liger_kernel}"
             + (" fsdp2=sharded base" if profile.shard_model else ""),
             flush=True,
         )
@@ -274,6 +276,9 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
     )
     if skip_casts:
         skip_adapter_input_casts(trainer.model)
+    compiled = profile.compiles() and torch.cuda.is_available()
+    if compiled:
+        compile_decoder_layers(trainer.model)
     resume = _latest_checkpoint(scratch)
     if resume is not None and (resume / NONFINITE).exists():
         guard.skipped = json.loads((resume / NONFINITE).read_text())["skipped"]
@@ -313,6 +318,7 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
         # sharded: per-layer checkpointing set up with the model (tasks/fsdp.py), not by the Trainer
         "gradient_checkpointing": args.gradient_checkpointing or profile.gradient_checkpointing,
         "liger_kernels": bool(args.use_liger_kernel),
+        "compiled_layers": compiled,
     }
     # Sharded: gather the adapter alone (every process takes part), never the base.
     adapter = adapter_state_dict(trainer.model) if profile.shard_model else None

@@ -238,6 +238,18 @@ def speed_settings(profile: Profile, packing: bool) -> tuple[str, str, bool]:
     return attn, reason, profile.dtype != "fp32"
 
 
+def compile_decoder_layers(model: Any) -> int:
+    """``torch.compile`` each decoder layer in place, its LoRA adapters included, as torchtune's
+    recipes do: the layers share one compiled graph (torch inlines the module, so its weights are
+    inputs, not constants). Fuses what is not a matmul (RMSNorm, SwiGLU, RoPE, the adapters'
+    dropout and scaling, residual adds); shapes vary with each packed micro-batch, which torch
+    handles with one dynamic-shape recompilation. Returns the number of layers."""
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
 def skip_adapter_input_casts(model: Any) -> int:
     """Stop peft from copying every adapted layer's input to the adapter's fp32 dtype.
 
