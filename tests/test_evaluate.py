@@ -193,7 +193,7 @@ def test_engine_selection():
     without = lambda name: None  # noqa: E731
     assert select_engine("auto", find_spec=with_vllm, has_gpu=True) == "vllm"
     assert select_engine("auto", find_spec=with_vllm, has_gpu=False) == "transformers"
-    assert select_engine("auto", find_spec=without, has_gpu=True) == "continuous"
+    assert select_engine("auto", find_spec=without, has_gpu=True) == "transformers"  # continuous: slower on GPU
     assert select_engine("auto", find_spec=without, has_gpu=False) == "transformers"
     assert select_engine("continuous", find_spec=with_vllm, has_gpu=False) == "continuous"
     assert select_engine("transformers", find_spec=with_vllm, has_gpu=True) == "transformers"

@@ -1,7 +1,7 @@
 """Generation engines and model loading: transformers — padded batched ``generate`` (``transformers``)
 or continuous batching (``continuous``: ``generate_batch``, no padding, a finished answer frees its
 slot at once) — or vLLM on the merged folder. ``select_engine`` picks: vLLM when installed and a GPU is
-present, else continuous batching on a GPU, padded ``generate`` on CPU."""
+present, else padded ``generate`` (continuous batching ran slower than it on an H200: docs/evaluation.md)."""
 
 from __future__ import annotations
 
@@ -18,11 +18,12 @@ def select_engine(
     requested: Engine, find_spec: Callable[[str], Any] = importlib.util.find_spec, has_gpu: bool | None = None
 ) -> str:
     """``transformers``, ``continuous`` or ``vllm``. ``auto`` takes vLLM only when it is installed and a
-    GPU is present (vLLM has no useful CPU path here), else continuous batching on a GPU and padded
-    ``generate`` on CPU (docs/evaluation.md, "Engines"); ``vllm`` without vLLM installed is an error.
+    GPU is present (vLLM has no useful CPU path here), else padded ``generate`` — continuous batching
+    is there on request: on an H200 it decoded at 0.53x padded generate's rate (docs/evaluation.md,
+    "Engines"); ``vllm`` without vLLM installed is an error.
 
     >>> select_engine("auto", find_spec=lambda name: None, has_gpu=True)
-    'continuous'
+    'transformers'
     """
     installed = find_spec("vllm") is not None
     if requested == "vllm" and not installed:
@@ -35,7 +36,7 @@ def select_engine(
         has_gpu = torch.cuda.is_available()
     if not has_gpu:
         return "transformers"
-    return "vllm" if installed else "continuous"
+    return "vllm" if installed else "transformers"
 
 
 class Completion(str):
