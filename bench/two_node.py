@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -223,7 +224,9 @@ def main() -> None:
     two = _metrics(work / "node-0.log")
     results["two_nodes"] = two
     text = (work / "node-0.log").read_text(errors="replace")
-    transport = sorted({w for w in ("NET/Socket", "NET/IB", "P2P", "SHM") if w in text})
+    # what NCCL's channels were built on: its INFO lines end "... via NET/Socket/0" (or P2P/..., SHM/...);
+    # a bare keyword search also hits lines such as "NET/IB : No device found"
+    transport = sorted(set(re.findall(r" via (NET/\w+|P2P|SHM)", text)))
     results["nccl_transport"] = transport
     print(
         f"\n[two_node] {results['card']} x 2 nodes (1 process each), Qwen2 {opts.model} random weights, "
