@@ -114,8 +114,8 @@ class Profile:
     fit_memory: bool = False
     liger_kernels: bool = False  # liger-kernel's Triton RMSNorm/SwiGLU/RoPE when installed (bf16 cards)
     # torch.compile each decoder layer with its adapters when the plan has no checkpointing: 15,775 vs
-    # 14,090 tokens/s with liger instead on a 7B (docs/benchmarks.md, issue 18). Liger's Triton
-    # functions break the compiled graph, so compiling replaces them.
+    # 14,090 tokens/s with liger instead on a 7B, one process (docs/benchmarks.md, issue 18). Liger's
+    # Triton functions break the compiled graph, so compiling replaces them.
     compile_layers: bool = False
     # FSDP2: the base model sharded over the processes, never whole in one (tasks/fsdp.py)
     shard_model: bool = False
@@ -158,7 +158,7 @@ PROFILES: dict[str, Profile] = {
         packed_sequences=4,
         fit_memory=True,
         liger_kernels=True,
-        compile_layers=True,
+        # compile_layers stays off: measured on one process only; DDP with compiled layers did not run
         notes="bf16, DDP over two processes, no gradient checkpointing",
     ),
     # nproc: every visible GPU, set by resolve_profile; 2 here is the least it runs on.
