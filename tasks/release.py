@@ -175,7 +175,11 @@ def build_lineage(
             for r in (dataset, adapter, merged, report)
         },
         "release_lineage": stage_lineage(STAGE, code_identity(CODE), {}, inputs=[dataset, adapter, merged, report]),
-        "merge": {k: merged.metrics.get(k) for k in ("dtype", "device", "max_logit_diff", "tolerance", "verified")},
+        "merge": {
+            k: merged.metrics.get(k)
+            for k in ("method", "dtype", "device", "max_logit_diff", "max_weight_rel_diff", "tolerance", "verified")
+            if k in merged.metrics
+        },
         # Precision follows the card (bf16 from compute capability 8.0, fp16 below, fp32 on CPU).
         "evaluation": {k: eval_report.get(k) for k in ("device", "precision", "engine")},
         "metrics": eval_report["metrics"],
@@ -189,6 +193,18 @@ def build_lineage(
         "sandbox_mode": eval_report.get("sandbox_mode"),  # None: no generated code ran
         "flow_run_id": _flow_run_id(),
     }
+
+
+def _merge_check(merge: dict[str, Any]) -> str:
+    """How the merged weights were checked: logits for peft's merge, weights for the streaming merge
+    (a model too big for one card is never loaded whole, so it has no logits to compare)."""
+    if merge.get("max_weight_rel_diff") is not None:
+        return (
+            f"largest relative weight difference against base + adapter {merge['max_weight_rel_diff']:.3g} "
+            f"≤ {merge.get('tolerance') or 0:.3g}, merged shard by shard"
+        )
+    limit = merge.get("tolerance") or 0
+    return f"max |Δlogit| against base + adapter {merge.get('max_logit_diff') or 0:.3g} ≤ {limit:.3g}"
 
 
 def model_card(model_name: str, lineage: dict[str, Any], report: dict[str, Any]) -> str:
@@ -213,8 +229,8 @@ def model_card(model_name: str, lineage: dict[str, Any], report: dict[str, Any])
         + f") made by tuneline (code `{lineage['code_version']}`, Prefect flow run `{lineage.get('flow_run_id')}`"
         + (f"; adapter trained by code `{trained}`" if trained and trained != lineage["code_version"] else "")
         + ").\n\n"
-        f"Files: `adapter/` (LoRA adapter), `model/` (merged weights, {merge.get('dtype')}; max |Δlogit| against "
-        f"base + adapter {merge.get('max_logit_diff') or 0:.3g} ≤ {merge.get('tolerance') or 0:.3g}), `eval/`, "
+        f"Files: `adapter/` (LoRA adapter), `model/` (merged weights, {merge.get('dtype')}; {_merge_check(merge)}), "
+        "`eval/`, "
         "`manifest.json` "
         f"(lineage and SHA-256 of every file).\n\n"
         f"## Evaluation (base vs this model)\n\n| metric | base | tuned | delta |\n|---|---|---|---|\n{rows}\n\n"

@@ -378,3 +378,26 @@ def test_release_task_with_a_block_writes_lineage_and_never_leaks_the_secret(sta
         assert not any(secret in t for t in texts)
     finally:
         server.stop()
+
+
+def test_model_card_says_how_the_merged_weights_were_checked():
+    """peft's merge compares logits; the streaming merge (models bigger than a card) compares weights,
+    and the card must not print a logit check that never ran."""
+    from tasks.release import model_card
+
+    lineage = {
+        "base_model": "org/base",
+        "base_revision": "main",
+        "code_version": "abc",
+        "data": {"fingerprint": "d0", "sources": []},
+        "params": {},
+    }
+    peft = {**lineage, "merge": {"dtype": "bf16", "max_logit_diff": 0.012, "tolerance": 0.05}}
+    stream = {
+        **lineage,
+        "merge": {"method": "stream", "dtype": "bf16", "max_weight_rel_diff": 0.0031, "tolerance": 0.0078},
+    }
+    assert "max |Δlogit| against base + adapter 0.012 ≤ 0.05" in model_card(MODEL, peft, EVAL_REPORT)
+    card = model_card(MODEL, stream, EVAL_REPORT)
+    assert "relative weight difference against base + adapter 0.0031 ≤ 0.0078, merged shard by shard" in card
+    assert "Δlogit" not in card
