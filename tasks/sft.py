@@ -195,6 +195,7 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
         card = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0")))
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         profile = memory_plan(profile, model.config, weight_bytes, cfg.max_length, card.total_memory / 2**30)
+    compiled = profile.compiles() and torch.cuda.is_available()  # decided by the fitted plan (checkpointing)
     splits = [
         s
         for s in ("train", "validation")
@@ -224,7 +225,7 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
             f"{args.gradient_accumulation_steps} accumulation x {world} processes (rows average {mean_row_tokens:.0f} "
             "tokens); "
             f"gradient_checkpointing={args.gradient_checkpointing or profile.gradient_checkpointing} "
-            f"compiled_layers={profile.compiles() and torch.cuda.is_available()} liger_kernels={args.use_liger_kernel}"
+            f"compiled_layers={compiled} liger_kernels={args.use_liger_kernel}"
             + (" fsdp2=sharded base" if profile.shard_model else ""),
             flush=True,
         )
@@ -276,7 +277,6 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
     )
     if skip_casts:
         skip_adapter_input_casts(trainer.model)
-    compiled = profile.compiles() and torch.cuda.is_available()
     if compiled:
         compile_decoder_layers(trainer.model)
     resume = _latest_checkpoint(scratch)

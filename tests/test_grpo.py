@@ -106,9 +106,11 @@ def test_use_vllm_without_vllm_falls_back_and_says_so(tiny_model_dir, tmp_path, 
         config, tiny_model_dir, make_adapter(tiny_model_dir, tmp_path / "adapter"), data_dir(tmp_path, rows=4), tmp_path
     )
     metrics = train(job)
-    assert metrics["rollout_engine"] == "continuous"
+    assert metrics["steps"] == 1 and metrics["rollout_engine"] == "continuous"  # CPU: continuous batching
+    assert 0 < metrics["rollout_tokens"] <= 1 * 2 * 4  # generated tokens, at most the limit
     assert "vLLM is not installed" in metrics["rollout_reason"]
-    assert "vLLM is not installed" in capfd.readouterr().out
+    out = capfd.readouterr().out
+    assert "vLLM is not installed" in out and "rollouts: continuous" in out
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
 """Rollouts without vLLM (issue 18): which engine generates GRPO's rollouts and why, the engine
-parameter's errors, continuous batching in GRPO and in evaluation on CPU (same greedy answers and
+parameter's errors, continuous batching in evaluation on CPU (same greedy answers and
 cut-off flags as padded ``generate``), and the rollout bench's smoke run."""
 
 from __future__ import annotations
@@ -95,27 +95,8 @@ def test_continuous_batching_gives_the_padded_engines_greedy_answers(tiny_model_
 
 
 # --------------------------------------------------------------------------- #
-# GRPO with continuous batching, and the bench
+# The bench (GRPO with continuous batching on CPU: tests/test_grpo.py, the vLLM fallback test)
 # --------------------------------------------------------------------------- #
-
-
-def test_grpo_trains_with_continuous_batching_on_cpu_and_says_so(tiny_model_dir, tmp_path, capfd):
-    from tasks.grpo import train
-    from tests.test_grpo import data_dir, job_for, make_adapter
-
-    config = GRPOParams(
-        enabled=True,
-        rewards=["format", "repetition"],
-        num_generations=2,
-        per_device_batch_size=4,
-        max_completion_length=6,
-        max_steps=2,
-    )
-    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter")
-    metrics = train(job_for(config, tiny_model_dir, adapter, data_dir(tmp_path, rows=4), tmp_path))
-    assert metrics["steps"] == 2 and metrics["rollout_engine"] == "continuous"
-    assert 0 < metrics["rollout_tokens"] <= 2 * 4 * 6  # generated tokens, at most the limit
-    assert "rollouts: continuous" in capfd.readouterr().out
 
 
 def test_rollout_bench_tiny_runs_both_engines(tmp_path):
