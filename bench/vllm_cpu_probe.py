@@ -31,12 +31,12 @@ import time
 from pathlib import Path
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tasks.vllm_cpu
-# The patches found by this probe now live in tasks/vllm_cpu.py; the probe uses them from there.
-from tasks.vllm_cpu import free_port, group_pids  # noqa: E402
-from tasks.vllm_cpu import patch_colocate_llm_kwargs as patch_trl_colocate_llm_kwargs  # noqa: E402
-from tasks.vllm_cpu import patch_colocate_sync as patch_trl_colocate_sync_for_vllm_cpu  # noqa: E402
-from tasks.vllm_cpu import patch_server_sync_via_lora as patch_trl_server_sync_via_lora  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tasks.runtime.vllm_cpu
+# The patches found by this probe now live in tasks/runtime/vllm_cpu.py; the probe uses them from there.
+from tasks.runtime.vllm_cpu import free_port, group_pids  # noqa: E402
+from tasks.runtime.vllm_cpu import patch_colocate_llm_kwargs as patch_trl_colocate_llm_kwargs  # noqa: E402
+from tasks.runtime.vllm_cpu import patch_colocate_sync as patch_trl_colocate_sync_for_vllm_cpu  # noqa: E402
+from tasks.runtime.vllm_cpu import patch_server_sync_via_lora as patch_trl_server_sync_via_lora  # noqa: E402
 
 DEFAULT_CACHE = Path(os.environ.get("TUNELINE_CACHE", Path.home() / ".cache" / "tuneline"))
 

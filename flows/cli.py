@@ -58,7 +58,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from flows.params import load_params
     from flows.stopping import Stop, Stopper, flush_prefect, mark_cancelled
-    from tasks.hardware import HardwareError
+    from tasks.runtime.hardware import HardwareError
 
     stopper = Stopper().install()
     try:
@@ -165,8 +165,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     """Download a release and verify every file's SHA-256 against its manifest. For an s3:// root the
     endpoint and credentials come from --block (a saved 'Tuneline Artifact Store') or the environment
     (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, or an AWS profile)."""
-    from tasks.release import ReleaseError, fetch_release
-    from tasks.store import StoreError, store_for
+    from tasks.artifacts.store import StoreError, store_for
+    from tasks.release.stage import ReleaseError, fetch_release
 
     try:
         store = store_for(args.root, args.block)

@@ -117,7 +117,7 @@ class PoolsSpec:
 
 def load_pools(path: Path | None = None) -> PoolsSpec:
     """Read and validate ``work-pools.yaml``; a mistake raises ``PoolsFileError`` naming file, pool and field."""
-    from tasks.hardware import PROFILES
+    from tasks.runtime.hardware import PROFILES
 
     path = path or POOLS_FILE
 
@@ -188,7 +188,7 @@ def _template(kind: str) -> dict[str, Any]:
 def base_job_template(kind: PoolKind, pool: PoolSpec) -> dict[str, Any]:
     """The kind's base job template with the pool's variable defaults (e.g. ``gpus``, ``node_selector``),
     and ``TUNELINE_POOL_PROFILE`` in its ``env``: ``sft.profile: auto`` resolves to the pool's profile."""
-    from tasks.hardware import POOL_PROFILE_ENV
+    from tasks.runtime.hardware import POOL_PROFILE_ENV
 
     template = _template(kind)
     props = template["variables"]["properties"]

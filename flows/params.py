@@ -21,16 +21,16 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.cluster import check_cluster
+from tasks.core.stage import StageContext
 from tasks.data import DataParams
 from tasks.evaluate import EvalParams
-from tasks.grpo_plan import GRPOParams
-from tasks.hardware import Machine
-from tasks.merge import MergeParams
-from tasks.release import ReleaseParams
-from tasks.requirements import TaskNeed, evaluate_need, grpo_need, merge_need, sft_need
-from tasks.sft_plan import SFTParams
-from tasks.stage import StageContext
+from tasks.grpo.plan import GRPOParams
+from tasks.merge.stage import MergeParams
+from tasks.release.stage import ReleaseParams
+from tasks.runtime.cluster import check_cluster
+from tasks.runtime.hardware import Machine
+from tasks.runtime.requirements import TaskNeed, evaluate_need, grpo_need, merge_need, sft_need
+from tasks.sft.plan import SFTParams
 
 PRESETS = Path(__file__).parent / "presets"
 
@@ -92,7 +92,7 @@ class RetrainParams(BaseModel):
         )
 
     def task_needs(self, machine: Machine | None = None) -> dict[str, TaskNeed]:
-        """What each GPU-capable task of this run needs (tasks/requirements.py), by task name; a
+        """What each GPU-capable task of this run needs (tasks/runtime/requirements.py), by task name; a
         profile ``auto`` cannot resolve without a GPU and raises ``HardwareError`` naming the task."""
         check_cluster(self.sft.cluster, self.sft.profile, self.stage_context().root)  # one line, before any work
         sft = sft_need(self.sft.profile, machine, cluster=self.sft.cluster.mode)

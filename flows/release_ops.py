@@ -1,6 +1,6 @@
 """Release operations for people: ``tuneline release list|show|promote|rollback|prune|log`` and the
 same actions as the Prefect flow ``release-ops`` (UI buttons through its deployment), whose move log
-is shown as a markdown artifact. The work is in ``tasks/release_ops.py`` and ``tasks/retention.py``.
+is shown as a markdown artifact. The work is in ``tasks/release/ops.py`` and ``tasks/release/retention.py``.
 
     tuneline release list MODEL --root s3://bucket/prefix          id, time, gate, champion beaten, size, LATEST
     tuneline release show MODEL ID                                 the manifest, readable (--json: as stored)
@@ -28,7 +28,7 @@ Action = Literal["list", "show", "promote", "rollback", "prune", "log"]
 
 def open_store(root: str | None, block: str | None):
     """The store for a command, checked (bucket and credentials) before anything else is read."""
-    from tasks.store import store_for
+    from tasks.artifacts.store import store_for
 
     if not root and not block:
         raise ValueError("no artifact root: give --root (a folder or s3://bucket/prefix) or set TUNELINE_ROOT")
@@ -129,9 +129,9 @@ def run_action(
     stage_max_age_days: int = 30,
 ) -> tuple[str, Any]:
     """Do one action; return (text for a person, data)."""
-    from tasks.registry import latest_release
-    from tasks.release_ops import list_releases, load_manifest, promote, pruned_info, read_log, require_model, rollback
-    from tasks.retention import prune
+    from tasks.artifacts.registry import latest_release
+    from tasks.release.ops import list_releases, load_manifest, promote, pruned_info, read_log, require_model, rollback
+    from tasks.release.retention import prune
 
     if action == "list":
         rows = list_releases(store, model)
@@ -189,8 +189,8 @@ def release_ops(
     artifact ``release-log``. Promote and rollback refuse a release whose files fail their checksums."""
     from prefect.runtime import flow_run
 
-    from tasks.common import publish_markdown
-    from tasks.release_ops import read_log
+    from tasks.core.common import publish_markdown
+    from tasks.release.ops import read_log
 
     logger = get_run_logger()
     store = open_store(None if storage_block else artifact_root, storage_block)
@@ -216,10 +216,10 @@ def release_ops(
 # The CLI (flows/cli.py registers it)
 # ----------------------------------------------------------------------------------------------
 def cmd_release(args: argparse.Namespace) -> int:
-    from tasks.locks import LockTimeout
-    from tasks.registry import RegistryError
-    from tasks.release_ops import ReleaseError, actor
-    from tasks.store import StoreError
+    from tasks.artifacts.locks import LockTimeout
+    from tasks.artifacts.registry import RegistryError
+    from tasks.artifacts.store import StoreError
+    from tasks.release.ops import ReleaseError, actor
 
     try:
         store = open_store(args.root, args.block)

@@ -23,16 +23,16 @@ from prefect import flow, get_run_logger
 
 from flows.hooks import report_failure
 from flows.params import RetrainParams
+from tasks.artifacts.registry import current_champion, gate_champion
 from tasks.data import prepare_dataset
 from tasks.evaluate import check_eval_data, evaluate, metrics_table
-from tasks.grpo import grpo
-from tasks.hardware import detect_machine
-from tasks.merge import merge_lora
-from tasks.registry import current_champion, gate_champion
-from tasks.release import release
-from tasks.requirements import TaskNeed, check_needs
-from tasks.retention import after_release
-from tasks.sft import lora_sft
+from tasks.grpo.stage import grpo
+from tasks.merge.stage import merge_lora
+from tasks.release.retention import after_release
+from tasks.release.stage import release
+from tasks.runtime.hardware import detect_machine
+from tasks.runtime.requirements import TaskNeed, check_needs
+from tasks.sft.stage import lora_sft
 
 
 class QualityGateFailed(RuntimeError):
@@ -45,7 +45,7 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict[str, Any]:
     logger = get_run_logger()
     devices = os.environ.get("CUDA_VISIBLE_DEVICES")
     logger.info("devices: CUDA_VISIBLE_DEVICES=%s", devices if devices is not None else "(unset)")
-    # Every GPU task's requirement, checked before anything is loaded (tasks/requirements.py).
+    # Every GPU task's requirement, checked before anything is loaded (tasks/runtime/requirements.py).
     needs = preflight_run(params, logger)
     ctx = params.stage_context().pinned()  # built once (hub revision resolved once); every stage gets it by keyword
 
@@ -92,7 +92,7 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict[str, Any]:
         ctx=ctx,
         expected_latest=latest.release_id if latest else None,
     )
-    # Retention (release.keep_last, tasks/retention.py); a failure is logged, the release stands.
+    # Retention (release.keep_last, tasks/release/retention.py); a failure is logged, the release stands.
     after_release(
         ctx.store(), params.release.model_name, params.release.keep_last, params.release.stage_max_age_days, logger
     )

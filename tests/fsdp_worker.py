@@ -1,6 +1,6 @@
 """A check for tests/test_fsdp.py, run under torchrun (gloo): ``torchrun ... -m tests.fsdp_worker MODEL_DIR OUT``.
 
-Builds the sharded LoRA model exactly as the ``fsdp`` profile does (``tasks.fsdp.build_sharded_lora``)
+Builds the sharded LoRA model exactly as the ``fsdp`` profile does (``tasks.runtime.fsdp.build_sharded_lora``)
 and writes, per process, what it holds (its local share of the base's elements), whether every weight
 gathered back equals the checkpoint's, and the logits of a fixed batch (a fresh adapter adds zero, so
 they must be the plain model's).
@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from tasks.fsdp import build_sharded_lora, hf_name
-from tasks.sft_plan import SFTParams, lora_config
+from tasks.runtime.fsdp import build_sharded_lora, hf_name
+from tasks.sft.plan import SFTParams, lora_config
 
 
 def main() -> None:

@@ -1,9 +1,9 @@
-"""Packed-row attention (tasks/attention.py): a packed row must train exactly like its rows apart."""
+"""Packed-row attention (tasks/runtime/attention.py): a packed row must train exactly like its rows apart."""
 
 import pytest
 import torch
 
-from tasks.attention import ATTENTION, register
+from tasks.runtime.attention import ATTENTION, register
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -96,7 +96,7 @@ def test_boundaries_that_do_not_cover_the_row_are_an_error():
 
 
 def test_backend_setting_is_checked_and_cpu_uses_the_loop(monkeypatch):
-    from tasks.attention import BACKEND_ENV, backend
+    from tasks.runtime.attention import BACKEND_ENV, backend
 
     monkeypatch.setenv(BACKEND_ENV, "fast")
     with pytest.raises(ValueError, match="TUNELINE_PACKED_ATTENTION='fast'"):
@@ -110,7 +110,7 @@ def test_backend_setting_is_checked_and_cpu_uses_the_loop(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's varlen attention runs on CUDA only")
 def test_varlen_kernel_matches_the_per_row_loop_on_cuda(monkeypatch):
     """One varlen launch per layer gives the loop's logits and gradients (bf16, GQA heads)."""
-    from tasks.attention import BACKEND_ENV, backend
+    from tasks.runtime.attention import BACKEND_ENV, backend
 
     torch.manual_seed(4)
     rows = [torch.randint(0, 300, (n,)) for n in (70, 190, 1, 120)]

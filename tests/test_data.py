@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tasks.core.stage import StageContext
 from tasks.data import DataError, DataParams, parse_spec, prepare, qwen2_tokenizer
-from tasks.stage import StageContext
 
 BROKEN = Path(__file__).parent / "data"
 

@@ -9,8 +9,8 @@ import json
 
 import pytest
 
+from tasks.core.hub_ids import _strip_zh_input_prefix, hub_id
 from tasks.data import DataError, DataParams, parse_spec
-from tasks.hub_ids import _strip_zh_input_prefix, hub_id
 from tests.test_data import _rows, _run  # the data tests' own helpers: prepare and read back
 
 

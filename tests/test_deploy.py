@@ -326,7 +326,7 @@ def test_every_pool_template_is_complete(kind):
             assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpus }}"
             gpus = template["variables"]["properties"]["gpus"]["default"]
             # the pool asks Kubernetes for exactly the GPUs of its profile, on matching nodes
-            from tasks.hardware import PROFILES
+            from tasks.runtime.hardware import PROFILES
 
             assert gpus == PROFILES[pool.profile].requirement.gpus == pool.gpus, name
             assert bool(template["variables"]["properties"]["node_selector"]["default"]) == (gpus > 0), name
@@ -405,7 +405,7 @@ def test_a_bad_pools_file_fails_with_one_line_naming_file_pool_and_field(tmp_pat
     assert "\n" not in message and message.startswith(f"{bad}: {where}: "), message
     assert problem in message, message
     if "profile" in where and "missing" not in problem:
-        assert "cpu, v100, a100x2" in message  # the known profiles: tasks.hardware.PROFILES
+        assert "cpu, v100, a100x2" in message  # the known profiles: tasks.runtime.hardware.PROFILES
 
 
 def test_deploy_with_a_bad_pools_file_stops_before_the_server(tmp_path, monkeypatch, capsys):
@@ -466,9 +466,9 @@ def test_release_ops_deployment_rolls_back_from_the_ui(service, client, tmp_path
     does: a rollback moves LATEST, and the move log is the run's markdown artifact."""
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-    from tasks.registry import latest_release
-    from tasks.release import publish_release
-    from tasks.store import Store
+    from tasks.artifacts.registry import latest_release
+    from tasks.artifacts.store import Store
+    from tasks.release.stage import publish_release
 
     ops = client.read_deployment_by_name("release-ops/release-ops")
     preset = load_params(service.preset)

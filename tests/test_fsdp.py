@@ -2,7 +2,7 @@
 right slices), a real 2-process gloo run of the SFT child resumed on 4 processes, the streaming merge.
 
 FSDP2 runs on CPU with gloo in torch 2.13; accelerate enables its FSDP plugin only on GPUs, which
-``tasks.fsdp.let_accelerate_shard_on_cpu`` lifts for these runs (nothing else differs from a GPU run).
+``tasks.runtime.fsdp.let_accelerate_shard_on_cpu`` lifts for these runs (nothing else differs from a GPU run).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.hardware import PROFILES, GpuInfo, GpuRequirement, HardwareError, Machine, preflight, resolve_profile
-from tasks.launch import launch_training
-from tasks.requirements import sft_need
-from tasks.sft import SFTParams, make_job
+from tasks.runtime.hardware import PROFILES, GpuInfo, GpuRequirement, HardwareError, Machine, preflight, resolve_profile
+from tasks.runtime.launch import launch_training
+from tasks.runtime.requirements import sft_need
+from tasks.sft.stage import SFTParams, make_job
 
 H200 = GpuInfo("NVIDIA H200", 139.8, (9, 0))
 V100 = GpuInfo("Tesla V100-SXM2-32GB", 31.7, (7, 0))
@@ -48,8 +48,8 @@ def test_fsdp_profile_takes_every_gpu_and_preflight_names_both_sides():
 def test_auto_never_means_fsdp_and_grpo_has_none(monkeypatch):
     from pydantic import ValidationError
 
-    from tasks.grpo_plan import GRPOParams
-    from tasks.hardware import POOL_PROFILE_ENV
+    from tasks.grpo.plan import GRPOParams
+    from tasks.runtime.hardware import POOL_PROFILE_ENV
 
     monkeypatch.setenv(POOL_PROFILE_ENV, "fsdp")
     assert resolve_profile("auto", Machine((H200,) * 4)).name == "a100x2"
@@ -58,14 +58,14 @@ def test_auto_never_means_fsdp_and_grpo_has_none(monkeypatch):
 
 
 def test_fsdp_settings_go_to_accelerates_fsdp2_plugin(tmp_path, monkeypatch):
-    from tasks.sft_plan import sft_config
+    from tasks.sft.plan import sft_config
 
     monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")  # TrainingArguments sets it: restored after
     args = sft_config(SFTParams(), PROFILES["fsdp"], tmp_path, world=2, mean_row_tokens=620, use_cpu=True)
     assert args.fsdp_config["version"] == 2
     assert args.fsdp_config["state_dict_type"] == "SHARDED_STATE_DICT"  # DCP: reshards on load
     assert not args.fsdp_config["cpu_ram_efficient_loading"]  # the whole model on rank 0: never
-    assert not args.gradient_checkpointing  # per layer, set up before sharding (tasks/fsdp.py)
+    assert not args.gradient_checkpointing  # per layer, set up before sharding (tasks/runtime/fsdp.py)
     assert args.bf16
 
 
@@ -74,7 +74,7 @@ def test_fsdp_settings_go_to_accelerates_fsdp2_plugin(tmp_path, monkeypatch):
     [({"quantization": "4bit"}, "quantization=4bit"), ({"use_dora": True}, "use_dora=true")],
 )
 def test_fsdp_refuses_what_it_cannot_shard_before_loading(change, message):
-    from tasks.fsdp import check_sharding
+    from tasks.runtime.fsdp import check_sharding
 
     with pytest.raises(ValueError, match=message):
         check_sharding(SFTParams(profile="fsdp", **change), PROFILES["fsdp"])
@@ -153,7 +153,7 @@ def fsdp_runs(tmp_path_factory, tiny_model_dir, shared_data) -> dict[str, Path]:
         if name == "resumed":
             shutil.copytree(runs["whole"] / "checkpoint-2", scratch / "checkpoint-2")
         job = make_job(_CFG, tiny_model_dir, data, scratch, dataclasses.replace(CPU_FSDP, nproc=nproc))
-        launch_training("tasks.sft", job, scratch / "job.json", nproc)
+        launch_training("tasks.sft.stage", job, scratch / "job.json", nproc)
         runs[name] = scratch
     return runs
 
@@ -197,7 +197,7 @@ def sharded_base_and_adapter(tmp_path_factory, tiny_model_dir) -> tuple[Path, Pa
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from tasks.common import load_tokenizer
+    from tasks.core.common import load_tokenizer
 
     root = tmp_path_factory.mktemp("stream")
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -224,7 +224,7 @@ def test_streaming_merge_matches_peft_and_holds_one_shard_at_a_time(tmp_path, sh
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from tasks.merge_stream import stream_merge
+    from tasks.merge.stream import stream_merge
 
     base_dir, adapter_dir = sharded_base_and_adapter
     shards = sorted(base_dir.glob("*.safetensors"))
@@ -253,7 +253,7 @@ def test_streaming_merge_matches_peft_and_holds_one_shard_at_a_time(tmp_path, sh
 
 
 def test_streaming_merge_through_the_merge_stage_params_in_bf16(tmp_path, sharded_base_and_adapter):
-    from tasks.merge import MergeParams, _saved_dtypes, merge
+    from tasks.merge.stage import MergeParams, _saved_dtypes, merge
 
     base_dir, adapter_dir = sharded_base_and_adapter
     metrics = merge(MergeParams(method="stream"), str(base_dir), adapter_dir, tmp_path / "m", "bf16")

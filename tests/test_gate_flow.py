@@ -11,9 +11,9 @@ import pytest
 
 from flows.params import load_params
 from flows.retrain import retrain
-from tasks.registry import latest_release
-from tasks.release_ops import release_ids
-from tasks.store import Store
+from tasks.artifacts.registry import latest_release
+from tasks.artifacts.store import Store
+from tasks.release.ops import release_ids
 
 
 def _smollm2_sets(model_dir: Path, root: Path, steps: int) -> list[str]:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.grpo import GRPOParams, grpo, make_job, to_prompt_rows, train
-from tasks.hardware import HardwareError
+from tasks.grpo.stage import GRPOParams, grpo, make_job, to_prompt_rows, train
+from tasks.runtime.hardware import HardwareError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "grpo_arithmetic.jsonl"
 # The easy task the policy must learn in a few steps: answer with a bare (signed) number first.
@@ -150,12 +150,13 @@ def test_prefect_task_fails_fast_on_bad_reward_and_publishes_report(tiny_model_d
     adapter with curve + samples, a second run is a cache hit."""
     from prefect import flow
 
-    from tasks.stage import StageContext
-    from tasks.store import store_for
+    from tasks.artifacts.stage_folders import publish
+    from tasks.artifacts.store import store_for
+    from tasks.core.stage import StageContext
 
     store = store_for(str(tmp_path / "root"))
-    adapter = store.publish("sft", "a" * 16, make_adapter(tiny_model_dir, tmp_path / "adapter"), {})
-    dataset = store.publish("data", "d" * 16, data_dir(tmp_path, rows=4), {})
+    adapter = publish(store, "sft", "a" * 16, make_adapter(tiny_model_dir, tmp_path / "adapter"), {})
+    dataset = publish(store, "data", "d" * 16, data_dir(tmp_path, rows=4), {})
 
     @flow
     def run(config: GRPOParams):
@@ -176,7 +177,7 @@ def test_prefect_task_fails_fast_on_bad_reward_and_publishes_report(tiny_model_d
     config = GRPOParams(
         enabled=True,
         profile="cpu",
-        rewards=["format", "tasks.rewards:repetition_penalty_reward"],
+        rewards=["format", "tasks.grpo.rewards:repetition_penalty_reward"],
         reward_weights=[1.0, 0.5],
         num_generations=2,
         per_device_batch_size=2,

@@ -8,7 +8,7 @@
   a cancelled Prefect task does), leaving no process behind.
 
 The venv is ``.venv-vllm`` in the repo, created on first use with the pip lines of
-``tasks/vllm_cpu.py`` (≈6 min on the loaded 2-core dev box), then reused. ``TUNELINE_VLLM_PYTHON`` points
+``tasks/runtime/vllm_cpu.py`` (≈6 min on the loaded 2-core dev box), then reused. ``TUNELINE_VLLM_PYTHON`` points
 at an existing one instead.
 """
 
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.grpo import GRPOParams, make_job
-from tasks.launch import launch_training
-from tasks.vllm_cpu import DEFAULT_VENV, ensure_venv, group_pids
+from tasks.grpo.stage import GRPOParams, make_job
+from tasks.runtime.launch import launch_training
+from tasks.runtime.vllm_cpu import DEFAULT_VENV, ensure_venv, group_pids
 from tests.test_grpo import FIXTURE, NUMBER_FIRST
 
 pytestmark = pytest.mark.skipif(os.uname().machine != "x86_64", reason="vllm-cpu wheels are x86_64 only")
@@ -97,7 +97,7 @@ def test_colocate_vllm_generates_and_receives_the_updated_policy(smollm2_dir, tr
         max_completion_length=8,
         max_steps=2,
     )
-    launch_training("tasks.grpo", job, scratch / "job.json", 1)
+    launch_training("tasks.grpo.stage", job, scratch / "job.json", 1)
     metrics = json.loads((Path(job["output_dir"]) / "metrics.json").read_text())
     assert metrics["python"] == vllm_python  # the child re-executed itself in the vLLM venv
     assert metrics["rollout_engine"] == "vllm" and metrics["rollout_mode"] == "colocate"
@@ -116,7 +116,7 @@ def _server(scratch: Path) -> dict:
 
 def test_server_mode_runs_grpo_through_the_server_and_stops_it(smollm2_dir, trained_adapter, vllm_python, tmp_path):
     job, scratch = _job(tmp_path, smollm2_dir, trained_adapter, vllm_mode="server", vllm_python=vllm_python)
-    launch_training("tasks.grpo", job, scratch / "job.json", 1)
+    launch_training("tasks.grpo.stage", job, scratch / "job.json", 1)
     metrics = json.loads((Path(job["output_dir"]) / "metrics.json").read_text())
     assert metrics["rollout_engine"] == "vllm" and metrics["rollout_mode"] == "server"
     assert metrics["steps"] == 1 and metrics["rollout_tokens"] > 0
@@ -136,7 +136,7 @@ def test_server_is_stopped_when_training_fails(smollm2_dir, trained_adapter, vll
     )
     # a "reward" that raises once it is called with completions (TypeError: no keyword arguments)
     with pytest.raises(RuntimeError, match="getcwd"):
-        launch_training("tasks.grpo", job, scratch / "job.json", 1)
+        launch_training("tasks.grpo.stage", job, scratch / "job.json", 1)
     log = (scratch / "job.log").read_text(errors="replace")
     assert "server healthy" in log  # it failed while using the server, not before
     assert group_pids(_server(scratch)["pid"]) == []
@@ -150,7 +150,7 @@ def test_server_is_stopped_when_the_stage_is_cancelled(smollm2_dir, trained_adap
     )
     errors: list[BaseException] = []
     runner = threading.Thread(
-        target=lambda: _capture(errors, launch_training, "tasks.grpo", job, scratch / "job.json", 1)
+        target=lambda: _capture(errors, launch_training, "tasks.grpo.stage", job, scratch / "job.json", 1)
     )
     runner.start()
     import requests

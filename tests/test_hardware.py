@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from tasks.hardware import PROFILES, GpuInfo, HardwareError, Machine, preflight, resolve_profile
-from tasks.launch import launch_training
+from tasks.runtime.hardware import PROFILES, GpuInfo, HardwareError, Machine, preflight, resolve_profile
+from tasks.runtime.launch import launch_training
 
 V100 = GpuInfo("Tesla V100-SXM2-32GB", 32.0, (7, 0))
 A100 = GpuInfo("NVIDIA A100-SXM4-80GB", 80.0, (8, 0))
@@ -76,7 +76,7 @@ def test_detection_is_torchs_view_read_in_a_subprocess(monkeypatch):
     every form finds no GPU, and the message says what was looked at."""
     import torch
 
-    from tasks.hardware import detect_machine
+    from tasks.runtime.hardware import detect_machine
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert detect_machine() == Machine()
@@ -97,7 +97,7 @@ def test_detection_is_torchs_view_read_in_a_subprocess(monkeypatch):
 def test_on_a_gpu_machine_each_card_is_found_by_its_uuid_and_index(monkeypatch):
     """For real: CUDA_VISIBLE_DEVICES holding one card's UUID (how a pinned worker names it) finds
     exactly that card, the same one its index finds."""
-    from tasks.hardware import detect_machine
+    from tasks.runtime.hardware import detect_machine
 
     out = subprocess.run(
         ["nvidia-smi", "--query-gpu=index,uuid,name", "--format=csv,noheader"], capture_output=True, text=True
@@ -126,8 +126,8 @@ def test_a_pool_profile_decides_auto(monkeypatch):
 
 
 def test_the_resolved_profile_travels_to_the_training_child():
-    from tasks.hardware import profile_from_job
-    from tasks.sft import SFTParams, make_job
+    from tasks.runtime.hardware import profile_from_job
+    from tasks.sft.stage import SFTParams, make_job
 
     auto = resolve_profile("auto", Machine((H100,)))  # gpu-bf16 is not a named profile: it travels whole
     job = make_job(SFTParams(), "/m", "/d", __import__("pathlib").Path("/s"), auto)
@@ -142,7 +142,7 @@ def test_flash_attention_is_chosen_only_when_installed(tmp_path, monkeypatch):
     assert pair.attention() == ("sdpa", "flash-attn is not installed: SDPA")
     assert pair.attention(packing=True) == (
         "tuneline_packed_sdpa",
-        "flash-attn is not installed: SDPA once per packed row (tasks/attention.py)",
+        "flash-attn is not installed: SDPA once per packed row (tasks/runtime/attention.py)",
     )
     assert PROFILES["v100"].attention() == ("sdpa", "profile v100: SDPA")
     assert PROFILES["v100"].attention(packing=True)[0] == "tuneline_packed_sdpa"
@@ -185,7 +185,7 @@ def test_compiled_layers_replace_liger_only_without_checkpointing_and_unsharded(
 def test_gpu_profiles_fit_sft_to_the_card_and_the_model():
     from types import SimpleNamespace
 
-    from tasks.sft_plan import memory_plan
+    from tasks.sft.plan import memory_plan
 
     smollm2 = SimpleNamespace(hidden_size=576, intermediate_size=1536, num_hidden_layers=30)
     qwen2_7b = SimpleNamespace(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28)

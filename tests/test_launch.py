@@ -1,5 +1,6 @@
-"""Trainers never outlive their flow (tasks/launch.py, tasks/guard.py, tasks/checkpoint_sync.py): real
-processes, real signals, torchrun with gloo workers, and the real S3 server."""
+"""Trainers never outlive their flow (tasks/runtime/launch.py, tasks/runtime/guard.py,
+tasks/artifacts/checkpoint_sync.py): real processes, real signals, torchrun with gloo workers, and the real S3
+server."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from tasks.store import Store
+from tasks.artifacts.store import Store
 from tests.test_sft import _cfg, _write, alpaca  # noqa: F401 - alpaca is a fixture
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 FLOW = """
 import json, sys, threading
 from pathlib import Path
-from tasks.launch import launch_training
+from tasks.runtime.launch import launch_training
 spec = json.loads(sys.argv[1])
 failed = []
 def run():
@@ -39,9 +40,9 @@ sys.exit(1 if failed else 0)
 # A stage run as a fresh machine runs it: the sft task's body without Prefect's engine around it.
 STAGE = """
 import json, sys
-from tasks.sft import SFTParams, lora_sft
-from tasks.stage import StageContext
-from tasks.store import StageRef
+from tasks.sft.stage import SFTParams, lora_sft
+from tasks.core.stage import StageContext
+from tasks.artifacts.store import StageRef
 spec = json.loads(sys.argv[1])
 ref = lora_sft.fn(SFTParams(**spec["cfg"]), StageRef(**spec["dataset"]), ctx=StageContext(**spec["ctx"]))
 print("REF " + ref.model_dump_json(), flush=True)
@@ -181,7 +182,7 @@ def test_a_killed_guard_takes_its_trainer_along_and_frees_the_scratch_at_once(tm
     _wait(lambda: _beat(scratch, "first") > 3, 60, "first trains", tmp_path / "first.out")
     worker = json.loads((scratch / "first-0.pid").read_text())
     guard = worker["ppid"]
-    assert "tasks.guard" in Path(f"/proc/{guard}/cmdline").read_text()
+    assert "tasks.runtime.guard" in Path(f"/proc/{guard}/cmdline").read_text()
     os.kill(guard, signal.SIGKILL)  # no cleanup possible: the trainer's death signal must do it
     assert flow.wait(30) == 1
     assert "training process exited with -9" in (tmp_path / "first.out").read_text()

@@ -1,4 +1,4 @@
-"""Two runs, one fingerprint: the store lock (tasks/locks.py) and run_stage under it, on local disk and
+"""Two runs, one fingerprint: the store lock (tasks/artifacts/locks.py) and run_stage under it, on local disk and
 on a real S3 server (SeaweedFS), with racing threads, racing processes, killed holders and two real
 concurrent flow runs."""
 
@@ -16,10 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from tasks.locks import LockLost, LockTimeout, PreconditionFailed, StoreLock, delete_if, put_if, read_versioned
-from tasks.release_ops import release_ids
-from tasks.stage import StageContext, Workspace, run_stage
-from tasks.store import Store
+from tasks.artifacts.locks import (
+    LockLost,
+    LockTimeout,
+    PreconditionFailed,
+    StoreLock,
+    delete_if,
+    put_if,
+    read_versioned,
+)
+from tasks.artifacts.store import Store
+from tasks.core.stage import StageContext, Workspace, run_stage
+from tasks.release.ops import release_ids
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -123,8 +131,8 @@ def test_racing_threads_exactly_one_acquires_and_a_stale_lock_has_one_taker(stor
 
 RACER = """
 import sys, time
-from tasks.store import Store
-from tasks.locks import StoreLock
+from tasks.artifacts.store import Store
+from tasks.artifacts.locks import StoreLock
 store, start, owner = Store(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
 store.exists("warm-up")
 for trial in range(5):
@@ -176,8 +184,8 @@ def test_an_old_heartbeat_is_taken_over_and_the_old_holder_cannot_publish(store)
 
 HOLDER = """
 import sys, time
-from tasks.store import Store
-from tasks.locks import StoreLock
+from tasks.artifacts.store import Store
+from tasks.artifacts.locks import StoreLock
 lock = StoreLock(Store(sys.argv[1]), "locks/killed", owner="child", ttl_s=2, heartbeat_s=0.3).acquire()
 print("held", flush=True)
 time.sleep(600)
@@ -237,7 +245,7 @@ def test_two_concurrent_run_stage_threads_build_once_and_return_the_same_ref(sto
 RUN_STAGE = """
 import logging, os, sys, time
 from pathlib import Path
-from tasks.stage import StageContext, run_stage
+from tasks.core.stage import StageContext, run_stage
 root, log, start = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3])
 logging.basicConfig(level=logging.INFO)
 

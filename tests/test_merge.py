@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.merge import MergeError, MergeParams, merge_and_save, merge_dtype, verify_merged
-from tasks.store import StageRef, Store
+from tasks.artifacts.store import StageRef, Store
+from tasks.merge.stage import MergeError, MergeParams, merge_and_save, merge_dtype, verify_merged
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +146,8 @@ def test_auto_dtype_is_the_training_dtype():
 def test_failed_verification_fails_the_flow_and_publishes_nothing(tiny_model_dir, adapter_dir, tmp_path):
     from prefect import flow
 
-    from tasks.merge import fingerprint_of, merge_lora
-    from tasks.stage import StageContext
+    from tasks.core.stage import StageContext
+    from tasks.merge.stage import fingerprint_of, merge_lora
 
     adapter = StageRef(stage="sft", fingerprint="adapter0", uri=str(adapter_dir), metrics={"dtype": "bf16"})
     root = str(tmp_path / "artifacts")

@@ -1,4 +1,4 @@
-"""Multi-node SFT (tasks/node.py, tasks/cluster.py): two torchrun agents on 127.0.0.1 through the pods'
+"""Multi-node SFT (tasks/runtime/node.py, tasks/runtime/cluster.py): two torchrun agents on 127.0.0.1 through the pods'
 entry point and PET_* environment, against the real S3 server (gloo, the tiny model), a node killed
 mid-run, and the Kubeflow TrainJob manifest built with the SDK's own models (no API server here)."""
 
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.cluster import ClusterParams, check_cluster, job_state, train_job, upload_model
-from tasks.hardware import PROFILES, profile_to_job
-from tasks.sft_plan import SFTParams
-from tasks.store import Store
+from tasks.artifacts.store import Store
+from tasks.runtime.cluster import ClusterParams, check_cluster, job_state, train_job, upload_model
+from tasks.runtime.hardware import PROFILES, profile_to_job
+from tasks.sft.plan import SFTParams
 
 ROOT = Path(__file__).resolve().parents[1]
 # The same global batch as one process with accumulation 2: 2 nodes x 1 process x accumulation 1.
@@ -75,7 +75,7 @@ def data_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_model_dir, data_dir) -> dict:
     """The one-process run of the same job: the adapter two nodes must reproduce."""
-    from tasks.sft import make_job, train
+    from tasks.sft.stage import make_job, train
 
     scratch = tmp_path_factory.mktemp("one-process")
     metrics = train(make_job(CFG, tiny_model_dir, data_dir, scratch, "cpu"))
@@ -115,7 +115,7 @@ def _free_port() -> int:
 
 
 def _start_nodes(job_uri: str, work: Path, nnodes: int = 2) -> list[tuple[subprocess.Popen, Path]]:
-    """``nnodes`` agents as the pods run them: ``python -m tasks.node JOB_URI`` with the PET_* values the
+    """``nnodes`` agents as the pods run them: ``python -m tasks.runtime.node JOB_URI`` with the PET_* values the
     torch runtime sets, each with a local folder of its own (its own "machine")."""
     port = _free_port()
     work.mkdir(parents=True, exist_ok=True)
@@ -137,7 +137,7 @@ def _start_nodes(job_uri: str, work: Path, nnodes: int = 2) -> list[tuple[subpro
         log = work / f"node-{rank}.log"
         with open(log, "wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "tasks.node", job_uri],
+                [sys.executable, "-m", "tasks.runtime.node", job_uri],
                 cwd=ROOT,
                 env=env,
                 stdout=out,
@@ -159,7 +159,7 @@ def _wait(nodes: list[tuple[subprocess.Popen, Path]], timeout: float = 300) -> l
 
 def _kill_node(proc: subprocess.Popen) -> None:
     """SIGKILL to the node's every process at once (wrapper, guard, torchrun, worker): a machine gone."""
-    from tasks.guard import descendant_groups
+    from tasks.runtime.guard import descendant_groups
 
     for pgid in descendant_groups(proc.pid):
         try:
@@ -210,7 +210,7 @@ def test_a_dead_node_fails_the_survivor_and_a_rerun_resumes_from_the_store(tmp_p
     assert "error: training process exited with 1" in text
     # What docs/operating.md quotes: the worker's gloo error naming the dead peer, torchrun's summary
     assert re.search(r"\[rank0\]: RuntimeError: \[.*gloo.*\] .* by peer", text), text[-3000:]
-    assert "ChildFailedError" in text and "tasks.sft FAILED" in text
+    assert "ChildFailedError" in text and "tasks.sft.stage FAILED" in text
     print(f"survivor failed {noticed_s:.1f}s after node 1 died")
     steps = [
         int(k.split("/")[-2].split("-")[1]) for k in store.list("scratch/sft/deadnode/checkpoints") if "_COMPLETE" in k
@@ -236,7 +236,7 @@ def test_a_node_without_the_pet_contract_says_which_variable_is_missing(tmp_path
     env = {k: v for k, v in os.environ.items() if not k.startswith("PET_")}
     env.update(PET_NNODES="2", PET_NPROC_PER_NODE="1", PET_NODE_RANK="2", PET_MASTER_ADDR="x", PET_MASTER_PORT="1")
     out = subprocess.run(
-        [sys.executable, "-m", "tasks.node", str(tmp_path / "job.json")],
+        [sys.executable, "-m", "tasks.runtime.node", str(tmp_path / "job.json")],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -245,7 +245,7 @@ def test_a_node_without_the_pet_contract_says_which_variable_is_missing(tmp_path
     assert (out.returncode, out.stderr.strip()) == (2, "error: PET_NODE_RANK='2': expected an integer 0..1")
     del env["PET_MASTER_PORT"]
     out = subprocess.run(
-        [sys.executable, "-m", "tasks.node", "j.json"], cwd=ROOT, env=env, capture_output=True, text=True
+        [sys.executable, "-m", "tasks.runtime.node", "j.json"], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert out.stderr.startswith("error: PET_MASTER_PORT not set: Kubeflow Trainer's torch runtime sets them")
 
@@ -282,7 +282,7 @@ def test_the_trainjob_is_built_with_the_sdk_models_and_holds_no_secret(monkeypat
     assert spec["activeDeadlineSeconds"] == 24 * 3600
     trainer = spec["trainer"]
     assert trainer["image"] == "reg.example/tuneline:1"
-    assert trainer["command"] == ["python", "-m", "tasks.node", uri]
+    assert trainer["command"] == ["python", "-m", "tasks.runtime.node", uri]
     assert (trainer["numNodes"], trainer["numProcPerNode"]) == (4, 8)
     assert trainer["resourcesPerNode"] == {"limits": {"nvidia.com/gpu": "8"}, "requests": {"nvidia.com/gpu": "8"}}
     env = {e["name"]: e for e in trainer["env"]}

@@ -9,9 +9,10 @@ import pytest
 from pydantic import ValidationError
 
 from flows.params import RetrainParams, load_params
-from tasks.fingerprints import fingerprint
-from tasks.stage import StageContext, stage_cache_key
-from tasks.store import StageRef, Store, safe_key
+from tasks.artifacts.stage_folders import publish
+from tasks.artifacts.store import StageRef, Store, safe_key
+from tasks.core.fingerprints import fingerprint
+from tasks.core.stage import StageContext, stage_cache_key
 
 
 # -- parameters ------------------------------------------------------------------------------
@@ -103,7 +104,7 @@ def test_publish_writes_success_last_and_completed_reads_the_ref(store, tmp_path
     (out / "a.txt").write_text("A")
     (out / "sub" / "b.txt").write_text("B")
     assert store.completed("data", "fp1") is None
-    ref = store.publish("data", "fp1", out, {"rows": 2})
+    ref = publish(store, "data", "fp1", out, {"rows": 2})
     assert store.completed("data", "fp1") == ref
     assert sorted(store.list("stages/data/fp1")) == [
         "stages/data/fp1/_SUCCESS",
@@ -117,21 +118,21 @@ def test_publish_writes_success_last_and_completed_reads_the_ref(store, tmp_path
 
 
 def test_publish_records_the_folder_digest_and_never_replaces_a_complete_folder(store, tmp_path):
-    from tasks.stage_folders import file_hashes, folder_digest
+    from tasks.artifacts.stage_folders import file_hashes, folder_digest
 
     first, second = tmp_path / "first", tmp_path / "second"
     for folder, text in ((first, "first"), (second, "second")):
         (folder / "sub").mkdir(parents=True)
         (folder / "a.txt").write_text(text)
         (folder / "sub" / "b.txt").write_text("B")
-    ref = store.publish("data", "fp1", first, {"run": 1})
+    ref = publish(store, "data", "fp1", first, {"run": 1})
     lines = "".join(
         f"{rel} {hashlib.sha256(data).hexdigest()}\n" for rel, data in (("a.txt", b"first"), ("sub/b.txt", b"B"))
     )
     assert ref.digest == hashlib.sha256(lines.encode()).hexdigest() == folder_digest(file_hashes(first))
     assert store.completed("data", "fp1").digest == ref.digest
     # a second publish of the same fingerprint (a run without the lock) keeps the first result whole
-    assert store.publish("data", "fp1", second, {"run": 2}) == ref
+    assert publish(store, "data", "fp1", second, {"run": 2}) == ref
     assert store.read_bytes("stages/data/fp1/a.txt") == b"first"
 
 
@@ -141,7 +142,7 @@ def test_publish_replaces_a_half_written_folder_without_leftovers(store, tmp_pat
     out = tmp_path / "out"
     out.mkdir()
     (out / "a.txt").write_text("whole")
-    ref = store.publish("data", "fp3", out, {})
+    ref = publish(store, "data", "fp3", out, {})
     assert store.completed("data", "fp3") == ref
     assert store.list("stages/data/fp3") == ["stages/data/fp3/_SUCCESS", "stages/data/fp3/a.txt"]
     assert store.read_bytes("stages/data/fp3/a.txt") == b"whole"
@@ -155,7 +156,7 @@ def test_cache_key_is_stable_while_the_folder_exists_and_changes_once_it_is_gone
     params = {"ctx": StageContext(base_model="m", root=str(tmp_path))}
     first = key_fn(None, params)
     (tmp_path / "out").mkdir()
-    store.publish("data", "fp", tmp_path / "out", {})
+    publish(store, "data", "fp", tmp_path / "out", {})
     assert key_fn(None, params) == first  # complete: the key the result was stored under
     assert key_fn(None, params) == first
     store.delete_prefix("stages/data/fp")

@@ -1,4 +1,4 @@
-"""The champion a night is gated against (tasks/registry.py), and LATEST that must not move under a
+"""The champion a night is gated against (tasks/artifacts/registry.py), and LATEST that must not move under a
 release: a broken champion is a clear error before training, a rerun with nothing new is not compared
 with itself, and a release refuses when LATEST moved during the run (on the real S3 server too)."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.registry import (
+from tasks.artifacts.registry import (
     ChampionRef,
     RegistryError,
     current_champion,
@@ -17,8 +17,8 @@ from tasks.registry import (
     gate_champion,
     latest_release,
 )
-from tasks.release import ReleaseError, publish_release
-from tasks.store import Store
+from tasks.artifacts.store import Store
+from tasks.release.stage import ReleaseError, publish_release
 
 MODEL = "champ"
 

@@ -13,8 +13,15 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main as tuneline
-from tasks.release import ReleaseError, ReleaseParams, fetch_release, latest_release, publish_release, release_id_for
-from tasks.store import StageRef, Store, StoreError
+from tasks.artifacts.store import StageRef, Store, StoreError
+from tasks.release.stage import (
+    ReleaseError,
+    ReleaseParams,
+    fetch_release,
+    latest_release,
+    publish_release,
+    release_id_for,
+)
 from tests.s3server import S3Server
 
 MODEL = "tiny-tuneline"
@@ -283,8 +290,8 @@ def test_release_task_with_a_block_writes_lineage_and_never_leaks_the_secret(sta
     from prefect_aws import AwsCredentials
 
     from blocks.storage import ArtifactStore
-    from tasks.release import release
-    from tasks.stage import StageContext
+    from tasks.core.stage import StageContext
+    from tasks.release.stage import release
 
     secret = f"s3cr3t-{uuid.uuid4().hex}"
     server = S3Server(tmp_path / "weed", secret_key=secret).start()
@@ -383,7 +390,7 @@ def test_release_task_with_a_block_writes_lineage_and_never_leaks_the_secret(sta
 def test_model_card_says_how_the_merged_weights_were_checked():
     """peft's merge compares logits; the streaming merge (models bigger than a card) compares weights,
     and the card must not print a logit check that never ran."""
-    from tasks.release import model_card
+    from tasks.release.stage import model_card
 
     lineage = {
         "base_model": "org/base",

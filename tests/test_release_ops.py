@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main as tuneline
-from tasks.registry import ChampionRef, RegistryError, download_champion_model, latest_release
-from tasks.release import LatestMoved, ReleaseError, fetch_release, publish_release
-from tasks.release_ops import promote, read_log
-from tasks.retention import prune
-from tasks.store import StageRef, Store, StoreError
+from tasks.artifacts.registry import ChampionRef, RegistryError, download_champion_model, latest_release
+from tasks.artifacts.store import StageRef, Store, StoreError
+from tasks.release.ops import promote, read_log
+from tasks.release.retention import prune
+from tasks.release.stage import LatestMoved, ReleaseError, fetch_release, publish_release
 from tests.s3server import S3Server
 
 MODEL = "ops-model"
@@ -156,7 +156,7 @@ def test_nightly_gated_before_a_rollback_refuses_to_release(store, tmp_path, cap
 
 def test_the_move_itself_is_a_compare_and_swap(store, tmp_path):
     """The last check and the write are one step: a move made after the mover read LATEST wins."""
-    from tasks.release_ops import move_latest
+    from tasks.release.ops import move_latest
 
     ship(store, 1, tmp_path)
     ship(store, 2, tmp_path, champion=1)
@@ -228,8 +228,8 @@ def test_process_killed_mid_move_on_disk_leaves_latest_old_or_new(tmp_path):
     ship(store, 1, tmp_path)
     ship(store, 2, tmp_path, champion=1)
     code = (
-        "import sys; from tasks.store import Store; from tasks.release_ops import promote; "
-        "from tasks.registry import latest_release\n"
+        "import sys; from tasks.artifacts.store import Store; from tasks.release.ops import promote; "
+        "from tasks.artifacts.registry import latest_release\n"
         "s = Store(sys.argv[1]); ids = sys.argv[2:]\n"
         "while True:\n"
         "    cur = latest_release(s, 'ops-model')\n"
@@ -376,8 +376,8 @@ def test_release_ops_flow_and_the_nightly_release_task_refusing(tmp_path):
     from prefect.client.orchestration import get_client
 
     from flows.release_ops import release_ops
-    from tasks.release import ReleaseParams, release
-    from tasks.stage import StageContext
+    from tasks.core.stage import StageContext
+    from tasks.release.stage import ReleaseParams, release
 
     root = str(tmp_path / "root")
     store = Store(root)
@@ -448,7 +448,7 @@ def test_a_retried_night_does_not_undo_a_rollback_of_its_own_release(store, tmp_
 def test_movers_racing_without_the_lock_have_exactly_one_winner(store, tmp_path):
     """Eight movers read LATEST at once and write at once: a read-then-write would let several win;
     the conditional write lets exactly one (a night's move takes no lock, so this is its guarantee)."""
-    from tasks.release_ops import move_latest
+    from tasks.release.ops import move_latest
 
     for n in range(1, 10):
         ship(store, n, tmp_path)

@@ -1,4 +1,4 @@
-"""Each task's GPU requirement, declared once (tasks/requirements.py), and what follows from it:
+"""Each task's GPU requirement, declared once (tasks/runtime/requirements.py), and what follows from it:
 tags, the flow's preflight message, the devices evaluation and merge use, precision by card, and
 GRPO's devices on a pinned worker."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from flows.params import load_params
-from tasks.hardware import GpuInfo, HardwareError, Machine, card_dtype
-from tasks.requirements import check_needs
+from tasks.runtime.hardware import GpuInfo, HardwareError, Machine, card_dtype
+from tasks.runtime.requirements import check_needs
 
 V100 = GpuInfo("Tesla V100-SXM2-32GB", 32.0, (7, 0))
 A100 = GpuInfo("NVIDIA A100-SXM4-80GB", 80.0, (8, 0))
@@ -65,8 +65,8 @@ def test_grpo_venv_is_for_cpu_workers_only(tmp_path):
     """The vLLM venv holds vLLM's CPU build: a GPU worker's child runs the worker's own Python."""
     import os
 
-    from tasks.grpo import GRPOParams, make_job
-    from tasks.hardware import PROFILES
+    from tasks.grpo.stage import GRPOParams, make_job
+    from tasks.runtime.hardware import PROFILES
 
     python = tmp_path / "python"
     python.write_text("#!/bin/sh\n")

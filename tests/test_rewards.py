@@ -1,4 +1,4 @@
-"""Tests for tasks.rewards: the TRL-style reward functions and the registry."""
+"""Tests for tasks.grpo.rewards: the TRL-style reward functions and the registry."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from tasks.rewards import (
+from tasks.core.scoring import extract_answer
+from tasks.grpo.rewards import (
     REWARDS,
     accuracy_reward,
     format_reward,
@@ -18,7 +19,6 @@ from tasks.rewards import (
     resolve_reward,
     soft_overlong_reward,
 )
-from tasks.scoring import extract_answer
 from tests.test_scoring import HUGE, MALFORMED, conv
 
 # ------------------------------------------------------------------------------ accuracy_reward
@@ -205,13 +205,13 @@ def test_registry_names():
 def test_resolve_builtin_and_paths():
     assert resolve_reward("accuracy") is accuracy_reward
     assert resolve_reward(" format ") is format_reward
-    assert resolve_reward("tasks.rewards:repetition_penalty_reward") is repetition_penalty_reward
+    assert resolve_reward("tasks.grpo.rewards:repetition_penalty_reward") is repetition_penalty_reward
     assert resolve_reward(format_reward) is format_reward
     overlong = resolve_reward("overlong", max_length=8, cache_length=4)
     assert overlong(completions=["a " * 6]) == [-0.5]
-    fmt = resolve_reward("tasks.rewards:make_format_reward", pattern="^ok$")
+    fmt = resolve_reward("tasks.grpo.rewards:make_format_reward", pattern="^ok$")
     assert fmt(["ok", "no"]) == [1.0, 0.0]
-    assert resolve_reward("tasks.rewards:REWARDS.get") == REWARDS.get  # dotted attribute path
+    assert resolve_reward("tasks.grpo.rewards:REWARDS.get") == REWARDS.get  # dotted attribute path
 
 
 def test_resolve_unknown_name_lists_builtins():
@@ -225,10 +225,10 @@ def test_resolve_unknown_name_lists_builtins():
     ("spec", "message"),
     [
         ("no_such_module_xyz:reward", "cannot import module 'no_such_module_xyz'"),
-        ("tasks.rewards:no_such_function", "module 'tasks.rewards' has no attribute 'no_such_function'"),
-        ("tasks.rewards:DEFAULT_FORMAT_PATTERN", "is not callable"),
+        ("tasks.grpo.rewards:no_such_function", "module 'tasks.grpo.rewards' has no attribute 'no_such_function'"),
+        ("tasks.grpo.rewards:DEFAULT_FORMAT_PATTERN", "is not callable"),
         (":reward", "expected 'module:function'"),
-        ("tasks.rewards:", "expected 'module:function'"),
+        ("tasks.grpo.rewards:", "expected 'module:function'"),
         ("", "built-in name or 'module:function'"),
     ],
 )

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from tasks.grpo_plan import GRPOParams, rollout_plan
+from tasks.grpo.plan import GRPOParams, rollout_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,9 +59,9 @@ def test_rollout_engine_errors_name_the_parameter(settings, message):
 
 def test_the_engine_choice_changes_the_grpo_fingerprint(tiny_model_dir, tmp_path):
     """Another engine samples other rollouts: the stage reruns instead of reusing the old adapter."""
-    from tasks.grpo import fingerprint_of
-    from tasks.stage import StageContext
-    from tasks.store import StageRef
+    from tasks.artifacts.store import StageRef
+    from tasks.core.stage import StageContext
+    from tasks.grpo.stage import fingerprint_of
 
     ctx = StageContext(root=str(tmp_path / "root"), base_model=str(tiny_model_dir))
     ref = StageRef(stage="x", fingerprint="f" * 16, uri=str(tmp_path), digest="d" * 64)

@@ -1,4 +1,4 @@
-"""Behavioural tests for tasks/sandbox.py (the pass@1 code-execution sandbox).
+"""Behavioural tests for tasks/evaluate/sandbox.py (the pass@1 code-execution sandbox).
 
 Every hostile completion is written so that it would *pass* if its attack
 worked (it returns the right answer after the attack), so ``passed is False``
@@ -25,10 +25,10 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tasks import sandbox  # noqa: E402
+from tasks.evaluate import sandbox  # noqa: E402
 from tasks.evaluate.humaneval import check_code_isolation, load_humaneval, score_humaneval  # noqa: E402
 from tasks.evaluate.params import EvalError, EvalParams  # noqa: E402
-from tasks.sandbox import ExecResult, check_humaneval, pass_at_1, run_program  # noqa: E402
+from tasks.evaluate.sandbox import ExecResult, check_humaneval, pass_at_1, run_program  # noqa: E402
 
 SLACK_S = 1.5  # process start-up + namespace setup + teardown
 ADD = {
@@ -438,7 +438,7 @@ def test_sandbox_warnings_go_to_the_module_logger_outside_a_run(caplog):
     caplog.set_level(logging.WARNING)
     text = f"outside a run {uuid.uuid4()}"
     sandbox._log_warnings([text])
-    assert [(r.name, r.getMessage()) for r in caplog.records] == [("tasks.sandbox", f"sandbox: {text}")]
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [("tasks.evaluate.sandbox", f"sandbox: {text}")]
 
 
 def test_fallback_warnings_reach_the_prefect_run_log(plain, monkeypatch, caplog):

@@ -1,4 +1,4 @@
-"""Tests for tasks.scoring: completion text, answer extraction, gold answers and matching."""
+"""Tests for tasks.core.scoring: completion text, answer extraction, gold answers and matching."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from tasks import scoring as S
-from tasks.scoring import answers_match, completion_text, extract_answer, gold_answer, is_correct
+from tasks.core import scoring as S
+from tasks.core.scoring import answers_match, completion_text, extract_answer, gold_answer, is_correct
 
 
 def conv(content):

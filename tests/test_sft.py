@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.sft import COMPLETE, SFTParams, _latest_checkpoint, make_job, train
+from tasks.sft.stage import COMPLETE, SFTParams, _latest_checkpoint, make_job, train
 
 
 def _messages(row: dict) -> dict:
@@ -159,9 +159,9 @@ def test_retry_after_sigkill_resumes_from_the_newest_complete_checkpoint(tmp_pat
     resumes at the checkpoint's step and ends where an uninterrupted run ends, to 1e-4."""
     import torch
 
-    from tasks.sft import lora_sft
-    from tasks.stage import StageContext
-    from tasks.store import StageRef
+    from tasks.artifacts.store import StageRef
+    from tasks.core.stage import StageContext
+    from tasks.sft.stage import lora_sft
 
     data = _write(tmp_path / "data", alpaca[:24], alpaca[24:26])
     cfg = _cfg(max_steps=8, save_steps=2, eval_steps=100, gradient_accumulation_steps=2)

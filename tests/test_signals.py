@@ -119,7 +119,7 @@ def _final_states(prefect_home: Path) -> list[tuple[str, str, str]]:
 
 
 def _check_roles(tree: dict[int, str]) -> None:
-    assert any("-m tasks.sft" in c for c in tree.values()), f"no trainer among {tree}"
+    assert any("-m tasks.sft.stage" in c for c in tree.values()), f"no trainer among {tree}"
     assert any("prefect.server.api.server:create_app" in c for c in tree.values()), f"no temporary server in {tree}"
 
 

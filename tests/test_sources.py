@@ -1,4 +1,4 @@
-"""Shared source readers (tasks/sources.py): whole-set loading for evaluation, with the caller's error type."""
+"""Shared source readers (tasks/core/sources.py): whole-set loading for evaluation, with the caller's error type."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from tasks.sources import SourceError, file_source_fingerprint, load_rows, read_source
+from tasks.core.sources import SourceError, file_source_fingerprint, load_rows, read_source
 
 
 class StageError(ValueError):
@@ -45,7 +45,7 @@ def test_bad_row_names_file_and_row_and_raises_the_callers_error(tmp_path):
 
 
 def test_load_rows_reads_s3(tmp_path, s3_server):
-    from tasks.store import Store
+    from tasks.artifacts.store import Store
 
     Store(f"s3://{s3_server.bucket}/sources").write_bytes(
         "rows.jsonl", "".join(json.dumps(r) + "\n" for r in ROWS).encode()

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from tasks.core.sources import read_builtin
 from tasks.data import DataError, DataParams, parse_spec, prepare
 from tasks.data.split import position, prompt_key, split_rows
-from tasks.sources import read_builtin
 
 
 def _rows(out: Path, split: str = "train") -> list[list[dict[str, str]]]:
@@ -159,8 +159,8 @@ def test_the_cap_leaves_extra_validation_rows_unused_not_trained(tmp_path):
 # A user-supplied validation set (data.validation_datasets)
 # ----------------------------------------------------------------------------------------------
 def test_validation_datasets_are_the_validation_split_and_leave_train(tmp_path):
+    from tasks.core.stage import StageContext
     from tasks.data import fingerprint_of
-    from tasks.stage import StageContext
 
     train = _write_jsonl(tmp_path / "train.jsonl", [{"query": f"q{i}?", "response": f"a{i}."} for i in range(20)])
     mine = [

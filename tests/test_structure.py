@@ -10,61 +10,120 @@ import pytest
 from pydantic import ValidationError
 
 from flows.params import RetrainParams, load_params
-from tasks.stage import StageContext, Workspace, run_stage
+from tasks.core.stage import StageContext, Workspace, run_stage
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("flows", "tasks", "blocks")
 MAX_LINES = 500
-# The stage modules (or packages): each may import the shared pieces, never another stage.
-STAGES = {"data", "sft", "sft_plan", "grpo", "grpo_plan", "grpo_vllm", "merge", "evaluate", "release"}
-# a stage's own helper module counts as the stage
-STAGE_FAMILY = {"sft_plan": "sft", "grpo_plan": "grpo", "grpo_vllm": "grpo"}
+MAX_TASKS_ENTRIES = 10
+# The stage packages: each may import the plumbing, never another stage.
+STAGES = {"data", "sft", "grpo", "merge", "evaluate", "release"}
+# The plumbing under them, grouped by concern: it never imports a stage.
+PLUMBING = {"artifacts", "runtime", "core"}
 
 
 def _modules() -> list[Path]:
     return sorted(p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py"))
 
 
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in _modules()}
+
+
+def _imports(name: str) -> set[str]:
+    """The project modules one module imports, anywhere in the file (inside functions too: they run);
+    ``from pkg import x`` counts as ``pkg.x`` when that is a module, else as ``pkg``."""
+    path = MODULES[name]
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name in MODULES)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
+            for alias in node.names:
+                if f"{base}.{alias.name}" in MODULES:
+                    found.add(f"{base}.{alias.name}")
+                elif base in MODULES:
+                    found.add(base)
+    return found - {name}
+
+
+IMPORTS = {name: _imports(name) for name in MODULES}
+
+
 @pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(REPO)))
 def test_module_is_small_and_says_what_it_is_for(path):
     lines = path.read_text(encoding="utf-8").splitlines()
     assert len(lines) <= MAX_LINES, f"{path.relative_to(REPO)} has {len(lines)} lines (limit {MAX_LINES}): split it"
-    if path.name == "__init__.py" and not "".join(lines).strip():
-        return  # an empty package marker says nothing and needs nothing
     doc = ast.get_docstring(ast.parse("\n".join(lines)))
     assert doc and len(doc.split()) >= 5, f"{path.relative_to(REPO)}: the first lines must say what it is for"
 
 
-def _stage_of(path: Path) -> str | None:
-    rel = path.relative_to(REPO / "tasks")
-    name = rel.parts[0].removesuffix(".py")
-    return STAGE_FAMILY.get(name, name) if name in STAGES else None
+def test_tasks_is_a_handful_of_packages_grouped_by_concern():
+    entries = sorted(p.name for p in (REPO / "tasks").iterdir() if p.name != "__pycache__")
+    assert len(entries) <= MAX_TASKS_ENTRIES, f"tasks/ has {len(entries)} entries: {entries}"
+    packages = {p.name for p in (REPO / "tasks").iterdir() if (p / "__init__.py").is_file()}
+    assert packages == STAGES | PLUMBING, "every folder under tasks/ is a stage or a plumbing package"
 
 
-def _imported_stages(path: Path) -> set[str]:
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        names = []
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        for name in names:
-            parts = name.split(".")
-            if parts[0] == "tasks" and len(parts) > 1 and parts[1] in STAGES:
-                found.add(STAGE_FAMILY.get(parts[1], parts[1]))
-    return found
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan), each an import cycle."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while (w := stack.pop()) != v:
+                component.append(w)
+            if component:
+                cycles.append(sorted([v, *component]))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return cycles
 
 
-def test_no_stage_imports_another_stage():
+def test_no_import_cycle_anywhere():
+    assert _cycles(IMPORTS) == []
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def _group(name: str) -> str | None:
+    parts = name.split(".")
+    return parts[1] if parts[0] == "tasks" and len(parts) > 1 else None
+
+
+def test_no_stage_imports_another_stage_and_plumbing_imports_none():
     offenders = []
-    for path in sorted((REPO / "tasks").rglob("*.py")):
-        mine = _stage_of(path)
-        others = _imported_stages(path) - {mine}
-        if others and mine is not None:
-            offenders.append(f"{path.relative_to(REPO)} imports {sorted(others)}")
-        elif others and mine is None:  # a shared piece must not depend on a stage either
-            offenders.append(f"{path.relative_to(REPO)} (shared) imports {sorted(others)}")
+    for name, imported in sorted(IMPORTS.items()):
+        mine = _group(name)
+        stages = {g for g in map(_group, imported) if g in STAGES} - {mine}
+        if stages and mine in STAGES:
+            offenders.append(f"{name} (stage {mine}) imports stage {sorted(stages)}")
+        elif stages and (mine in PLUMBING or name == "tasks" or name.startswith("blocks")):
+            offenders.append(f"{name} (plumbing) imports stage {sorted(stages)}")
     assert not offenders, offenders
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tasks.core.models import CHATML_TRAINING_TEMPLATE, tokenize_record, training_chat_template
 from tasks.data import DataError, DataParams, prepare, qwen2_tokenizer
-from tasks.models import CHATML_TRAINING_TEMPLATE, tokenize_record, training_chat_template
 
 QWEN25_TEMPLATE = Path(__file__).parent / "fixtures" / "qwen2_5_chat_template.jinja"  # Qwen2.5-Instruct's own
 WEATHER = {
@@ -243,7 +243,7 @@ def test_qwen25_template_renders_tools_and_masks_only_the_assistant(tmp_path):
 # ----------------------------------------------------------------------------------------------
 def test_data_check_and_sft_train_on_tool_rows(tmp_path, tiny_model_dir, capsys):
     from flows.cli import main
-    from tasks.sft import SFTParams, make_job, train
+    from tasks.sft.stage import SFTParams, make_job, train
 
     files = {
         "glaive": _write(tmp_path / "glaive.jsonl", [_glaive()] * 1 + [_glaive(tools=(WEATHER, STOCK))]),

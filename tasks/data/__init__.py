@@ -16,7 +16,7 @@ Spec grammar (ms-swift's): ``SOURCE[:SUBSET][#N]``. SOURCE is
 - anything else: a hub dataset id, Hugging Face through ``datasets`` (default) or ModelScope through
   the optional ``modelscope`` extra (``hub: modelscope`` or an ``ms::`` / ``ms://`` prefix; ``hf::`` /
   ``hf://`` the other way). SUBSET is the hub's config name; ``a/b`` several, ``all`` every one. The
-  reference job's ModelScope ids map to ms-swift's Hugging Face ids (``tasks.hub_ids``).
+  reference job's ModelScope ids map to ms-swift's Hugging Face ids (``tasks.core.hub_ids``).
 ``#N`` samples N rows without replacement when N ≤ size; above the size it repeats the whole set and
 samples the remainder, as ms-swift does. Sampling is reproducible from ``seed``; with ``shuffle`` off
 ``#N`` takes the first N rows.
@@ -61,7 +61,7 @@ conversion, row checks), ``tokens`` (which tokenizer counts, counting, truncatio
 ``report`` (per-source counts, table, histogram), ``split`` (dedupe, the split, the overlap count),
 ``mix`` (sampling, mixing, the whole stage: ``prepare``),
 ``stage`` (the Prefect task ``prepare_dataset`` and its fingerprint). The sources themselves are read
-by ``tasks.sources``, which the evaluation stage shares.
+by ``tasks.core.sources``, which the evaluation stage shares.
 """
 
 from tasks.data.formats import FORMAT_KEYS, detect_format, load_source

@@ -9,7 +9,7 @@ from typing import Annotated, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from tasks.sources import Kind, RawRow, local_files, read_source, source_fingerprint, source_kind
+from tasks.core.sources import Kind, RawRow, local_files, read_source, source_fingerprint, source_kind
 
 Format = Literal[
     "auto",
@@ -196,7 +196,7 @@ class Spec:
         return local_files(self.source, self.subset, name=self.text, error=DataError)
 
     def read(self, seed: int, storage_block: str | None = None) -> Iterator[RawRow]:
-        """Every row of the source, as read (see ``tasks.sources.read_source``)."""
+        """Every row of the source, as read (see ``tasks.core.sources.read_source``)."""
         return read_source(
             self.source,
             self.subset,

@@ -7,14 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tasks.common import picture_markdown, publish_markdown, publish_table, task
+from tasks.artifacts.store import StageRef
+from tasks.core.common import picture_markdown, publish_markdown, publish_table, task
+from tasks.core.fingerprints import code_identity, fingerprint, stack_versions, with_lineage
+from tasks.core.stage import StageContext, Workspace, run_stage, stage_cache_key
 from tasks.data.mix import prepare
 from tasks.data.report import report_markdown, report_rows
 from tasks.data.specs import DataError, DataParams, parse_spec
 from tasks.data.tokens import tokenizer_id
-from tasks.fingerprints import code_identity, fingerprint, stack_versions, with_lineage
-from tasks.stage import StageContext, Workspace, run_stage, stage_cache_key
-from tasks.store import StageRef
 
 STAGE = "data"
 CODE = "tasks.data.stage"  # its imports reach the whole package and the shared readers

@@ -12,8 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tasks.models import CHATML_TRAINING_TEMPLATE
-from tasks.store import local_cache_dir, sha256_file
+from tasks.artifacts.store import local_cache_dir, sha256_file
+from tasks.core.models import CHATML_TRAINING_TEMPLATE
 
 QWEN2_PATTERN = (  # Qwen2's pre-tokenizer split
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
@@ -96,7 +96,7 @@ def load_tokenizer(model: str | None, revision: str = "main") -> tuple[Any, str]
             if path.is_dir():
                 return AutoTokenizer.from_pretrained(path), f"{model} (local folder)"
             if model.startswith("pkg:"):
-                from tasks.models import resolve_model
+                from tasks.core.models import resolve_model
 
                 return AutoTokenizer.from_pretrained(resolve_model(model, revision)), model
             try:  # the local hub cache first; then the hub, probed quickly (a dead hub retries for a minute)
@@ -139,7 +139,7 @@ class TokenCounter:
 
         self.tokenizer = tokenizer
         if not tokenizer.chat_template:
-            from tasks.models import CHATML_TRAINING_TEMPLATE
+            from tasks.core.models import CHATML_TRAINING_TEMPLATE
 
             plain = CHATML_TRAINING_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
             tokenizer.chat_template = plain
@@ -150,7 +150,7 @@ class TokenCounter:
         # gives way to the training template (ours for ChatML models), else the model's own.
         self._tools_template = self._template
         if "tools" not in tokenizer.chat_template:
-            from tasks.models import training_chat_template
+            from tasks.core.models import training_chat_template
 
             try:
                 tools_template = training_chat_template(tokenizer) or tokenizer.chat_template
@@ -161,8 +161,8 @@ class TokenCounter:
         self._cache: dict[str, int] = {}
 
     def render(self, messages: list[dict[str, str]]) -> str:
+        from tasks.core.models import chat_inputs
         from tasks.data.tools import record
-        from tasks.models import chat_inputs
 
         if "tools" not in messages[0] and not any("tool_calls" in m for m in messages):  # the common case: no copy
             return self._template.render(messages=messages, add_generation_prompt=False, **self._special)
@@ -230,8 +230,8 @@ def write_tokens(tokenizer: Any, conversations: list[list[dict[str, str]]], path
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from tasks.core.models import tokenize_record, training_chat_template
     from tasks.data.tools import record
-    from tasks.models import tokenize_record, training_chat_template
 
     template = training_chat_template(tokenizer) or tokenizer.chat_template
     ids: list[list[int]] = []

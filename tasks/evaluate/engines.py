@@ -9,9 +9,9 @@ import gc
 import importlib.util
 from typing import Any, Callable, Collection, Sequence
 
-from tasks.common import load_tokenizer, torch_dtype
+from tasks.core.common import load_tokenizer, torch_dtype
 from tasks.evaluate.params import Engine, EvalError
-from tasks.hardware import card_dtype
+from tasks.runtime.hardware import card_dtype
 
 
 def select_engine(
@@ -100,7 +100,7 @@ def vllm_completion(output) -> Completion:
 
 
 def evaluation_dtype(device: str) -> str:
-    """The precision models are evaluated in: the card's (``tasks.hardware.card_dtype``: bf16 from
+    """The precision models are evaluated in: the card's (``tasks.runtime.hardware.card_dtype``: bf16 from
     compute capability 8.0, fp16 below, where ``is_bf16_supported()`` says yes by emulation), fp32 on CPU."""
     import torch
 

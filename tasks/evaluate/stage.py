@@ -7,7 +7,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tasks.common import publish_markdown, publish_table, task
+from tasks.artifacts.registry import ChampionRef
+from tasks.artifacts.store import StageRef
+from tasks.core.common import publish_markdown, publish_table, task
+from tasks.core.fingerprints import code_identity, content_of, fingerprint, stack_versions, with_lineage
+from tasks.core.stage import StageContext, Workspace, run_stage, stage_cache_key
 from tasks.evaluate.champion import ChampionInput, measurement_key, prepare_champion
 from tasks.evaluate.data import (
     data_fingerprints,
@@ -29,12 +33,8 @@ from tasks.evaluate.humaneval import check_code_isolation
 from tasks.evaluate.params import STAGE, EvalParams
 from tasks.evaluate.report import metrics_table, samples_markdown
 from tasks.evaluate.suites import generation_suites, metrics_from_items, validation_items
-from tasks.fingerprints import code_identity, content_of, fingerprint, stack_versions, with_lineage
-from tasks.hardware import preflight
-from tasks.registry import ChampionRef
-from tasks.requirements import ONE_GPU
-from tasks.stage import StageContext, Workspace, run_stage, stage_cache_key
-from tasks.store import StageRef
+from tasks.runtime.hardware import preflight
+from tasks.runtime.requirements import ONE_GPU
 
 
 def evaluate_models(
@@ -67,7 +67,7 @@ def evaluate_models(
     if "humaneval" in config.suites:  # refuses unisolated code (unless allowed) before any model loads
         sandbox_mode = check_code_isolation(config)
     engine_name = select_engine(config.engine)
-    # The flow pins the device (tasks/requirements.py); "auto" outside a flow: a GPU when torch sees one.
+    # The flow pins the device (tasks/runtime/requirements.py); "auto" outside a flow: a GPU when torch sees one.
     device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     precision = evaluation_dtype(device)  # what ships on this card, not what emulation allows
 
@@ -169,7 +169,7 @@ def evaluate(
     Resource profile: one GPU (or CPU); one model in memory at a time; HumanEval programs in
     ``humaneval_workers`` sandboxes. The task itself never raises on a failed gate: it records it.
     """
-    if config.device == "cuda":  # before anything is loaded (tasks/requirements.py)
+    if config.device == "cuda":  # before anything is loaded (tasks/runtime/requirements.py)
         preflight(ONE_GPU.requirement)
     fp = fingerprint_of(config, merged, dataset, name, author, system_prompt, ctx, champion)
     store = ctx.store()

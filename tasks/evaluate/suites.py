@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from tasks.core.models import training_chat_template
+from tasks.core.scoring import answers_match, extract_answer
 from tasks.evaluate.data import identity_questions
 from tasks.evaluate.humaneval import humaneval_prompt, score_humaneval
 from tasks.evaluate.params import EvalError, EvalParams
-from tasks.models import training_chat_template
-from tasks.scoring import answers_match, extract_answer
 
 
 def gsm8k_prompt(question: str, config: EvalParams) -> str:
