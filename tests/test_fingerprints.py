@@ -144,10 +144,10 @@ def test_the_import_walk_follows_every_form_of_import(tmp_path):
     }
     for name, text in files.items():
         (pkg / name).write_text(text)
-    reached = set(code_modules("tasks.core.stage", tmp_path))
+    reached = set(code_modules("tasks.stage", tmp_path))
     assert reached == {
         "tasks",
-        "tasks.core.stage",
+        "tasks.stage",
         "tasks.plain",
         "tasks.sub",
         "tasks.rel",
@@ -156,12 +156,12 @@ def test_the_import_walk_follows_every_form_of_import(tmp_path):
         "tasks.inner.deep",
         "tasks.inner.sibling",  # run by its package's __init__
     }
-    before = code_identity("tasks.core.stage", tmp_path)
+    before = code_identity("tasks.stage", tmp_path)
     (pkg / "lazy.py").write_text("x = 22\n")  # cached per process, but an edited file is read again
-    after = code_identity("tasks.core.stage", tmp_path)
+    after = code_identity("tasks.stage", tmp_path)
     assert after != before
     (pkg / "unreached.py").write_text("z = 3\n")
-    assert code_identity("tasks.core.stage", tmp_path) == after
+    assert code_identity("tasks.stage", tmp_path) == after
 
 
 def test_what_the_stages_reach_and_what_does_not_count():
