@@ -374,8 +374,7 @@ def source_fingerprint(
         files = local_files(source, subset, name=name, check=False, error=error)
         if not files:
             return f"{name}@missing"
-        # each file by its place in the source (a folder's layout is content; where the source lives is not)
-        base = Path(source).expanduser()
+        base = Path(source).expanduser()  # a file by its place in the source, not where the source lives
         places = [p.relative_to(base).as_posix() if base.is_dir() else p.suffix for p in files]
         listing = "".join(f"{place}:{sha256_file(p)}" for place, p in zip(places, files))
         return name + "@" + hashlib.sha256(listing.encode()).hexdigest()[:16]
