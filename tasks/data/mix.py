@@ -12,6 +12,7 @@ from typing import Any
 
 from tasks.data import split
 from tasks.data.formats import load_source
+from tasks.data.overlap import held_out_check
 from tasks.data.report import SourceReport, histogram, report_markdown, token_stats
 from tasks.data.specs import DataError, DataParams, Spec, parse_spec
 from tasks.data.tokens import QWEN2_FALLBACK, TokenCounter, load_tokenizer, truncate, write_tokens
@@ -222,6 +223,7 @@ def prepare(
         "validation_rows": len(validation),
         "validation_from": validation_from,
         "train_validation_prompt_overlap": split.prompt_overlap(train, validation),
+        "held_out_check": held_out_check(train, validation),  # an independent, stricter key: may disagree
         "removed_for_validation": sum(r.removed_for_validation for r in reports),
         "source_duplicates": sum(r.duplicates for r in reports),
         "tokenizer": tokenizer_name,

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tasks.data.overlap import check_line
+
 REPORT_COLUMNS = [
     "source",
     "format",
@@ -121,6 +123,7 @@ def split_lines(metrics: dict[str, Any]) -> list[str]:
         f"duplicates dropped: {metrics.get('source_duplicates', 0)} within sources, "
         f"{metrics['duplicates_dropped']} after mixing; {removed} training rows removed for a validation prompt",
         f"train/validation prompt overlap: {metrics.get('train_validation_prompt_overlap', '?')} prompts",
+        check_line(metrics.get("held_out_check")),
         f"tokens counted by: {metrics['tokenizer']} (max_length {metrics['max_length']}, {metrics['truncation']})",
     ]
 

@@ -1,10 +1,13 @@
 """The train/validation split, held out by construction: normalised text, per-source dedupe, and a split
-by a stable hash of each conversation's prompt (its user turns), so no prompt is ever on both sides and a
-row keeps its side from night to night.
+by a stable hash of each conversation's prompt (its first user turn, with its disguises removed), so no
+prompt is ever on both sides and a row keeps its side from night to night.
 
-A prompt is in validation iff ``sha256(normalised user turns)``, read as a number in [0, 1), is below
-``validation_ratio``. Nothing that changes between nights goes into the hash (not ``data.seed``, not the
-other sources, not ``#N``), and each row is decided alone, so the split also works on streamed rows.
+A prompt is in validation iff ``sha256(prompt_text(first user turn))``, read as a number in [0, 1), is
+below ``validation_ratio``. Nothing that changes between nights goes into the hash (not ``data.seed``, not
+the other sources, not ``#N``), and each row is decided alone, so the split also works on streamed rows.
+``prompt_text`` folds what real mixes disguise a prompt with (width, case, quotes, punctuation, spaces,
+zero-width characters); docs/data.md says what still counts as a different prompt. The data report
+checks the result with an independent, stricter key (``tasks/data/overlap.py``).
 """
 
 from __future__ import annotations
@@ -28,16 +31,41 @@ def normalise(text: str) -> str:
     return _SPACE.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
 
 
-def prompt_key(messages: Messages) -> str:
-    """The normalised user turns: what decides a row's side. Rows with the same prompt and different
-    answers (or system prompts) share a key, so they land on the same side. Normalised text holds no
-    newline, so joining by one is unambiguous.
+#: Typographic quotes and primes folded to ASCII. Punctuation is removed after this anyway; folding first
+#: keeps the rule readable when the removal below is ever narrowed.
+_QUOTES = str.maketrans("‘’‚‛′´`“”„‟″", "'''''''\"\"\"\"\"")
+#: Unicode categories that never make two prompts different: punctuation (P*: ``?``, ``。``, ``、``,
+#: quotes, dashes), separators (Z*: spaces of every width) and other (C*: controls such as newlines and
+#: tabs, format characters such as the zero-width space and joiner, private use, unassigned).
+_DROPPED = frozenset("PZC")
 
-    >>> prompt_key([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi  THERE"},
-    ...             {"role": "assistant", "content": "Hello."}])
-    'hi there'
+
+def prompt_text(text: str) -> str:
+    """A user turn as the split compares it: NFKC (full-width forms, ligatures), case folded (NFKC again
+    after, as Unicode's NFKC_Casefold does), quotes folded, then every punctuation, separator, whitespace
+    and format character removed. Letters, digits and symbols (``+``, ``$``, ``=``, emoji) stay.
+
+    >>> prompt_text("  Ｗhat is\\n 2 +  2？ ") == prompt_text("what is 2+2??") == prompt_text("What\\u200b is 2 + 2.")
+    True
+    >>> prompt_text("他说：“你好，世界。”") == prompt_text("他说你好、世界")
+    True
+    >>> prompt_text("2 + 2") == prompt_text("2 - 2")
+    False
     """
-    return "\n".join(normalise(m["content"]) for m in messages if m["role"] == "user")
+    folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold()).translate(_QUOTES)
+    return "".join(c for c in folded if unicodedata.category(c)[0] not in _DROPPED and not c.isspace())
+
+
+def prompt_key(messages: Messages) -> str:
+    """What decides a row's side: ``prompt_text`` of its first user turn. Rows with the same first user
+    turn share a key whatever follows (other answers, system prompts, later turns: a conversation's
+    prefix is a prompt too), so they land on the same side; the key is the same for every source.
+
+    >>> prompt_key([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi  THERE!"},
+    ...             {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "And you?"}])
+    'hithere'
+    """
+    return next((prompt_text(m["content"]) for m in messages if m["role"] == "user"), "")
 
 
 def conversation_key(messages: Messages) -> str:
@@ -155,7 +183,7 @@ def prompt_overlap(train: list[Messages], validation: list[Messages]) -> int:
     """How many distinct prompts are in both splits (computed on what is written; 0 by construction).
 
     >>> row = lambda q, a: [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-    >>> prompt_overlap([row("Hi", "1"), row("Bye", "2")], [row("hi ", "3")])
+    >>> prompt_overlap([row("Hi", "1"), row("Bye", "2")], [row("hi?", "3")])
     1
     """
     return len({prompt_key(m) for m in train} & {prompt_key(m) for m in validation})

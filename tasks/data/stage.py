@@ -13,7 +13,7 @@ from tasks.core.fingerprints import code_identity, fingerprint, stack_versions, 
 from tasks.core.stage import StageContext, Workspace, run_stage, stage_cache_key
 from tasks.data.mix import prepare
 from tasks.data.report import report_markdown, report_rows
-from tasks.data.specs import DataError, DataParams, parse_spec
+from tasks.data.specs import DataError, DataParams, Spec, parse_spec
 from tasks.data.tokens import tokenizer_id
 
 STAGE = "data"
@@ -22,15 +22,37 @@ CODE = "tasks.data.stage"  # its imports reach the whole package and the shared 
 
 def fingerprint_of(config: DataParams, ctx: StageContext) -> str:
     """The stage's cache key: its code, the data stack, the parameters, each source's content (training
-    and validation sets) and the tokenizer that counts (``config.tokenizer``, else the base model)."""
+    and validation sets) and the tokenizer that counts (``config.tokenizer``, else the base model).
+
+    A local file or folder and an S3 object count by their content and ``#N``, not where they live: the
+    same bytes at another path are the same data (``content_spec``). A hub id or built-in set is named by
+    its spec, with the revision it resolves to."""
     try:
-        every = [*config.datasets, *config.validation_datasets]
-        sources_fp = [parse_spec(s, config.hub).fingerprint(ctx.storage_block) for s in every]
+        every = [parse_spec(s, config.hub) for s in (*config.datasets, *config.validation_datasets)]
+        sources_fp = [s.fingerprint(ctx.storage_block) for s in every]
     except DataError:  # a bad spec: the task runs and raises it with the full message
         return fingerprint(STAGE, "bad-spec", config)
+    n = len(config.datasets)
+    specs = [content_spec(spec, fp) for spec, fp in zip(every, sources_fp)]
+    dumped = config.model_dump(mode="json") | {"datasets": specs[:n], "validation_datasets": specs[n:]}
     tokenizer = tokenizer_id(config.tokenizer or ctx.base_model, ctx.base_revision)
-    sources_fp.append(f"tokenizer={tokenizer}")
-    return fingerprint(STAGE, code_identity(CODE), config, sources=sources_fp, stack=stack_versions("data"))
+    return fingerprint(
+        STAGE, code_identity(CODE), dumped, sources=[f"tokenizer={tokenizer}"], stack=stack_versions("data")
+    )
+
+
+def content_spec(spec: Spec, source_fp: str) -> str:
+    """A spec as the fingerprint sees it: a local or S3 source by its content (the part of its source
+    fingerprint after the name), its subset and ``#N``; a hub or built-in one as written, with its
+    resolved revision.
+
+    >>> s = parse_spec("/data/a.jsonl#5")
+    >>> content_spec(s, "/data/a.jsonl#5@0123") == content_spec(parse_spec("b.jsonl#5"), "b.jsonl#5@0123")
+    True
+    """
+    if spec.kind in ("local", "s3"):
+        return f"{spec.kind}:{source_fp.rpartition('@')[2]}:{spec.subset or ''}#{spec.n or ''}"
+    return source_fp
 
 
 def _publish_artifacts(ref: StageRef, out: Path) -> None:

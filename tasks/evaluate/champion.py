@@ -5,8 +5,9 @@ release; the flow decides which release is the champion).
 
 The measurement key hashes everything that decides the per-item numbers: the evaluation config
 without the verdict-only settings (tolerances, floor, gating metrics, ``force_release``), the code
-that measures (this package's data, suites, engines and HumanEval modules and every project module
-they import: answer matching, the sandbox, chat templates; not the gate), the evaluation stack, the
+that measures (every project module the evaluation stage reaches — the stage itself, data, suites,
+engines, HumanEval, answer matching, the sandbox, chat templates — less ``VERDICT_ONLY``: the gate,
+its statistics, the report's wording), the evaluation stack, the
 evaluation data's content, the validation rows (the data stage's digest), the system prompt, name
 and author, the engine and the device. It is stored in
 ``report.json`` as ``measurement``, so tomorrow's night can tell whether tonight's numbers still apply.
@@ -22,24 +23,41 @@ from typing import Any, Literal
 
 from tasks.artifacts.registry import ChampionRef, champion_report, download_champion_model, release_prefix
 from tasks.artifacts.store import Store, local_cache_dir
-from tasks.core.fingerprints import modules_identity, stack_versions
+from tasks.core.fingerprints import code_modules, stack_versions
 from tasks.evaluate.data import data_fingerprints
 from tasks.evaluate.engines import select_engine
 from tasks.evaluate.params import GATE_ONLY, EvalParams
 
-#: The modules whose code decides an item's number, with every project module they import (the gate,
-#: the statistics and the report decide the verdict, not the numbers: they are not among them).
-MEASURING = (
-    "tasks.evaluate.params",
-    "tasks.evaluate.data",
-    "tasks.evaluate.suites",
-    "tasks.evaluate.engines",
-    "tasks.evaluate.humaneval",
-    "tasks.core.scoring",
-    "tasks.evaluate.sandbox",
-    "tasks.core.models",
-    "tasks.core.common",
-)
+#: Where the evaluation's code starts: every project module it reaches decides how an item is measured
+#: (prompting, generation, scoring) unless it is named in ``VERDICT_ONLY``. Counting by reach, not by a
+#: list of measuring modules, means a module added later — or a change in ``stage.py`` itself, such as
+#: how the system prompt reaches generation — counts until someone shows it decides no number.
+STAGE_MODULE = "tasks.evaluate.stage"
+#: Modules the stage reaches that decide the verdict or which numbers are reused, not an item's number:
+#: the gate and its statistics, the report's wording, the champion's handling (this module: a change to
+#: what the key hashes changes the keys by itself) and the release registry it reads champions from.
+VERDICT_ONLY = {
+    "tasks.evaluate.gate": "decides the verdict",
+    "tasks.evaluate.stats": "decides the verdict",
+    "tasks.evaluate.report": "words the report",
+    "tasks.evaluate.champion": "names measurements",
+    "tasks.artifacts.registry": "reads releases",
+}
+
+
+def measuring_code(root: Path | None = None) -> str:
+    """16 hex digits over the normalised code of every module ``STAGE_MODULE`` reaches, less
+    ``VERDICT_ONLY`` and the byte-moving modules that count in no fingerprint.
+
+    >>> measuring_code() == measuring_code() and len(measuring_code()) == 16
+    True
+    """
+    counted = {
+        name: digest
+        for name, digest in code_modules(STAGE_MODULE, root).items()
+        if name not in VERDICT_ONLY and digest != "not counted"
+    }
+    return hashlib.sha256(json.dumps(counted, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def library_versions() -> dict[str, str]:
@@ -70,7 +88,7 @@ def measurement_key(
     ``dataset_content``: the data stage's digest (``tasks.core.fingerprints.content_of``)."""
     payload = {
         "config": config.model_dump(mode="json", exclude=set(GATE_ONLY)),
-        "code": modules_identity(MEASURING),
+        "code": measuring_code(),
         "libraries": library_versions(),
         "data": data_fingerprints(config, storage_block),
         "validation_rows": dataset_content if "validation" in config.suites else None,

@@ -238,6 +238,24 @@ def speed_settings(profile: Profile, packing: bool) -> tuple[str, str, bool]:
     return attn, reason, profile.dtype != "fp32"
 
 
+def attention_kernel(profile: Profile, packing: bool) -> str:
+    """The attention kernel SFT trains with on ``profile``, for its fingerprint: flash-attn's when it is
+    installed and the profile prefers it, else ours for packed rows with the way it attends
+    (``varlen`` or ``loop``: ``TUNELINE_PACKED_ATTENTION``, the torch build), else SDPA. Another kernel
+    computes other numbers, so a different choice is a different adapter. Registers nothing.
+
+    >>> from tasks.runtime.hardware import PROFILES
+    >>> attention_kernel(PROFILES["cpu"], packing=True), attention_kernel(PROFILES["cpu"], packing=False)
+    ('tuneline_packed_sdpa/loop', 'sdpa')
+    """
+    from tasks.runtime.attention import backend
+
+    attn, _ = profile.attention(packing=packing)
+    if attn == ATTENTION:
+        return f"{attn}/{backend('cuda' if profile.requirement.gpus else 'cpu')}"
+    return attn
+
+
 def compile_decoder_layers(model: Any) -> int:
     """``torch.compile`` each decoder layer in place, its LoRA adapters included, as torchtune's
     recipes do: the layers share one compiled graph (torch inlines the module, so its weights are

@@ -75,6 +75,7 @@ from tasks.runtime.launch import launch_training
 from tasks.runtime.requirements import sft_need
 from tasks.sft.plan import (
     SFTParams,
+    attention_kernel,
     check_quantization,
     compile_decoder_layers,
     lora_config,
@@ -405,7 +406,9 @@ def fingerprint_of(config: SFTParams, dataset: StageRef, ctx: StageContext) -> s
     dataset's (docs/caching.md)."""
     # sft.cluster counts only when used: with mode none the fingerprints stay those before it existed
     dumped = config.model_dump(mode="json", exclude={"cluster"} if config.cluster.mode == "none" else None)
-    cfg = {"config": dumped, "model": ctx.model_identity(), "profile": resolve_profile(config.profile).name}
+    profile = resolve_profile(config.profile)
+    cfg = {"config": dumped, "model": ctx.model_identity(), "profile": profile.name}
+    cfg["attention"] = attention_kernel(profile, config.packing)  # the kernel computes the numbers too
     stack = stack_versions("training")
     return fingerprint(STAGE, code_identity(CODE), cfg, upstream=[content_of(dataset)], stack=stack)
 
