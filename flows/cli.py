@@ -3,7 +3,7 @@
 tuneline run --preset demo [--set sft.max_steps=10 ...]   run the flow here
 tuneline data check [SPEC ...] [--preset P] [--set data.K=V] [--max-length N ...]  validate datasets
 tuneline fetch ROOT MODEL [RELEASE_ID|LATEST] DEST        download a release, verify checksums
-tuneline release list|show|promote|rollback|prune|log MODEL [ID] --root ROOT   operate releases
+tuneline release list|show|promote|rollback|pin|prune|log MODEL [ID] --root ROOT   operate releases
 tuneline deploy --pool gpu-v100                           apply pools + deployments (infra/prefect.yaml)
 tuneline serve-local                                      Prefect server + worker on 127.0.0.1:4200
 """

@@ -6,6 +6,7 @@ is shown as a markdown artifact. The work is in ``tasks/release/ops.py`` and ``t
     tuneline release show MODEL ID                                 the manifest, readable (--json: as stored)
     tuneline release promote MODEL ID --reason "..."               LATEST -> ID (checksums first)
     tuneline release rollback MODEL --reason "..."                 LATEST -> the previous good release
+    tuneline release pin MODEL ID --reason "..."                   the anchor every night is also gated against
     tuneline release prune MODEL [--keep-last 7]                   retention now (it also runs after each release)
     tuneline release log MODEL                                     every move of LATEST: who, when, from, to, why
 
@@ -23,7 +24,7 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 
-Action = Literal["list", "show", "promote", "rollback", "prune", "log"]
+Action = Literal["list", "show", "promote", "rollback", "pin", "prune", "log"]
 
 
 def open_store(root: str | None, block: str | None):
@@ -130,13 +131,22 @@ def run_action(
 ) -> tuple[str, Any]:
     """Do one action; return (text for a person, data)."""
     from tasks.artifacts.registry import latest_release
-    from tasks.release.ops import list_releases, load_manifest, promote, pruned_info, read_log, require_model, rollback
+    from tasks.release.ops import (
+        list_releases,
+        load_manifest,
+        pin,
+        promote,
+        pruned_info,
+        read_log,
+        require_model,
+        rollback,
+    )
     from tasks.release.retention import prune
 
     if action == "list":
         rows = list_releases(store, model)
         return list_text(rows), rows
-    if action in ("show", "promote") and not release_id:
+    if action in ("show", "promote", "pin") and not release_id:
         raise ValueError(f"release {action} needs a release id")
     if action == "show":
         manifest = load_manifest(store, model, release_id)
@@ -145,6 +155,12 @@ def run_action(
     if action == "promote":
         entry = promote(store, model, release_id, who=who, why=reason, verify=verify)
         return _moved_text(model, entry), entry
+    if action == "pin":
+        entry = pin(store, model, release_id, who=who, why=reason)
+        if entry.get("unchanged"):
+            return f"{model}: the anchor is already {release_id}; nothing pinned", entry
+        text = f"{model}: anchor pinned to {release_id} (was {entry['from'] or '(none)'}; pin by {entry['who']})"
+        return text, entry
     if action == "rollback":
         entry = rollback(store, model, who=who, why=reason, verify=verify)
         return _moved_text(model, entry), entry
@@ -160,7 +176,7 @@ def run_action(
         require_model(store, model)
         entries = read_log(store, model)
         return log_text(entries), entries
-    raise ValueError(f"unknown action {action!r} (list, show, promote, rollback, prune, log)")
+    raise ValueError(f"unknown action {action!r} (list, show, promote, rollback, pin, prune, log)")
 
 
 def _moved_text(model: str, entry: dict[str, Any]) -> str:
@@ -243,7 +259,7 @@ def cmd_release(args: argparse.Namespace) -> int:
 
 def add_release_parser(sub: Any) -> None:
     """``tuneline release …`` subcommands."""
-    rel = sub.add_parser("release", help="list, show, promote, roll back and prune releases")
+    rel = sub.add_parser("release", help="list, show, promote, roll back, pin and prune releases")
     cmds = rel.add_subparsers(dest="release_command", required=True)
 
     def command(name: str, help: str, release_id: bool = False) -> argparse.ArgumentParser:
@@ -279,6 +295,8 @@ def add_release_parser(sub: Any) -> None:
             default="content",
             help="content: read every file and hash it (default); metadata: trust recorded sizes and digests",
         )
+    p = command("pin", "make a release the anchor every night is also gated against (cumulative)", release_id=True)
+    p.add_argument("--reason", default="", help="why (recorded in the move log)")
     p = command("prune", "apply retention now (it also runs after each release)")
     p.add_argument("--keep-last", type=int, default=7, help="releases kept whole besides the protected ones")
     p.add_argument("--stage-max-age-days", type=int, default=30, help="stage folders older than this go (0: none)")

@@ -23,9 +23,9 @@ from prefect import flow, get_run_logger
 
 from flows.hooks import report_failure
 from flows.params import RetrainParams
-from tasks.artifacts.registry import current_champion, gate_champion
+from tasks.artifacts.registry import current_anchor, current_champion, gate_anchor, gate_champion
 from tasks.data import prepare_dataset
-from tasks.evaluate import check_eval_data, evaluate, metrics_table
+from tasks.evaluate import check_eval_data, check_validation_power, evaluate, metrics_table
 from tasks.grpo.stage import grpo
 from tasks.merge.stage import merge_lora
 from tasks.release.retention import after_release
@@ -53,7 +53,9 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict[str, Any]:
     # The champion is the release LATEST names now; a broken one stops the night before any training.
     latest = current_champion(ctx.store(), params.release.model_name)
     logger.info("champion: %s", f"release {latest.release_id}" if latest else "none yet (first release: base only)")
+    pinned = current_anchor(ctx.store(), params.release.model_name)  # a pin, else the first release
     dataset = prepare_dataset(params.data, ctx=ctx)
+    check_validation_power(params.eval, dataset.metrics.get("validation_rows"))  # before hours of training
     adapter = lora_sft.with_options(tags=needs["lora_sft"].tags)(params.sft, dataset=dataset, ctx=ctx)
     if params.grpo.enabled:
         prompts = prepare_dataset(params.grpo_prompt_data(), ctx=ctx)
@@ -61,6 +63,7 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict[str, Any]:
     merge_task = merge_lora.with_options(tags=needs["merge_lora"].tags)
     merged = merge_task(params.merge, adapter=adapter, sft_profile=params.sft.profile, ctx=ctx)
     champion = gate_champion(ctx.store(), latest, merged.fingerprint)
+    anchor = gate_anchor(ctx.store(), pinned, merged.fingerprint)
     identity = {"name": params.data.model_name, "author": params.data.model_author}
     report = evaluate.with_options(tags=needs["evaluate"].tags)(
         params.eval.model_copy(update={"device": needs["evaluate"].device}),  # auto resolved: cpu or cuda
@@ -69,6 +72,7 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict[str, Any]:
         system_prompt=params.data.system_prompt,
         ctx=ctx,
         champion=champion,
+        anchor=anchor,
         **identity,
     )
     gate = report.metrics["gate"]

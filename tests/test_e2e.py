@@ -33,7 +33,7 @@ def _params(root: str):
             "eval.suites=['validation', 'self_cognition', 'samples']",
             "eval.prompts=['Who are you?']",
             "eval.max_new_tokens=8",
-            "eval.validation_max_rows=4",
+            "eval.validation_max_rows=5",
             "eval.force_release=true",  # three steps need not beat the base; the demo shows the learning
             f"artifact_root={root}",
         ],

@@ -79,7 +79,7 @@ class _CutOff(str):
 
 
 def test_gsm8k_a_cut_off_completion_is_wrong_even_with_the_right_number(gsm8k_file):
-    rows = gsm8k_rows(EvalParams(gsm8k_data=str(gsm8k_file), gsm8k_max_rows=2))
+    rows = gsm8k_rows(EvalParams(gsm8k_data=str(gsm8k_file), gsm8k_max_rows=5))[:2]
     completions = [
         _CutOff(f"So far {rows[0]['gold']}\n#### {rows[0]['gold']}\nLet me double"),
         f"#### {rows[1]['gold']}",
@@ -116,7 +116,7 @@ def test_identity_questions_are_held_out_from_every_training_prompt():
 
 
 def test_humaneval_canonical_solutions_score_one_through_the_suite_path():
-    problems = humaneval_problems(EvalParams(humaneval_max_problems=4))
+    problems = humaneval_problems(EvalParams(humaneval_max_problems=5))[:4]
     assert [p["task_id"] for p in problems] == [f"HumanEval/{i}" for i in range(4)]
     cfg = EvalParams()
     # As the bare body the package ships ...
@@ -241,7 +241,10 @@ def test_gate_rules_and_reasons():
         "validation_loss +0.030 [+0.027, +0.033]",  # the delta and its 95% interval
         "gsm8k_accuracy -0.100 [-0.145, -0.060]",
     ]
-    assert bad["reasons"][2] == "humaneval_pass_at_1 is nan on the tuned model (vs base): not finite"
+    assert bad["reasons"][2] == (
+        "humaneval_pass_at_1 vs base: per-item results not finite (tuned: rows 0, 1, 2, 3, 4, 5, 6, 7 and 156 more); "
+        "the comparison fails closed"
+    )
     assert bad["reasons"][0].endswith(
         "vs base: worse than tolerance 0.02 (2% of 1) (one-sided p=0.00025, paired sign-flip)"
     )
@@ -283,9 +286,9 @@ def test_all_suites_on_tiny_models_gate_blocks_a_worse_model(tiny_model_dir, gsm
     worse = _degraded_copy(tiny_model_dir, tmp_path / "worse")
     cfg = EvalParams(
         gsm8k_data=str(gsm8k_file),
-        gsm8k_max_rows=4,
+        gsm8k_max_rows=5,  # the fewest a gated suite may have (a paired test on 4 can never fail)
         gsm8k_max_new_tokens=16,
-        humaneval_max_problems=3,
+        humaneval_max_problems=5,
         humaneval_max_new_tokens=16,
         max_new_tokens=12,
         identity_max_new_tokens=8,
@@ -300,19 +303,19 @@ def test_all_suites_on_tiny_models_gate_blocks_a_worse_model(tiny_model_dir, gsm
     scored = {"gsm8k_accuracy", "humaneval_pass_at_1", "self_cognition_accuracy"}
     assert set(base) == set(tuned) == {"validation_loss", "perplexity", "token_accuracy", *scored}
     n_identity = len(identity_questions())  # the held-out identity set is a suite of its own size now
-    assert report["sizes"] == {"validation": 8, "gsm8k": 4, "humaneval": 3, "self_cognition": n_identity}
+    assert report["sizes"] == {"validation": 8, "gsm8k": 5, "humaneval": 5, "self_cognition": n_identity}
     assert base["validation_loss"] == pytest.approx(math.log(49152), abs=0.2)  # a random model: ~uniform
     assert tuned["validation_loss"] > 1.5 * base["validation_loss"]
     assert base["humaneval_pass_at_1"] == tuned["humaneval_pass_at_1"] == 0.0  # random weights write no code
     # Random weights never stop within 16 tokens: each answer is cut off and scored 0 without running
     # (was "failed" when cut-off code still ran; see "Cut-off answers" in docs/evaluation.md).
-    assert [d["status"] for d in report["details"]["humaneval"]["base"]] == ["cut_off"] * 3
-    assert len(report["details"]["gsm8k"]["tuned"]) == 4 and len(report["samples"]["tuned"]) == 2
+    assert [d["status"] for d in report["details"]["humaneval"]["base"]] == ["cut_off"] * 5
+    assert len(report["details"]["gsm8k"]["tuned"]) == 5 and len(report["samples"]["tuned"]) == 2
     assert report["engine"] == "transformers"
     # Per-item results, one number per row / question / problem; the metrics are their means.
     items = report["items"]
     assert list(items) == ["base", "tuned"] and report["champion"] is None
-    sizes = {"validation_loss": 8, "token_accuracy": 8, "gsm8k_accuracy": 4, "humaneval_pass_at_1": 3}
+    sizes = {"validation_loss": 8, "token_accuracy": 8, "gsm8k_accuracy": 5, "humaneval_pass_at_1": 5}
     assert {k: len(v) for k, v in items["tuned"].items()} == {**sizes, "self_cognition_accuracy": n_identity}
     assert tuned["validation_loss"] == pytest.approx(sum(items["tuned"]["validation_loss"]) / 8)
     assert tuned["perplexity"] == pytest.approx(math.exp(min(tuned["validation_loss"], 50)))

@@ -29,7 +29,7 @@ def _params(model_dir: Path, root: Path, **overrides) -> RetrainParams:
         "sft.eval_steps=2",
         "sft.save_steps=2",
         "eval.suites=['validation', 'self_cognition']",
-        "eval.validation_max_rows=4",
+        "eval.validation_max_rows=5",
         "eval.force_release=true",  # a random model's gate result is not what these tests are about
         f"artifact_root={root}",
     ] + [f"{k}={v}" for k, v in overrides.items()]
@@ -106,7 +106,7 @@ def test_second_identical_run_is_all_cached(first_run, tiny_model_dir):
 
 def test_changing_an_eval_parameter_reruns_only_evaluate_and_release(first_run, tiny_model_dir):
     root, _ = first_run
-    state = retrain(_params(tiny_model_dir, root, **{"eval.validation_max_rows": 3}), return_state=True)
+    state = retrain(_params(tiny_model_dir, root, **{"eval.validation_max_rows": 6}), return_state=True)
     assert state.is_completed()
     assert _task_states(state) == {
         "prepare_dataset": "Cached",

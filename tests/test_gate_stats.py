@@ -191,7 +191,9 @@ def test_champion_comparison_names_the_champion_and_the_interval():
 def test_nan_on_the_tuned_side_fails():
     items = {"base": {"validation_loss": [1.0, 1.1, 0.9]}, "tuned": {"validation_loss": [1.0, float("nan"), 0.9]}}
     gate = quality_gate(items, EvalParams(gate_metrics=["validation_loss"]))
-    assert not gate["passed"] and gate["reasons"] == ["validation_loss is nan on the tuned model (vs base): not finite"]
+    assert not gate["passed"] and gate["reasons"] == [
+        "validation_loss vs base: per-item results not finite (tuned: rows 1); the comparison fails closed"
+    ]
 
 
 def test_perplexity_is_gated_on_the_loss_items():

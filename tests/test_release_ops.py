@@ -274,8 +274,9 @@ def test_retention_keeps_what_lineage_and_people_need(store, tmp_path, capsys):
     store.write_bytes("locks/sft/sft-fp-busy", b"{}")  # a run holds it
 
     result = prune(store, MODEL, keep_last=3, stage_max_age_days=30, who="test")
-    assert set(result["releases"]) == {rid(1), rid(3), rid(4), rid(6), rid(7)}
-    assert set(result["kept"]) == {rid(8), rid(9), rid(10), rid(5), rid(2)}
+    assert set(result["releases"]) == {rid(3), rid(4), rid(6), rid(7)}
+    assert set(result["kept"]) == {rid(8), rid(9), rid(10), rid(5), rid(2), rid(1)}
+    assert "anchor" in result["kept"][rid(1)]  # the first release: every night's anchor until a pin
     assert (
         "LATEST" in result["kept"][rid(10)]
         and "champion" in result["kept"][rid(5)]

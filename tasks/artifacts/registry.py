@@ -77,17 +77,27 @@ def current_champion(store: Store, model_name: str) -> ChampionRef | None:
 
 def champion_report(store: Store, champion: ChampionRef) -> dict[str, Any] | None:
     """The champion's own evaluation report (``eval/report.json`` of its release), or None when the
-    release has none."""
+    release has none. Verified before anyone reuses it: the manifest must still be the one the run
+    read (``manifest_sha256``) and the report's bytes must match the manifest's SHA-256 for it;
+    ``RegistryError`` naming the release and the file otherwise."""
+    import hashlib
+
     key = f"{release_prefix(champion.model_name, champion.release_id)}/eval/report.json"
     if not store.exists(key):
         return None
+    name = f"release {champion.model_name}/{champion.release_id} at {store.where()}"
+    manifest, digest = read_manifest(store, champion.model_name, champion.release_id)
+    if digest != champion.manifest_sha256:
+        raise RegistryError(f"{name}: {MANIFEST} changed since this run read it (SHA-256 {digest[:12]}…)")
+    entry = manifest["files"].get("eval/report.json")
+    raw = store.read_bytes(key)
+    if not entry or hashlib.sha256(raw).hexdigest() != entry.get("sha256"):
+        why = "is not in its manifest" if not entry else "does not match its manifest's SHA-256"
+        raise RegistryError(f"{name}: eval/report.json {why}; its per-item results are not reused")
     try:
-        return json.loads(store.read_bytes(key))
+        return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RegistryError(
-            f"release {champion.model_name}/{champion.release_id} at {store.where()}: eval/report.json is not valid "
-            f"JSON ({e})"
-        ) from None
+        raise RegistryError(f"{name}: eval/report.json is not valid JSON ({e})") from None
 
 
 def download_champion_model(store: Store, champion: ChampionRef, dest: Path) -> Path:
@@ -136,6 +146,53 @@ def gate_champion(store: Store, latest: ChampionRef | None, merged_fingerprint: 
     if manifest.get("stages", {}).get("merge") != merged_fingerprint:
         return latest
     previous = manifest.get("champion") or None
+    if not previous or not previous.get("release_id"):
+        return None
+    return ChampionRef(**{k: previous[k] for k in ChampionRef.model_fields})
+
+
+def pinned_anchor(store: Store, model_name: str) -> str | None:
+    """The release the newest ``pin`` entry of the move log names (``tuneline release pin``), or None.
+    The log's layout is the release operations' (``tasks/release/ops.py``: one JSON object per move
+    under ``releases/<model>/log/``, keys starting with the time, so sorted keys are oldest first)."""
+    pinned = None
+    for key in sorted(store.list(f"releases/{safe_key(model_name)}/log")):
+        try:
+            entry = json.loads(store.read_bytes(key))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(entry, dict) and entry.get("action") == "pin" and entry.get("to"):
+            pinned = str(entry["to"])
+    return pinned
+
+
+def first_release(store: Store, model_name: str) -> str | None:
+    """The oldest complete release of a model (release ids start with their UTC time), or None."""
+    prefix = f"releases/{safe_key(model_name)}/"
+    parts = (k[len(prefix) :].split("/") for k in store.list(prefix.rstrip("/")))
+    ids = sorted(p[0] for p in parts if len(p) == 2 and p[1] == MANIFEST and not p[0].startswith("."))
+    return ids[0] if ids else None
+
+
+def current_anchor(store: Store, model_name: str) -> ChampionRef | None:
+    """The anchor every night is also compared with (cumulative tolerances): the release a person
+    pinned, else the model's first release; None before the first release."""
+    release_id = pinned_anchor(store, model_name) or first_release(store, model_name)
+    if release_id is None:
+        return None
+    _, digest = read_manifest(store, model_name, release_id)
+    return ChampionRef(model_name=model_name, release_id=release_id, manifest_sha256=digest)
+
+
+def gate_anchor(store: Store, anchor: ChampionRef | None, merged_fingerprint: str) -> ChampionRef | None:
+    """As ``gate_champion`` for the anchor: when the anchor release *is* this night's merged model (a
+    rerun with nothing new), the anchor that release was gated against, so reruns stay cache hits."""
+    if anchor is None:
+        return None
+    manifest, _ = read_manifest(store, anchor.model_name, anchor.release_id)
+    if manifest.get("stages", {}).get("merge") != merged_fingerprint:
+        return anchor
+    previous = manifest.get("anchor") or None
     if not previous or not previous.get("release_id"):
         return None
     return ChampionRef(**{k: previous[k] for k in ChampionRef.model_fields})

@@ -66,7 +66,7 @@ Run the plain function without Prefect::
 from tasks.evaluate.champion import ChampionInput, measurement_key, prepare_champion
 from tasks.evaluate.data import check_eval_data, gsm8k_rows, humaneval_problems, identity_questions, load_rows
 from tasks.evaluate.engines import TransformersEngine, VLLMEngine, select_engine
-from tasks.evaluate.gate import compare_models, quality_gate
+from tasks.evaluate.gate import check_validation_power, compare_models, quality_gate
 from tasks.evaluate.humaneval import humaneval_completion, load_humaneval, score_humaneval
 from tasks.evaluate.params import STAGE, EvalError, EvalParams
 from tasks.evaluate.report import metrics_table, samples_markdown
@@ -82,6 +82,7 @@ __all__ = [
     "TransformersEngine",
     "VLLMEngine",
     "check_eval_data",
+    "check_validation_power",
     "compare",
     "compare_models",
     "evaluate",

@@ -21,7 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from tasks.artifacts.registry import ChampionRef, champion_report, download_champion_model, release_prefix
+from tasks.artifacts.registry import (
+    ChampionRef,
+    RegistryError,
+    champion_report,
+    download_champion_model,
+    release_prefix,
+)
 from tasks.artifacts.store import Store, local_cache_dir
 from tasks.core.fingerprints import code_modules, stack_versions
 from tasks.evaluate.data import data_fingerprints
@@ -136,11 +142,15 @@ def _not_reusable(report: dict[str, Any] | None, measurement: str) -> str | None
 
 
 def prepare_champion(store: Store, champion: ChampionRef, measurement: str, cache: Path | None = None) -> ChampionInput:
-    """The champion's per-item results from its release when they were measured exactly as tonight's
-    (same ``measurement``); otherwise its merged model, downloaded and checked against its manifest,
-    to be run through the suites as a third model."""
-    report = champion_report(store, champion)
-    why = _not_reusable(report, measurement)
+    """The champion's (or the anchor's: any release) per-item results from its release when its report
+    matches its manifest's SHA-256 and was measured exactly as tonight's (same ``measurement``);
+    otherwise its merged model, downloaded and checked against its manifest, to be run through the
+    suites as another model."""
+    try:  # verified against the manifest's SHA-256 first; a report that fails it is never reused
+        report = champion_report(store, champion)
+        why = _not_reusable(report, measurement)
+    except RegistryError as e:
+        report, why = None, str(e)
     if why is None:
         assert report is not None
         details = {suite: d["tuned"] for suite, d in (report.get("details") or {}).items() if d and "tuned" in d}

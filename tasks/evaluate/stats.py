@@ -142,6 +142,27 @@ def paired_bootstrap(
     return delta, low.reshape(delta.shape), high.reshape(delta.shape)
 
 
+def smallest_p(informative: int) -> float:
+    """The smallest one-sided p-value a paired test on ``informative`` items can reach: every item
+    that differs (a discordant pair, a row whose loss changed) pointing the same way, ``2**-n``. Both
+    tests here are conditional on those items (ties carry no sign), so this bounds McNemar and the
+    sign-flip test alike.
+
+    >>> smallest_p(4), smallest_p(5)
+    (0.0625, 0.03125)
+    """
+    return 0.5 ** max(int(informative), 0)
+
+
+def items_needed(alpha: float = ALPHA) -> int:
+    """The fewest differing items with which a paired test can reach ``p < alpha`` (5 at 0.05).
+
+    >>> items_needed(0.05), items_needed(0.01)
+    (5, 7)
+    """
+    return math.floor(math.log2(1 / alpha)) + 1
+
+
 def decide(worse_by: np.ndarray, p: np.ndarray, tolerance: np.ndarray | float, alpha: float = ALPHA) -> np.ndarray:
     """The gate's rule: fail when the regression (``worse_by`` > 0 means worse) exceeds the
     tolerance *and* is credible (one-sided ``p < alpha``). Elementwise; True = fail.

@@ -5,7 +5,8 @@ A shared piece (not a stage): the release stage (``tasks/release/stage.py``) mov
 ``move_latest`` and the operator commands (``flows/release_ops.py``) use the rest. The layout::
 
     releases/<model>/LATEST                 the release id, moved only by ``move_latest``
-    releases/<model>/log/<time>-<id>.json   one object per move: who, when, from, to, why (never rewritten)
+    releases/<model>/log/<time>-<id>.json   one object per move: who, when, from, to, why (never rewritten);
+                                            ``pin`` entries name the anchor (``tuneline release pin``)
     releases/<model>/<release_id>/pruned.json   retention removed its merged weights (tasks/release/retention.py)
     releases/<model>/.ops.lock              held by promote, rollback and prune (tasks/artifacts/locks.py)
 
@@ -29,13 +30,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tasks.artifacts.locks import PreconditionFailed, StoreLock, put_if, read_versioned
-from tasks.artifacts.registry import LATEST, MANIFEST, latest_release, release_prefix
+from tasks.artifacts.registry import LATEST, MANIFEST, first_release, latest_release, pinned_anchor, release_prefix
 from tasks.artifacts.store import Store, StoreError, safe_key, sha256_file
 
 LOG = "log"
 PRUNED = "pruned.json"
 OPS_LOCK = ".ops.lock"
-HAND_MOVES = ("promote", "rollback")  # moves made by a person: their targets are never pruned
+HAND_MOVES = ("promote", "rollback", "pin")  # made by a person: their targets are never pruned
 
 
 class ReleaseError(RuntimeError):
@@ -267,6 +268,29 @@ def promote(
         return move_latest(
             store, model, release_id, expected=seen, action="promote", who=who, why=why or "promoted by hand"
         )
+
+
+def pin(store: Store, model: str, release_id: str, *, who: str, why: str = "") -> dict[str, Any]:
+    """Make ``release_id`` the anchor every night is also gated against, with the cumulative
+    tolerances (``tasks/evaluate/gate.py``): a log entry ``pin`` (from the previous anchor), written
+    under the ops lock like any move of LATEST; LATEST itself does not move. The release must be
+    complete, unpruned and pass its checksums (its merged model may have to be evaluated again)."""
+    require_model(store, model)
+    with ops_lock(store, model, who):
+        _check_promotable(store, model, release_id, "content")
+        before = pinned_anchor(store, model)
+        if before == release_id:
+            return {"action": "pin", "from": before, "to": release_id, "unchanged": True}
+        entry = {
+            "action": "pin",
+            "model": model,
+            "from": before or first_release(store, model),
+            "to": release_id,
+            "who": who,
+            "why": why or "pinned by hand",
+        }
+        write_log(store, model, entry)
+        return entry
 
 
 def rejected_releases(log: list[dict[str, Any]]) -> set[str]:

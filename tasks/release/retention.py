@@ -23,7 +23,7 @@ import datetime as dt
 import json
 from typing import Any
 
-from tasks.artifacts.registry import latest_release, release_prefix
+from tasks.artifacts.registry import first_release, latest_release, pinned_anchor, release_prefix
 from tasks.artifacts.store import SUCCESS, StageRef, Store, safe_key
 from tasks.core.common import run_logger
 from tasks.release.ops import (
@@ -50,9 +50,12 @@ def protected_releases(store: Store, model: str, keep_last: int) -> dict[str, st
             champion = (load_manifest(store, model, latest).get("champion") or {}).get("release_id")
             if champion:
                 keep[champion] = "the champion LATEST's gate used"
+    anchor = pinned_anchor(store, model) or first_release(store, model)
+    if anchor:  # every night is gated against it; its weights are needed when its report cannot be reused
+        keep.setdefault(anchor, "the anchor (pinned, else the first release)")
     for entry in read_log(store, model):
         if entry.get("action") in HAND_MOVES and entry.get("to"):
-            keep.setdefault(entry["to"], f"made LATEST by hand ({entry['action']} by {entry.get('who')})")
+            keep.setdefault(entry["to"], f"chosen by hand ({entry['action']} by {entry.get('who')})")
     return keep
 
 

@@ -188,6 +188,10 @@ def build_lineage(
         # The release this night was gated against (None: the first release of the name) and how its
         # numbers were obtained; the gate's checks hold every comparison (base and champion).
         "champion": eval_report.get("champion"),
+        # The anchor (a pinned release, else the first) it was held to with the cumulative tolerances,
+        # and any inconclusive comparison a person let pass (eval.allow_inconclusive).
+        "anchor": eval_report.get("anchor"),
+        "inconclusive_allowed": eval_report["gate"].get("inconclusive_allowed") or [],
         "ungated": bool(eval_report["gate"].get("ungated")),
         "comparisons": eval_report.get("comparisons"),
         "sandbox_mode": eval_report.get("sandbox_mode"),  # None: no generated code ran
