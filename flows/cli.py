@@ -122,9 +122,22 @@ def _use_temporary_server(cleanup) -> None:
     server = TemporaryServer()
     cleanup.callback(server.stop)
     server.start(timeout=settings.server.ephemeral.startup_timeout_seconds)
-    print(f"temporary Prefect server on {server.api_url} (stopped when this command ends)", flush=True)
+    print(
+        f"temporary Prefect server on {server.api_url}, without the UI; it stops when this command ends. To follow "
+        "runs in the UI: `tuneline serve-local`, then run with PREFECT_API_URL=http://127.0.0.1:4200/api",
+        flush=True,
+    )
+    _drop_run_links()
     os.environ["PREFECT_API_URL"] = server.api_url  # Prefect's worker threads read the environment
     cleanup.enter_context(temporary_settings(updates={PREFECT_API_URL: server.api_url}))
+
+
+def _drop_run_links() -> None:
+    """Prefect logs "View at <ui>/runs/flow-run/<id>" for every run; the temporary server has no UI (and
+    is gone after the run), so that link would be a 404: drop the line rather than print it."""
+    import logging
+
+    logging.getLogger("prefect.flow_runs").addFilter(lambda record: not record.getMessage().startswith("View at "))
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
