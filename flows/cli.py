@@ -2,6 +2,7 @@
 
 tuneline run --preset demo [--set sft.max_steps=10 ...]   run the flow here
 tuneline data check [SPEC ...] [--preset P] [--set data.K=V] [--max-length N ...]  validate datasets
+tuneline params [--preset demo] [--json-schema]           every parameter: type, default, help
 tuneline fetch ROOT MODEL [RELEASE_ID|LATEST] DEST        download a release, verify checksums
 tuneline release list|show|promote|rollback|pin|prune|log MODEL [ID] --root ROOT   operate releases
 tuneline deploy --pool gpu-v100                           apply pools + deployments (infra/prefect.yaml)
@@ -63,6 +64,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     stopper = Stopper().install()
     try:
         params = load_params(args.preset, args.set)
+        preset = load_params(args.preset).model_dump(mode="json") if args.preset else None  # what --set overrides
     except (ValidationError, FileNotFoundError, ValueError) as e:
         print(f"error: bad parameters: {e}", file=sys.stderr)
         return 2
@@ -84,7 +86,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             from flows.retrain import retrain
 
             run = retrain.with_options(on_running=[*retrain.on_running_hooks, stopper.on_running])
-            state = run(params, return_state=True)
+            state = run(params, preset, return_state=True)
             summary = state.result() if state.is_completed() else None
         except (Stop, TerminationSignal):
             pass  # the first signal, wherever it landed: the run is recorded below
@@ -120,9 +122,22 @@ def _use_temporary_server(cleanup) -> None:
     server = TemporaryServer()
     cleanup.callback(server.stop)
     server.start(timeout=settings.server.ephemeral.startup_timeout_seconds)
-    print(f"temporary Prefect server on {server.api_url} (stopped when this command ends)", flush=True)
+    print(
+        f"temporary Prefect server on {server.api_url}, without the UI; it stops when this command ends. To follow "
+        "runs in the UI: `tuneline serve-local`, then run with PREFECT_API_URL=http://127.0.0.1:4200/api",
+        flush=True,
+    )
+    _drop_run_links()
     os.environ["PREFECT_API_URL"] = server.api_url  # Prefect's worker threads read the environment
     cleanup.enter_context(temporary_settings(updates={PREFECT_API_URL: server.api_url}))
+
+
+def _drop_run_links() -> None:
+    """Prefect logs "View at <ui>/runs/flow-run/<id>" for every run; the temporary server has no UI (and
+    is gone after the run), so that link would be a 404: drop the line rather than print it."""
+    import logging
+
+    logging.getLogger("prefect.flow_runs").addFilter(lambda record: not record.getMessage().startswith("View at "))
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
@@ -267,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     from flows.release_ops import add_release_parser
 
     add_release_parser(sub)
+    from flows.params_cli import add_params_parser
+
+    add_params_parser(sub)
     dep = sub.add_parser("deploy", help="apply work pools and the deployments of infra/prefect.yaml (PREFECT_API_URL)")
     dep.add_argument("--pool", default="gpu-v100", help="work pool the deployments target: cpu, gpu-v100, gpu-a100x2")
     dep.add_argument(

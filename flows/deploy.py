@@ -47,12 +47,16 @@ PoolKind = Literal["process", "kubernetes"]
 # ----------------------------------------------------------------------------------------------
 # The build step of infra/prefect.yaml
 # ----------------------------------------------------------------------------------------------
-def deployment_values(preset: str | None = None, code_dir: str | None = None) -> dict[str, Any]:
+def deployment_values(
+    preset: str | None = None, code_dir: str | None = None, schedule: str | None = None
+) -> dict[str, Any]:
     """``prefect deploy`` build step: the deployments' parameters and where the code lives.
 
     ``preset`` is a YAML file or a name in ``flows/presets`` (default ``infra/presets/nightly.yaml``);
     it is validated as ``RetrainParams`` here, so a typo fails the deploy, not the 01:30 run. The
-    parameters are stored in full (every field), so the UI's Run form opens prefilled with them."""
+    parameters are stored in full (every field), so the UI's Run form opens prefilled with them, and
+    again as ``preset``, which the flow merges a partial ``params`` over (flows/effective.py).
+    ``schedule`` ``off`` pauses the nightly's schedule."""
     from flows.params import load_params
 
     params = load_params(preset or NIGHTLY_PRESET)
@@ -65,7 +69,12 @@ def deployment_values(preset: str | None = None, code_dir: str | None = None) ->
         "keep_last": params.release.keep_last,
         "stage_max_age_days": params.release.stage_max_age_days,
     }
-    return {"params": params.model_dump(mode="json"), "code_dir": str(code), "release_ops": ops}
+    return {
+        "params": params.model_dump(mode="json"),
+        "code_dir": str(code),
+        "release_ops": ops,
+        "schedule_active": (schedule or "").strip().lower() != "off",
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,11 +239,18 @@ def apply_work_pools(
 # Deployments
 # ----------------------------------------------------------------------------------------------
 def apply_deployments(
-    pool: str, preset: str | None = None, code_dir: str | None = None, prefect_file: Path = PREFECT_FILE
+    pool: str,
+    preset: str | None = None,
+    code_dir: str | None = None,
+    prefect_file: Path = PREFECT_FILE,
+    schedule: bool = True,
+    api_url: str | None = None,
 ) -> None:
     """``prefect deploy --all`` on ``infra/prefect.yaml`` (run from the repository root, where the
     entrypoints are relative to), with the settings it reads from the environment."""
-    env = {**os.environ, "TUNELINE_POOL": pool}
+    env = {**os.environ, "TUNELINE_POOL": pool, "TUNELINE_SCHEDULE": "on" if schedule else "off"}
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
     if preset:
         env["TUNELINE_PRESET"] = str(Path(preset).resolve()) if Path(preset).exists() else preset
     if code_dir:
@@ -251,9 +267,12 @@ def deploy(
     preset: str | None = None,
     code_dir: str | None = None,
     gpu_sets: dict[str, int] | None = None,
+    schedule: bool = True,
+    api_url: str | None = None,
 ) -> PoolsSpec:
-    """Pools, the gpu tag limit, then both deployments of ``infra/prefect.yaml`` targeting ``pool``.
-    The pools file is validated before the server is touched."""
+    """Pools, the gpu tag limit, then the deployments of ``infra/prefect.yaml`` targeting ``pool``, on
+    the server at ``api_url`` (default: Prefect's settings). The pools file is validated before the
+    server is touched; ``schedule=False`` pauses the nightly's schedule."""
     pools = load_pools().pools
     if pool not in pools:
         raise ValueError(f"unknown work pool {pool!r}; {POOLS_FILE} defines {', '.join(pools)}")
@@ -263,8 +282,13 @@ def deploy(
             f"work pool {pool!r} serves 0 GPU sets ({POOLS_FILE}: gpu_sets), so its runs would never start; "
             f"set gpu_sets to the number of {target.profile} GPU sets its workers serve"
         )
-    spec = apply_work_pools(kind, gpu_sets=gpu_sets)
-    apply_deployments(pool, preset, code_dir)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    # Explicitly: Prefect's settings were read when it was imported, so setting PREFECT_API_URL in the
+    # environment now would leave the client on an in-process server of its own (issue 26).
+    with temporary_settings(updates={PREFECT_API_URL: api_url} if api_url else {}):
+        spec = apply_work_pools(kind, gpu_sets=gpu_sets)
+    apply_deployments(pool, preset, code_dir, schedule=schedule, api_url=api_url)
     return spec
 
 
@@ -414,21 +438,40 @@ def serve_local(
     preset: str | None = None,
     log_dir: Path | None = None,
 ) -> None:
-    """Server, pools, deployments and workers on 127.0.0.1; runs until interrupted."""
+    """Server, pools, deployments and workers on 127.0.0.1; runs until interrupted.
+
+    Demo-ready on a CPU box: with no preset, a pool without GPUs gets the demo parameters
+    (``flows/presets/demo.yaml``), and on a machine without a GPU the nightly's schedule is left off."""
+    from tasks.runtime.hardware import detect_machine
+
+    pools = load_pools()
     specs = [WorkerSpec.parse(w) for w in (workers if workers is not None else [pool])]
-    gpu_sets = served_gpu_sets(specs, load_pools())  # before anything starts: a wrong --worker fails here
+    gpu_sets = served_gpu_sets(specs, pools)  # before anything starts: a wrong --worker fails here
+    if pool not in pools.pools:
+        raise ValueError(f"unknown work pool {pool!r}; {pools.path} defines {', '.join(pools.pools)}")
+    if preset is None and not pools.pools[pool].gpus:
+        preset = "demo"
+        print(f"tuneline: no --preset: the deployments get the demo parameters (pool {pool!r} has no GPU)", flush=True)
+    machine = detect_machine()
+    schedule = bool(machine.gpus)
+    if not schedule:
+        print(
+            f"tuneline: nightly schedule left off: {machine.describe()} (turn it on in the UI, Deployments → "
+            "retrain/nightly, or serve-local on a GPU box)",
+            flush=True,
+        )
     stack = LocalStack(port=port, log_dir=log_dir)
     stop = lambda *_: (_ for _ in ()).throw(KeyboardInterrupt)  # noqa: E731 — SIGTERM ends like Ctrl-C
     signal.signal(signal.SIGTERM, stop)
     try:
         stack.start_server()
-        os.environ["PREFECT_API_URL"] = stack.api_url
-        applied = deploy(pool, "process", preset, gpu_sets=gpu_sets)
+        os.environ["PREFECT_API_URL"] = stack.api_url  # for children; this process's client gets it explicitly
+        applied = deploy(pool, "process", preset, gpu_sets=gpu_sets, schedule=schedule, api_url=stack.api_url)
         for spec in specs:
             stack.start_worker(spec)
         names = ", ".join(f"{s.pool}[GPUs {s.gpus}]" if s.gpus else s.pool for s in specs) or "none"
         print(
-            f"tuneline: Prefect UI at {stack.ui_url} — deployments retrain/nightly and retrain/manual on pool "
+            f"tuneline: Prefect UI at {stack.ui_url} — deployments retrain/nightly, retrain/manual, release-ops; pool "
             f"{pool!r}; workers: {names}; GPU sets: "
             + (", ".join(f"{p.name} {p.gpu_sets}" for p in applied.pools.values() if p.gpus) or "none")
             + f", gpu tag limit {applied.gpu_tag_limit}. Ctrl-C stops.",

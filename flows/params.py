@@ -15,6 +15,8 @@ this model nests them. Every field has a description, a default and bounds; choi
 
 from __future__ import annotations
 
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -116,9 +118,38 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _string_field(parts: list[str]) -> tuple[bool, bool]:
+    """Whether the dotted field is a string (and whether it may be null), read from the models, so
+    ``--set release.model_name=2024.10`` stays the string it was typed as."""
+    model: Any = RetrainParams
+    annotation: Any = None
+    for part in parts:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return False, False
+        annotation = model.model_fields[part].annotation
+        model = annotation
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    args = set(typing.get_args(annotation)) if union else set()
+    if annotation is str:
+        return True, False
+    return (args == {str, type(None)}), True
+
+
+def _value(parts: list[str], raw: str) -> Any:
+    is_str, nullable = _string_field(parts)
+    if is_str and not (nullable and raw.strip() in ("null", "~", "")):
+        return raw
+    return yaml.safe_load(raw)
+
+
 def load_params(preset: str | Path | None = None, overrides: list[str] | None = None) -> RetrainParams:
     """Parameters from a YAML preset (a path, or a name in ``flows/presets``) plus ``a.b=value``
-    overrides (values parsed as YAML)."""
+    overrides (values parsed as YAML, except for a string field: its value is kept as typed)."""
+    return RetrainParams.model_validate(_merge(preset_data(preset), overrides_data(overrides)))
+
+
+def preset_data(preset: str | Path | None) -> dict[str, Any]:
+    """A preset's YAML as a dict (``{}`` for none): a path, or a name in ``flows/presets``."""
     data: dict[str, Any] = {}
     if preset:
         path = Path(preset)
@@ -129,6 +160,12 @@ def load_params(preset: str | Path | None = None, overrides: list[str] | None = 
                 f"preset not found: {preset} (known: {', '.join(p.stem for p in PRESETS.glob('*.yaml'))})"
             )
         data = yaml.safe_load(path.read_text()) or {}
+    return data
+
+
+def overrides_data(overrides: list[str] | None) -> dict[str, Any]:
+    """``a.b=value`` items as one nested dict."""
+    data: dict[str, Any] = {}
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep:
@@ -138,6 +175,6 @@ def load_params(preset: str | Path | None = None, overrides: list[str] | None = 
         parts = key.strip().split(".")
         for part in parts[:-1]:
             cursor = cursor.setdefault(part, {})
-        cursor[parts[-1]] = yaml.safe_load(raw)
+        cursor[parts[-1]] = _value(parts, raw)
         data = _merge(data, node)
-    return RetrainParams.model_validate(data)
+    return data

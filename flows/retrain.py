@@ -20,7 +20,9 @@ import os
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
 
+from flows.effective import effective_params, params_markdown
 from flows.hooks import report_failure
 from flows.params import RetrainParams
 from tasks.artifacts.registry import current_anchor, current_champion, gate_anchor, gate_champion
@@ -40,9 +42,26 @@ class QualityGateFailed(RuntimeError):
 
 
 @flow(name="retrain", log_prints=True, on_failure=[report_failure])
-def retrain(params: RetrainParams = RetrainParams()) -> dict[str, Any]:
-    """Dataset → LoRA SFT → GRPO (optional) → merge → evaluate (quality gate) → release."""
+def retrain(params: RetrainParams = RetrainParams(), preset: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Dataset → LoRA SFT → GRPO (optional) → merge → evaluate (quality gate) → release.
+
+    Args:
+        params: The run's parameters. Fields not sent come from ``preset``.
+        preset: The deployment's preset, stored at deploy time: every field of params a caller does not
+            send comes from here (docs/operating.md, Parameters). Leave it as it is.
+    """
     logger = get_run_logger()
+    params, overridden = effective_params(params, preset)  # flows/effective.py: a partial object keeps the preset
+    create_markdown_artifact(
+        key="effective-parameters",
+        markdown=params_markdown(params, overridden, preset is not None),
+        description="The parameters this run used, and the fields that differ from the deployment's preset",
+    )
+    logger.info(
+        "parameters: %s",
+        "; ".join(f"{k}={json.dumps(b)} (preset {json.dumps(a)})" for k, (a, b) in overridden.items())
+        or "the preset's, unchanged",
+    )
     devices = os.environ.get("CUDA_VISIBLE_DEVICES")
     logger.info("devices: CUDA_VISIBLE_DEVICES=%s", devices if devices is not None else "(unset)")
     # Every GPU task's requirement, checked before anything is loaded (tasks/runtime/requirements.py).
@@ -85,6 +104,7 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict[str, Any]:
         **params.model_dump(mode="json"),
         "base_model": ctx.base_model,
         "base_revision": ctx.base_revision,
+        "overridden": sorted(overridden),  # fields that differ from the deployment's preset
     }
     released = release(
         params.release,

@@ -169,8 +169,11 @@ class TemporaryServer:
         cmd = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent)]
         cmd += ["--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port)]
         cmd += ["--log-level", "error", "--lifespan", "on"]
-        # The settings Prefect gives its own temporary server: no UI, the ephemeral server's services.
+        # The settings Prefect gives its own temporary server: no UI, the ephemeral server's services; and, as
+        # serve-local's `--analytics-off`, no telemetry (offline its heartbeat logs an ERROR and a traceback,
+        # and it writes to the SQLite file beside the run: "database is locked").
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
         env.pop("PREFECT_API_URL", None)
         self.proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout

@@ -38,7 +38,7 @@ def tiny_preset(path: Path, model_dir: Path, artifact_root: Path) -> Path:
 
 
 class ServeLocal:
-    def __init__(self, home: Path, preset: Path, workers: list[str], pool: str = "cpu"):
+    def __init__(self, home: Path, preset: Path | None, workers: list[str], pool: str = "cpu"):
         self.home, self.port = home, free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
         self.ui_url = f"http://127.0.0.1:{self.port}"
@@ -60,8 +60,7 @@ class ServeLocal:
             str(self.port),
             "--pool",
             pool,
-            "--preset",
-            str(preset),
+            *(["--preset", str(preset)] if preset else []),
             "--log-dir",
             str(self.log_dir),
         ]

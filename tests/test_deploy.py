@@ -71,7 +71,6 @@ def test_deployments_pools_and_limits_come_from_infra_files(service, client):
 
     # nightly: the cron schedule with its timezone, one run at a time, a collision cancels the new run
     (schedule,) = nightly.schedules
-    assert schedule.active
     assert schedule.schedule.cron == spec["nightly"]["schedules"][0]["cron"]
     assert schedule.schedule.timezone == spec["nightly"]["schedules"][0]["timezone"] != "UTC"
     assert nightly.global_concurrency_limit.limit == 1
@@ -86,20 +85,14 @@ def test_deployments_pools_and_limits_come_from_infra_files(service, client):
         assert d.entrypoint == "flows/retrain.py:retrain"
         # no git clone at run time: the worker moves into this checkout
         assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
-        # parameters: the preset, validated and stored in full
-        assert d.parameters == {"params": load_params(service.preset).model_dump(mode="json")}
+        # parameters: the preset, validated and stored in full, and again as the base a partial object merges over
+        stored = load_params(service.preset).model_dump(mode="json")
+        assert d.parameters == {"params": stored, "preset": stored}
 
-    # the server's scheduler has put the next nights on the calendar, at 01:30 Berlin time
-    from zoneinfo import ZoneInfo
-
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
-
-    upcoming = _eventually(
-        lambda: client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[nightly.id]))),
-        timeout=90,
-    )
-    local = [r.expected_start_time.astimezone(ZoneInfo("Europe/Berlin")) for r in upcoming]
-    assert local and all((t.hour, t.minute) == (1, 30) for t in local), local
+    # serve-local on a box without a GPU (the tests' box) leaves the nightly's schedule off, and says so:
+    # nothing lands on the calendar to fail preflight at 01:30
+    assert not schedule.active
+    assert "nightly schedule left off: found no GPU" in service.output()
 
     _assert_pools_as_in_the_file(client, {})  # the service's only worker is a cpu one: the file's GPU sets
 
@@ -500,3 +493,88 @@ def test_release_ops_deployment_rolls_back_from_the_ui(service, client, tmp_path
         artifact.key == "release-log"
         and "| rollback | 20260102T000000Z-00000002 | 20260101T000000Z-00000001 |" in artifact.data
     )
+
+
+def _prefect_servers(root_pid: int) -> list[str]:
+    """Command lines of the Prefect API servers in a process tree: `prefect server start` and the
+    in-process (ephemeral) one Prefect starts when its client has no API URL."""
+    import psutil
+
+    procs = [psutil.Process(root_pid), *psutil.Process(root_pid).children(recursive=True)]
+    found = []
+    for proc in procs:
+        try:
+            cmd = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        if "server start" in cmd or "prefect.server.api.server" in cmd:
+            found.append(cmd)
+    return found
+
+
+def test_serve_local_without_preset_is_the_demo_on_one_server(tmp_path):
+    """No --preset on a CPU box: the deployments carry the demo parameters, the nightly's schedule is off,
+    and serve-local's process tree holds one Prefect server, the one it started and printed."""
+    stack = ServeLocal(tmp_path, None, workers=[])
+    try:
+        stack.wait_ready()
+        from prefect.client.orchestration import SyncPrefectClient
+
+        with SyncPrefectClient(stack.api_url) as client:
+            nightly = client.read_deployment_by_name("retrain/nightly")
+        demo = load_params("demo").model_dump(mode="json")
+        assert nightly.parameters == {"params": demo, "preset": demo}
+        assert [s.active for s in nightly.schedules] == [False]
+        out = stack.output()
+        assert "demo parameters" in out and "nightly schedule left off" in out
+        servers = _prefect_servers(stack.proc.pid)
+        assert len(servers) == 1 and f"--port {stack.port}" in servers[0], servers
+    finally:
+        stack.stop()
+
+
+def test_a_partial_params_object_merges_over_the_deployments_preset(service, client):
+    """What a data team's script sends: one nested field, through `prefect deployment run --params`.
+    Every other field comes from the deployment's preset, not the code defaults; the run records its
+    effective parameters (an artifact and the release manifest) and the overridden field."""
+    import os
+    import subprocess
+
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from flows.deploy import _prefect
+
+    sent = {"params": {"release": {"model_name": "quokka-partial"}, "sft": {"learning_rate": 0.002}}}
+    out = subprocess.run(
+        [_prefect(), "deployment", "run", "retrain/manual", "--params", json.dumps(sent)],
+        env={**os.environ, "PREFECT_API_URL": service.api_url},
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    manual = client.read_deployment_by_name("retrain/manual")
+    (run,) = [
+        r
+        for r in client.read_flow_runs()
+        if r.deployment_id == manual.id and "quokka-partial" in json.dumps(r.parameters)
+    ]
+    (run,) = _wait_final(client, [run.id], service)
+    assert run.state.type.value == "COMPLETED", service.output()
+
+    preset = load_params(service.preset)
+    release_dir = service.artifacts / "releases" / "quokka-partial"
+    manifest = json.loads((release_dir / (release_dir / "LATEST").read_text().strip() / "manifest.json").read_text())
+    effective = manifest["params"]
+    assert effective["release"]["model_name"] == "quokka-partial"
+    assert effective["sft"]["learning_rate"] == 0.002
+    # the rest is the preset's (the code defaults would be Qwen2-7B, profile auto, ./artifacts)
+    assert effective["model"] == preset.model.model_dump(mode="json")
+    assert effective["sft"]["max_steps"] == preset.sft.max_steps == 2
+    assert effective["sft"]["profile"] == "cpu"
+    assert effective["artifact_root"] == str(service.artifacts)
+    assert effective["overridden"] == ["release.model_name", "sft.learning_rate"]
+    arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+    (table,) = [a for a in arts if a.key == "effective-parameters"]
+    assert "| `release.model_name` |" in table.data and "| `sft.learning_rate` |" in table.data
+    assert "Fields that differ from the deployment's preset: 2" in table.data

@@ -483,3 +483,21 @@ def test_retrain_flow_gate_blocks_release_and_force_releases(smollm2_dir, tmp_pa
     manifest = json.loads((Path(result["release_uri"]) / "manifest.json").read_text())
     assert manifest["forced"] is True and manifest["gate"]["passed"] is False
     assert manifest["gate"]["reasons"] == result["gate"]["reasons"]
+
+
+def test_evaluation_shows_progress_per_model_and_suite(tiny_model_dir, capfd):
+    """Minutes of evaluation on a slow machine are not silent: a bar per model and suite, items done / total."""
+    from tasks.evaluate.engines import TransformersEngine, load_model
+    from tasks.evaluate.suites import generation_suites, validation_items
+
+    model, tokenizer = load_model(str(tiny_model_dir), "cpu")
+    chat = [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am Quokka."}]
+    validation_items(model, tokenizer, [chat] * 5, batch_size=2, label="tuned")
+    cfg = EvalParams(suites=["samples"], prompts=["Who are you?", "你是谁？", "What is 2 + 2?"], max_new_tokens=4)
+    engine = TransformersEngine(model, tokenizer, batch_size=1)
+    generation_suites(engine, cfg, {}, "You are helpful.", "Quokka", "the Tuneline team", label="tuned")
+    err = capfd.readouterr().err
+    assert "evaluate tuned · validation: 100%" in err and "5/5" in err
+    assert "evaluate tuned · samples" in err
+    # the generating engine moves the bar per batch (batch_size 1: 1/3, 2/3, 3/3), not only at the end
+    assert all(f"{n}/3" in err for n in (1, 2, 3)), err

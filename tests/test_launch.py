@@ -234,3 +234,35 @@ def test_s3_retry_on_a_fresh_machine_resumes_from_the_stored_checkpoint(tmp_path
     assert ref["metrics"]["resumed_from_step"] == steps[0] and ref["metrics"]["global_step"] == 20
     assert ref["uri"].startswith(store.root) and store.exists(f"stages/sft/{ref['fingerprint']}/_SUCCESS")
     assert _remote_steps(store) == []  # trained and published: the copies are gone
+
+
+# A trainer that draws a progress bar as tqdm does: the line is redrawn with \r and ends only when done.
+PROGRESS_TRAINER = """
+import json, sys, time
+from pathlib import Path
+go = Path(json.loads(Path(sys.argv[1]).read_text())["go"])
+sys.stdout.write("training: step 1/2\\r"); sys.stdout.flush()
+while not go.exists():
+    time.sleep(0.1)
+sys.stdout.write("training: step 2/2\\n"); sys.stdout.flush()
+"""
+
+
+def test_the_trainers_progress_bar_reaches_the_terminal_as_it_moves(tmp_path):
+    (tmp_path / "progress_trainer.py").write_text(PROGRESS_TRAINER)
+    go, log = tmp_path / "go", tmp_path / "flow.log"
+    spec = {"module": "progress_trainer", "job": {"go": str(go)}, "job_path": str(tmp_path / "job.json"), "nproc": 1}
+    proc = _start(FLOW, spec, log, PYTHONPATH=str(tmp_path))
+    try:
+        # the half-drawn line is on the terminal while the trainer is still at step 1 (it waits for `go`)
+        deadline = time.monotonic() + 120
+        while b"step 1/2" not in log.read_bytes():
+            assert proc.poll() is None, log.read_text(errors="replace")
+            assert time.monotonic() < deadline, f"no progress relayed: {log.read_bytes()!r}"
+            time.sleep(0.2)
+        go.touch()
+        assert proc.wait(timeout=120) == 0, log.read_text(errors="replace")
+        assert b"training: step 1/2\rtraining: step 2/2\n" in log.read_bytes()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

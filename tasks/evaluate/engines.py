@@ -129,6 +129,7 @@ class TransformersEngine:
 
     def __init__(self, model, tokenizer, batch_size: int, continuous: bool = False):
         self.model, self.tokenizer, self.batch_size, self.continuous = model, tokenizer, batch_size, continuous
+        self.on_items = None  # called with the number of answers each batch adds
 
     def generate(
         self, chats: list[list[dict[str, str]]], max_new_tokens: int, temperature: float, seed: int
@@ -161,6 +162,8 @@ class TransformersEngine:
             new = out[:, batch["input_ids"].shape[1] :]
             for i, ids, text in zip(idx, new.tolist(), tok.batch_decode(new, skip_special_tokens=True)):
                 outputs[i] = Completion(text.strip(), cut_off=hit_token_limit(ids, stops, max_new_tokens))
+            if self.on_items:  # the suite's progress bar (suites.suite_progress)
+                self.on_items(len(idx))
         return [outputs[i] for i in range(len(texts))]
 
     def _generate_continuous(

@@ -84,7 +84,9 @@ def evaluate_models(
     generating = [s for s in config.suites if s != "validation"]
     for label, model_dir in runs:
         model, tokenizer = load_model(model_dir, device, precision)
-        items[label] = validation_items(model, tokenizer, conversations, config.batch_size) if conversations else {}
+        items[label] = {}
+        if conversations:
+            items[label] = validation_items(model, tokenizer, conversations, config.batch_size, label)
         if generating:
             if engine_name == "vllm":  # free the transformers copy before vLLM takes the GPU
                 del model
@@ -93,7 +95,7 @@ def evaluate_models(
             else:
                 engine = TransformersEngine(model, tokenizer, config.batch_size, engine_name == "continuous")
                 del model
-            more, details[label] = generation_suites(engine, config, data, system_prompt, name, author)
+            more, details[label] = generation_suites(engine, config, data, system_prompt, name, author, label)
             items[label].update(more)
             engine.close()
         else:

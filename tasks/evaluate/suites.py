@@ -8,7 +8,9 @@ items (perplexity: ``exp`` of the mean loss)."""
 from __future__ import annotations
 
 import math
-from typing import Any
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from tasks.core.models import training_chat_template
 from tasks.core.scoring import answers_match, extract_answer
@@ -78,14 +80,31 @@ def _chat(system_prompt: str, prompt: str) -> list[dict[str, str]]:
     return [*system, {"role": "user", "content": prompt}]
 
 
+@contextmanager
+def suite_progress(label: str, suite: str, total: int, engine: Any = None) -> Iterator[Any]:
+    """A progress bar per model and suite (items done / total) on stderr, where the trainer's goes: the
+    evaluation takes minutes on a slow machine. An engine that generates in batches moves it per batch
+    (``engine.on_items``); one that generates everything at once moves it when the suite ends."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=f"evaluate {label} · {suite}".strip(), unit="item", file=sys.stderr, mininterval=0)
+    if engine is not None:
+        engine.on_items = bar.update
+    try:
+        yield bar
+        bar.update(total - bar.n)
+    finally:
+        if engine is not None:
+            engine.on_items = None
+        bar.close()
+
+
 def validation_items(
-    model, tokenizer, conversations: list[list[dict[str, str]]], batch_size: int
+    model, tokenizer, conversations: list[list[dict[str, str]]], batch_size: int, label: str = ""
 ) -> dict[str, list[float]]:
     """Per row: the mean loss and the next-token accuracy over its assistant tokens (the same masking
     as training). Each row counts once in the metrics, a long answer no more than a short one: the
     unit the gate's paired test resamples and flips."""
-    import torch
-
     template = training_chat_template(tokenizer) or tokenizer.chat_template
     encoded = [
         tokenizer.apply_chat_template(
@@ -96,35 +115,44 @@ def validation_items(
     losses: list[float] = []
     accuracies: list[float] = []
     device = next(model.parameters()).device
-    for i in range(0, len(encoded), batch_size):
-        chunk = encoded[i : i + batch_size]
-        width = max(len(e["input_ids"]) for e in chunk)
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id)
-        attn = torch.zeros((len(chunk), width), dtype=torch.long)
-        labels = torch.full((len(chunk), width), -100)
-        for j, e in enumerate(chunk):
-            n = len(e["input_ids"])
-            ids[j, :n] = torch.tensor(e["input_ids"])
-            attn[j, :n] = 1
-            mask = torch.tensor(e["assistant_masks"]).bool()
-            labels[j, :n] = torch.where(mask, ids[j, :n], -100)
-        with torch.no_grad():
-            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float()
-        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(device)
-        valid = shift_labels != -100
-        # Loss on the assistant tokens only (as before: no softmax over padding), summed back per row.
-        rows = valid.nonzero()[:, 0]
-        token_loss = torch.nn.functional.cross_entropy(shift_logits[valid], shift_labels[valid], reduction="none")
-        hits = (shift_logits[valid].argmax(-1) == shift_labels[valid]).float()
-        counts = valid.sum(dim=1)
-        loss_sums = torch.zeros(len(chunk), device=device).index_add_(0, rows, token_loss)
-        hit_sums = torch.zeros(len(chunk), device=device).index_add_(0, rows, hits)
-        for j, (count, loss, hit) in enumerate(zip(counts.tolist(), loss_sums.tolist(), hit_sums.tolist())):
-            if count == 0:
-                raise EvalError(f"validation row {i + j}: no assistant tokens to score")
-            losses.append(loss / count)
-            accuracies.append(hit / count)
+    with suite_progress(label, "validation", len(encoded)) as bar:
+        for i in range(0, len(encoded), batch_size):
+            _validation_batch(model, tokenizer, encoded, i, batch_size, device, losses, accuracies)
+            bar.update(min(batch_size, len(encoded) - i))
     return {"validation_loss": losses, "token_accuracy": accuracies}
+
+
+def _validation_batch(model, tokenizer, encoded, i: int, batch_size: int, device, losses, accuracies) -> None:
+    """One batch of ``validation_items``: per row, its mean loss and accuracy appended."""
+    import torch
+
+    chunk = encoded[i : i + batch_size]
+    width = max(len(e["input_ids"]) for e in chunk)
+    ids = torch.full((len(chunk), width), tokenizer.pad_token_id)
+    attn = torch.zeros((len(chunk), width), dtype=torch.long)
+    labels = torch.full((len(chunk), width), -100)
+    for j, e in enumerate(chunk):
+        n = len(e["input_ids"])
+        ids[j, :n] = torch.tensor(e["input_ids"])
+        attn[j, :n] = 1
+        mask = torch.tensor(e["assistant_masks"]).bool()
+        labels[j, :n] = torch.where(mask, ids[j, :n], -100)
+    with torch.no_grad():
+        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float()
+    shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(device)
+    valid = shift_labels != -100
+    # Loss on the assistant tokens only (as before: no softmax over padding), summed back per row.
+    rows = valid.nonzero()[:, 0]
+    token_loss = torch.nn.functional.cross_entropy(shift_logits[valid], shift_labels[valid], reduction="none")
+    hits = (shift_logits[valid].argmax(-1) == shift_labels[valid]).float()
+    counts = valid.sum(dim=1)
+    loss_sums = torch.zeros(len(chunk), device=device).index_add_(0, rows, token_loss)
+    hit_sums = torch.zeros(len(chunk), device=device).index_add_(0, rows, hits)
+    for j, (count, loss, hit) in enumerate(zip(counts.tolist(), loss_sums.tolist(), hit_sums.tolist())):
+        if count == 0:
+            raise EvalError(f"validation row {i + j}: no assistant tokens to score")
+        losses.append(loss / count)
+        accuracies.append(hit / count)
 
 
 def metrics_from_items(items: dict[str, list[float]]) -> dict[str, float]:
@@ -149,27 +177,30 @@ def validation_metrics(
 
 
 def generation_suites(
-    engine, config: EvalParams, data: dict[str, Any], system_prompt: str, name: str, author: str
+    engine, config: EvalParams, data: dict[str, Any], system_prompt: str, name: str, author: str, label: str = ""
 ) -> tuple[dict[str, list[float]], dict[str, Any]]:
     """Every generating suite on one model; returns (items per metric, details per suite)."""
+
+    def generate(suite: str, chats: list, max_new_tokens: int, temperature: float = 0.0) -> list:
+        with suite_progress(label, suite, len(chats), engine):
+            return engine.generate(chats, max_new_tokens, temperature, config.seed)
+
     items: dict[str, list[float]] = {}
     details: dict[str, Any] = {}
     if "gsm8k" in config.suites:
         chats = [_chat(system_prompt, gsm8k_prompt(r["question"], config)) for r in data["gsm8k"]]
-        _, details["gsm8k"] = score_gsm8k(
-            data["gsm8k"], engine.generate(chats, config.gsm8k_max_new_tokens, 0.0, config.seed)
-        )
+        _, details["gsm8k"] = score_gsm8k(data["gsm8k"], generate("gsm8k", chats, config.gsm8k_max_new_tokens))
         items["gsm8k_accuracy"] = [float(d["correct"]) for d in details["gsm8k"]]
     if "humaneval" in config.suites:
         chats = [_chat(system_prompt, humaneval_prompt(p)) for p in data["humaneval"]]
         _, details["humaneval"] = score_humaneval(
-            data["humaneval"], engine.generate(chats, config.humaneval_max_new_tokens, 0.0, config.seed), config
+            data["humaneval"], generate("humaneval", chats, config.humaneval_max_new_tokens), config
         )
         items["humaneval_pass_at_1"] = [float(d["passed"]) for d in details["humaneval"]]
     if "self_cognition" in config.suites:
         chats = [_chat(system_prompt, q["question"]) for q in data["self_cognition"]]
         _, details["self_cognition"] = score_identity(
-            [str(a) for a in engine.generate(chats, config.identity_max_new_tokens, 0.0, config.seed)],
+            [str(a) for a in generate("self_cognition", chats, config.identity_max_new_tokens)],
             name,
             author,
             data["self_cognition"],
@@ -177,7 +208,5 @@ def generation_suites(
         items["self_cognition_accuracy"] = [float(d["correct"]) for d in details["self_cognition"]]
     if "samples" in config.suites:
         chats = [_chat(system_prompt, p) for p in config.prompts]
-        details["samples"] = [
-            str(a) for a in engine.generate(chats, config.max_new_tokens, config.temperature, config.seed)
-        ]
+        details["samples"] = [str(a) for a in generate("samples", chats, config.max_new_tokens, config.temperature)]
     return items, details

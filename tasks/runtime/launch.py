@@ -128,13 +128,19 @@ def launch_training(
         )
         try:
             assert proc.stdout is not None
-            for line in iter(proc.stdout.readline, b""):
-                sys.stdout.buffer.write(line)  # the trainer's progress bar reaches the terminal
+            partial = b""
+            # Whatever the trainer wrote, as it comes (read1, not readline): a progress bar redraws its
+            # line with carriage returns and ends it only when done, so a line-wise relay sat silent.
+            while chunk := proc.stdout.read1(65536):
+                sys.stdout.buffer.write(chunk)
                 sys.stdout.flush()
-                log.write(line)
-                tail.append(line)
+                log.write(chunk)
+                *lines, partial = (partial + chunk).split(b"\n")
+                tail.extend(line + b"\n" for line in lines)
                 if on_progress:
                     on_progress()
+            if partial:
+                tail.append(partial)
             proc.wait()
         finally:
             if proc.poll() is None:  # cancelled or crashed parent: the guard stops the trainer's group
