@@ -16,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+from flows.errors import InputError, OneLineParser, guarded, one_line
 from flows.options import add_model_options
 
 # Prefect's temporary server migrates a fresh SQLite database on its first start; on a busy 2-core
@@ -65,8 +66,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         params = load_params(args.preset, args.set)
         preset = load_params(args.preset).model_dump(mode="json") if args.preset else None  # what --set overrides
-    except (ValidationError, FileNotFoundError, ValueError) as e:
-        print(f"error: bad parameters: {e}", file=sys.stderr)
+    except (ValidationError, InputError, OSError, ValueError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except Stop:
         return stopper.exit_code
@@ -167,8 +168,8 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         else:
             with tempfile.TemporaryDirectory(prefix="tuneline-data-check-") as tmp:
                 report = prepare(config, Path(tmp), model=model, revision=revision)
-    except (DataError, ValidationError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (DataError, ValidationError, OSError, ValueError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     print(report_text(report))
     if args.out:
@@ -186,10 +187,10 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     try:
         store = store_for(args.root, args.block)
         store.max_attempts = 2  # a person waits: an unreachable endpoint fails in seconds
-        store.check()  # missing credentials, bucket or endpoint: one line naming them, before any download
+        store.check(create=False)  # missing root, credentials, bucket or endpoint: one line, before any download
         manifest = fetch_release(store, args.model, args.release_id, Path(args.dest))
-    except (ReleaseError, StoreError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ReleaseError, StoreError, OSError, ValueError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     size = sum(f["size"] for f in manifest["files"].values())
     print(
@@ -229,9 +230,8 @@ def cmd_serve_local(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="tuneline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = OneLineParser(prog="tuneline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error (one line without)")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the retrain flow here")
     run.add_argument("--preset", default=None, help="YAML preset: a path or a name in flows/presets (demo)")
@@ -308,8 +308,18 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--preset", default=None, help="parameter preset (default infra/presets/nightly.yaml)")
     srv.add_argument("--log-dir", default=None, help="write server and worker output to files here")
     srv.set_defaults(func=cmd_serve_local)
+    _add_debug(parser)
     args = parser.parse_args(argv)
-    return args.func(args)
+    return guarded(args.func, args)
+
+
+def _add_debug(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` also after any subcommand (``tuneline run --debug``), not only before it."""
+    for action in parser._subparsers._group_actions if parser._subparsers else []:
+        for child in getattr(action, "choices", {}).values():
+            if "--debug" not in child._option_string_actions:
+                child.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            _add_debug(child)
 
 
 if __name__ == "__main__":

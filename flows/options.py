@@ -12,8 +12,9 @@ import argparse
 import typing
 from typing import Any
 
-import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from flows.errors import option_value
 
 
 def _choices(annotation: Any) -> list[Any] | None:
@@ -58,10 +59,27 @@ def add_model_options(
         choices = _choices(field.annotation)
         metavar = "{" + ",".join(map(str, choices)) + "}" if choices else name.upper()
         parser.add_argument(
-            *flags, dest=name, default=argparse.SUPPRESS, metavar=metavar, type=yaml.safe_load, help=help_text
+            *flags, dest=name, default=argparse.SUPPRESS, metavar=metavar, type=option_value(flags[0]), help=help_text
         )
 
 
 def model_overrides(args: argparse.Namespace, model: type[BaseModel]) -> dict[str, Any]:
     """The fields of ``model`` given on the command line, as parsed values."""
     return {name: getattr(args, name) for name in model.model_fields if hasattr(args, name)}
+
+
+def field_type(model: type[BaseModel], name: str, flag: str) -> Any:
+    """An argparse ``type=`` that validates an option by the model's own field (type and bounds), so
+    the CLI and the flow's parameters accept the same values (``--keep-last`` ≥ 1 as ``release.keep_last``)."""
+    field = model.model_fields[name]
+    adapter = TypeAdapter(typing.Annotated[field.annotation, *field.metadata])
+
+    def parse(raw: str) -> Any:
+        try:
+            return adapter.validate_python(option_value(flag)(raw))
+        except ValidationError as e:
+            message = e.errors(include_url=False, include_input=False)[0]["msg"]
+            raise argparse.ArgumentTypeError(message) from None
+
+    parse.__name__ = flag
+    return parse

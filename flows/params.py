@@ -20,9 +20,9 @@ import typing
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from flows.errors import MAX_VALUE_CHARS, InputError, excerpt, load_yaml, read_text, yaml_value
 from tasks.core.stage import StageContext
 from tasks.data import DataParams
 from tasks.evaluate import EvalParams
@@ -81,6 +81,14 @@ class RetrainParams(BaseModel):
         "artifact_root.",
     )
 
+    @field_validator("artifact_root")
+    @classmethod
+    def _root_has_bucket(cls, root: str) -> str:
+        """``s3://`` alone is not a root (it once became a local folder ``./s3:``)."""
+        if root.lower().startswith("s3:") and not root[5:].split("/", 1)[0].strip() or root.lower() == "s3:":
+            raise ValueError("an S3 root needs a bucket, e.g. s3://bucket/prefix")
+        return root
+
     def stage_context(self) -> StageContext:
         """What every stage shares: the base model and where artifacts live. The block's root wins
         over ``artifact_root``; the block travels by name, so no credential becomes a task parameter."""
@@ -135,31 +143,47 @@ def _string_field(parts: list[str]) -> tuple[bool, bool]:
     return (args == {str, type(None)}), True
 
 
-def _value(parts: list[str], raw: str) -> Any:
+def _value(parts: list[str], raw: str, what: str) -> Any:
+    """An override's value: kept as typed for a string field, else bounded YAML."""
     is_str, nullable = _string_field(parts)
     if is_str and not (nullable and raw.strip() in ("null", "~", "")):
+        if len(raw) > MAX_VALUE_CHARS:
+            raise InputError(f"{what}: value of {len(raw)} characters, more than the limit of {MAX_VALUE_CHARS}")
         return raw
-    return yaml.safe_load(raw)
+    return yaml_value(raw, what)
+
+
+def _preset_path(preset: str | Path) -> Path:
+    """A preset path, or a name in ``flows/presets``; ``InputError`` naming what was given otherwise."""
+    path = Path(preset)
+    try:
+        if path.exists() or path.is_symlink():
+            return path
+        named = PRESETS / f"{preset}.yaml"
+        if named.exists():
+            return named
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte: not a preset either
+        pass
+    known = ", ".join(p.stem for p in PRESETS.glob("*.yaml"))
+    raise InputError(f"preset not found: {excerpt(preset, 200)} (known: {known})")
 
 
 def load_params(preset: str | Path | None = None, overrides: list[str] | None = None) -> RetrainParams:
     """Parameters from a YAML preset (a path, or a name in ``flows/presets``) plus ``a.b=value``
-    overrides (values parsed as YAML, except for a string field: its value is kept as typed)."""
+    overrides (values parsed as YAML, except for a string field: its value is kept as typed). Bounded
+    and safe (``flows/errors.py``): a bad preset or override raises ``InputError`` (a bad parameter
+    pydantic's ``ValidationError``), quoting no file."""
     return RetrainParams.model_validate(_merge(preset_data(preset), overrides_data(overrides)))
 
 
 def preset_data(preset: str | Path | None) -> dict[str, Any]:
     """A preset's YAML as a dict (``{}`` for none): a path, or a name in ``flows/presets``."""
-    data: dict[str, Any] = {}
-    if preset:
-        path = Path(preset)
-        if not path.exists():
-            path = PRESETS / f"{preset}.yaml"
-        if not path.exists():
-            raise FileNotFoundError(
-                f"preset not found: {preset} (known: {', '.join(p.stem for p in PRESETS.glob('*.yaml'))})"
-            )
-        data = yaml.safe_load(path.read_text()) or {}
+    if not preset:
+        return {}
+    path = _preset_path(preset)
+    data = load_yaml(read_text(path, "preset"), f"preset {path}") or {}
+    if not isinstance(data, dict):
+        raise InputError(f"preset {path}: expected a mapping of parameters, got a YAML {type(data).__name__}")
     return data
 
 
@@ -168,13 +192,13 @@ def overrides_data(overrides: list[str] | None) -> dict[str, Any]:
     data: dict[str, Any] = {}
     for item in overrides or []:
         key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r}: expected KEY=VALUE, e.g. sft.max_steps=10")
+        parts = key.strip().split(".")
+        if not sep or len(key) > 200 or not all(p.strip() for p in parts):
+            raise InputError(f"override {excerpt(item)}: expected KEY=VALUE, e.g. sft.max_steps=10")
         node: dict[str, Any] = {}
         cursor = node
-        parts = key.strip().split(".")
         for part in parts[:-1]:
             cursor = cursor.setdefault(part, {})
-        cursor[parts[-1]] = _value(parts, raw)
+        cursor[parts[-1]] = _value(parts, raw, f"--set {key.strip()}")
         data = _merge(data, node)
     return data

@@ -27,8 +27,9 @@ from prefect import flow, get_run_logger
 Action = Literal["list", "show", "promote", "rollback", "pin", "prune", "log"]
 
 
-def open_store(root: str | None, block: str | None):
-    """The store for a command, checked (bucket and credentials) before anything else is read."""
+def open_store(root: str | None, block: str | None, create: bool = False):
+    """The store for a command, checked (bucket and credentials) before anything else is read. A local
+    root must exist unless ``create`` (a mistyped root is an error, never a new empty folder)."""
     from tasks.artifacts.store import store_for
 
     if not root and not block:
@@ -39,7 +40,7 @@ def open_store(root: str | None, block: str | None):
         root = load_store_settings(block)["root"]
     store = store_for(root, block)
     store.max_attempts = 2  # a person waits: an unreachable endpoint fails in seconds, not after 5 backoffs
-    store.check()
+    store.check(create=create)
     return store
 
 
@@ -232,6 +233,7 @@ def release_ops(
 # The CLI (flows/cli.py registers it)
 # ----------------------------------------------------------------------------------------------
 def cmd_release(args: argparse.Namespace) -> int:
+    from flows.errors import one_line
     from tasks.artifacts.locks import LockTimeout
     from tasks.artifacts.registry import RegistryError
     from tasks.artifacts.store import StoreError
@@ -250,8 +252,8 @@ def cmd_release(args: argparse.Namespace) -> int:
             keep_last=getattr(args, "keep_last", 7),
             stage_max_age_days=getattr(args, "stage_max_age_days", 30),
         )
-    except (ReleaseError, StoreError, RegistryError, LockTimeout, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ReleaseError, StoreError, RegistryError, LockTimeout, OSError, ValueError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     print(json.dumps(data, indent=2, default=str) if getattr(args, "json", False) else text)
     return 0
@@ -297,6 +299,19 @@ def add_release_parser(sub: Any) -> None:
         )
     p = command("pin", "make a release the anchor every night is also gated against (cumulative)", release_id=True)
     p.add_argument("--reason", default="", help="why (recorded in the move log)")
+    from flows.options import field_type
+    from tasks.release.stage import ReleaseParams  # the run's own bounds (keep_last ≥ 1), not re-declared here
+
     p = command("prune", "apply retention now (it also runs after each release)")
-    p.add_argument("--keep-last", type=int, default=7, help="releases kept whole besides the protected ones")
-    p.add_argument("--stage-max-age-days", type=int, default=30, help="stage folders older than this go (0: none)")
+    p.add_argument(
+        "--keep-last",
+        type=field_type(ReleaseParams, "keep_last", "--keep-last"),
+        default=7,
+        help="releases kept whole besides the protected ones (≥ 1, as release.keep_last)",
+    )
+    p.add_argument(
+        "--stage-max-age-days",
+        type=field_type(ReleaseParams, "stage_max_age_days", "--stage-max-age-days"),
+        default=30,
+        help="stage folders older than this go (0: none)",
+    )

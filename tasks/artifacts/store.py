@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -104,9 +105,20 @@ class Store:
     multipart_chunksize: int = 64 << 20
 
     def __post_init__(self) -> None:
+        if self.root.lower().startswith("s3:"):
+            bucket = self.root[5:].split("/", 1)[0] if self.root.startswith("s3://") else ""
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,62}", bucket):
+                raise StoreError(
+                    f"artifact root {self.root[:80]!r}: an S3 root needs a bucket, e.g. s3://bucket/prefix",
+                    permanent=True,
+                )
         self.root = self.root.rstrip("/")
         if not self.is_s3:
-            self.root = str(Path(self.root).expanduser().resolve())
+            try:
+                self.root = str(Path(self.root).expanduser().resolve())
+            except (OSError, RuntimeError, ValueError) as e:  # unreadable (/proc/1/root), a loop, a NUL byte
+                why = getattr(e, "strerror", None) or type(e).__name__
+                raise StoreError(f"artifact root {self.root[:200]!r}: {why}", permanent=True) from None
         self._client = None
 
     # -- addressing -------------------------------------------------------------------------
@@ -211,11 +223,22 @@ class Store:
         }.get(code)
         return f"S3 {what} failed at {self.where()}: {code}" + (f" ({hint})" if hint else "")
 
-    def check(self) -> None:
+    def check(self, create: bool = True) -> None:
         """Fail fast, before any expensive work, when the bucket is missing or the credentials are
-        wrong. A local root only needs to be creatable."""
+        wrong. A local root is created (``create``: a run) or must already be a folder (reading commands)."""
         if not self.is_s3:
-            Path(self.root).mkdir(parents=True, exist_ok=True)
+            path = Path(self.root)
+            try:
+                if path.exists() and not path.is_dir():
+                    raise StoreError(f"artifact root {self.root}: not a folder", permanent=True)
+                if create:
+                    path.mkdir(parents=True, exist_ok=True)
+                elif not path.is_dir():
+                    raise StoreError(f"artifact root {self.root}: no such folder", permanent=True)
+            except OSError as e:
+                raise StoreError(
+                    f"artifact root {self.root}: {e.strerror or type(e).__name__}", permanent=True
+                ) from None
             return
         from botocore.exceptions import ClientError
 

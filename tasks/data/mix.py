@@ -14,7 +14,7 @@ from tasks.data import split
 from tasks.data.formats import load_source
 from tasks.data.overlap import held_out_check
 from tasks.data.report import SourceReport, histogram, report_markdown, token_stats
-from tasks.data.specs import DataError, DataParams, Spec, parse_spec
+from tasks.data.specs import SAMPLE_REPEAT, DataError, DataParams, Spec, parse_spec
 from tasks.data.tokens import QWEN2_FALLBACK, TokenCounter, load_tokenizer, truncate, write_tokens
 from tasks.data.tools import record, tools_of, with_tools
 
@@ -161,6 +161,11 @@ def prepare(
     #    depend on the reading order; validation rows are taken once each, never repeated.
     sampled: list[list[Messages]] = []
     for k, spec in enumerate(every):
+        if spec.n and pools[k] and spec.n > SAMPLE_REPEAT * len(pools[k]):  # before building a huge list
+            raise DataError(
+                f"{spec.text}: #{spec.n} asks for more than {SAMPLE_REPEAT} times the source's "
+                f"{len(pools[k])} training rows (at most #{SAMPLE_REPEAT * len(pools[k])})"
+            )
         picked = sample(pools[k], spec.n, rng, config.shuffle) if pools[k] else []
         reports[k].rows_sampled = len(picked)
         sampled.append([apply_system(m, config.system_prompt, config.system_mode) for m in picked])

@@ -26,6 +26,10 @@ Format = Literal[
 Name = Annotated[str, StringConstraints(min_length=1, max_length=100)]
 
 
+MAX_SAMPLE = 10_000_000  # #N ceiling for any source; also at most SAMPLE_REPEAT times a source's size
+SAMPLE_REPEAT = 100
+
+
 class DataError(ValueError):
     """Bad dataset input; the message names the source (file), row and field."""
 
@@ -234,9 +238,11 @@ def parse_spec(spec: str, hub: str = "huggingface") -> Spec:
         raise DataError(f"dataset spec {spec!r}: expected SOURCE[:SUBSET][#N]")
     n = None
     if sep:
-        if not n_text.isdigit() or int(n_text) <= 0:
-            raise DataError(f"dataset spec {spec!r}: #N must be a positive integer, got #{n_text}")
+        if not n_text.isdigit() or len(n_text) > 12 or int(n_text) <= 0:
+            raise DataError(f"dataset spec {spec[:200]!r}: #N must be a positive integer, got #{n_text[:20]}")
         n = int(n_text)
+        if n > MAX_SAMPLE:
+            raise DataError(f"dataset spec {spec[:200]!r}: #{n} is more than the limit of {MAX_SAMPLE} rows")
     # ms-swift's ``hf::`` / ``ms::`` and tuneline's ``hf://`` / ``ms://`` pick the hub for one source.
     prefixes = (("ms://", "modelscope"), ("hf://", "huggingface"), ("ms::", "modelscope"), ("hf::", "huggingface"))
     for prefix, name in prefixes:
