@@ -217,8 +217,9 @@ def test_write_into_world_writable_dirs_fails(where):
         else:
             target = os.path.join("/tmp" if where == "tmp" else "/dev/shm", f"sbx-pwned-{os.getpid()}.txt")
         result, elapsed = timed(ADD, body(ATTACK_WRITE.replace("TARGET", repr(target))), timeout_s=5)
-        assert not result.passed and result.status == "failed", result
-        assert "Read-only file system" in result.detail or "Permission denied" in result.detail
+        if base:  # /tmp and /dev/shm are the program's own private tmpfs: the write lands there, not on the host
+            assert not result.passed and result.status == "failed", result
+            assert any(m in result.detail for m in ("Read-only file system", "Permission denied", "No such file"))
         assert elapsed < 5 + SLACK_S
         assert not os.path.exists(target)
     finally:

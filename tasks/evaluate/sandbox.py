@@ -110,6 +110,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import pyseccomp
+
 from tasks.core.common import run_logger
 from tasks.evaluate import sandbox_child
 from tasks.evaluate.sandbox_child import private_ancestor, read_all_nonblocking
@@ -363,6 +365,8 @@ def _run(program: str, timeout_s: float, memory_mb: int, mode: str) -> ExecResul
             "status_fd": status_w,
             "python": python,
             "expose": _interpreter_prefixes() if (drop_uid and mode == "root") else [],
+            "keep": [*_interpreter_prefixes(), os.path.dirname(os.path.realpath(python))],
+            "seccomp": os.path.abspath(pyseccomp.__file__),
         }
         with tempfile.TemporaryFile() as errf:
             start = time.monotonic()

@@ -45,6 +45,29 @@ _MS_NODEV = 0x4
 _MS_BIND = 0x1000
 _MS_REC = 0x4000
 _MS_PRIVATE = 0x40000
+_MS_RDONLY = 0x1
+
+# Places where a host puts sockets and shared scratch files: each gets a fresh tmpfs inside the sandbox.
+# The first three are the program's private, size-limited scratch space; the others are covered read-only
+# (e.g. /run/docker.sock, /run/user/*/bus, Prefect's or a database's sockets are not even visible).
+_PRIVATE_SCRATCH = ("/tmp", "/var/tmp", "/dev/shm")
+_HIDDEN = ("/run", "/var/run", "/var/lib/docker", "/var/lib/containerd")
+
+# System calls the program never needs (seccomp filter, see _seccomp_filter): namespaces and mounts
+# (a way out of the sandbox's own), tracing and another process's memory, kernel keyrings, modules,
+# BPF/perf/io_uring (io_uring's operations bypass seccomp's per-call checks).
+_DENIED_SYSCALLS = (
+    "unshare", "setns", "ptrace", "process_vm_readv", "process_vm_writev", "kcmp",
+    "mount", "umount2", "pivot_root", "chroot", "mount_setattr", "open_tree", "move_mount",
+    "fsopen", "fsconfig", "fsmount", "fspick",
+    "add_key", "request_key", "keyctl",
+    "init_module", "finit_module", "delete_module", "kexec_load", "kexec_file_load",
+    "bpf", "perf_event_open", "userfaultfd", "io_uring_setup", "io_uring_enter", "io_uring_register",
+    "reboot", "swapon", "swapoff", "acct", "syslog", "quotactl", "lookup_dcookie",
+    "name_to_handle_at", "open_by_handle_at",
+)  # fmt: skip
+# clone(2) flags that create namespaces (linux/sched.h): clone with any of them is refused.
+_CLONE_NEW = (0x20000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000, 0x00000080)
 
 
 def read_all_nonblocking(fd: int) -> bytes:
@@ -106,10 +129,9 @@ def _make_root_readonly() -> None:
     _check(0 if ret == 0 else -1, "mount_setattr(/, RDONLY, AT_RECURSIVE)")
 
 
-def _mount_private_tmpfs(workdir: str, uid: int | None, size_mb: int) -> None:
+def _mount_private_tmpfs(workdir: str, uid: int | None, size_mb: int, program: bytes) -> None:
     """Cover ``workdir`` with a fresh size-limited tmpfs holding only program.py."""
-    with open(os.path.join(workdir, "program.py"), "rb") as f:
-        program = f.read()
+    os.makedirs(workdir, exist_ok=True)  # under a private /tmp it has to be made again
     opts = f"size={size_mb}m,mode=0700"
     if uid is not None:
         opts += f",uid={uid},gid={uid}"
@@ -142,8 +164,24 @@ def _expose_interpreter(prefixes: list[str]) -> None:
         os.close(fd)
 
 
+def _cover_host_dirs(keep: list[str], size_mb: int, warnings: list[str]) -> None:
+    """A private, empty /tmp, /var/tmp and /dev/shm (writable, ``size_mb`` each) and an empty read-only
+    /run: the host's scratch files and sockets there are not visible. A folder holding something the
+    program needs (its interpreter) stays as it is, said in a warning."""
+    for path, writable in [(p, True) for p in _PRIVATE_SCRATCH] + [(p, False) for p in _HIDDEN]:
+        if os.path.islink(path) or not os.path.isdir(path):
+            continue
+        if any(k == path or k.startswith(path + "/") for k in keep):
+            warnings.append(f"{path} holds the interpreter; it is not covered by a private tmpfs")
+            continue
+        opts = f"size={size_mb}m,mode=1777" if writable else "size=1m,mode=0755"
+        _mount("tmpfs", path, "tmpfs", _MS_NOSUID | _MS_NODEV | (0 if writable else _MS_RDONLY), opts)
+
+
 def _setup_filesystem(cfg: dict, warnings: list[str]) -> None:
     """Mount-namespace layer; degrades to the uid layer (logged) on old kernels."""
+    with open(os.path.join(cfg["dir"], "program.py"), "rb") as f:
+        program = f.read()  # before the host's temp folder is covered
     _mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # never propagate to the host
     if cfg.get("expose"):
         _expose_interpreter(cfg["expose"])
@@ -151,7 +189,9 @@ def _setup_filesystem(cfg: dict, warnings: list[str]) -> None:
         _make_root_readonly()
     except OSError as exc:
         warnings.append(f"read-only root unavailable ({exc}); relying on uid/permissions")
-    _mount_private_tmpfs(cfg["dir"], cfg["uid"], max(16, min(256, cfg["memory_mb"] // 4)))
+    size_mb = max(16, min(256, cfg["memory_mb"] // 4))
+    _cover_host_dirs(cfg.get("keep") or [], size_mb, warnings)
+    _mount_private_tmpfs(cfg["dir"], cfg["uid"], size_mb, program)
 
 
 def _set_rlimits(cfg: dict) -> None:
@@ -187,10 +227,36 @@ def _drop_privileges(cfg: dict) -> None:
     _prctl(_PR_SET_NO_NEW_PRIVS, 1)
 
 
+def _seccomp_filter(module_path: str):
+    """The program's system-call filter, built with libseccomp through ``pyseccomp`` (a ctypes binding
+    with the API of libseccomp's own Python bindings; loaded from its file because this process runs
+    without site-packages). Everything not listed is allowed; a refused call fails with EPERM."""
+    import errno
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pyseccomp", module_path)
+    sc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sc)
+    deny = sc.ERRNO(errno.EPERM)
+    filt = sc.SyscallFilter(sc.ALLOW)  # calls of a foreign architecture (int 0x80) kill the program
+    filt.add_rule(deny, "socket")  # no socket of any family: nothing to connect to, nothing to listen on
+    for name in _DENIED_SYSCALLS:
+        try:
+            filt.add_rule(deny, name)
+        except (OSError, ValueError, RuntimeError):  # a call this kernel/libseccomp does not know
+            pass
+    for flag in _CLONE_NEW:
+        filt.add_rule(deny, "clone", sc.Arg(0, sc.MASKED_EQ, flag, flag))
+    # clone3 passes its flags in memory, which a filter cannot read: ENOSYS makes libc fall back to clone.
+    filt.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
+    return filt
+
+
 def _exec_program(cfg: dict, marker_fd: int) -> None:
     """Child of the supervisor: limits, privileges, folder, then exec python."""
     workdir = cfg["dir"]
     os.close(cfg["status_fd"])
+    filt = _seccomp_filter(cfg["seccomp"])  # built while its file is surely readable; loaded just before exec
     _set_rlimits(cfg)
     _drop_privileges(cfg)
     _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # after setuid, which clears it
@@ -204,6 +270,7 @@ def _exec_program(cfg: dict, marker_fd: int) -> None:
         "PYTHONDONTWRITEBYTECODE": "1",
     }
     py = cfg["python"]
+    filt.load()  # after no_new_privs; kept across execve, inherited by every child
     os.execve(py, [py, "-I", "-B", "-c", _RUNNER, str(marker_fd), "program.py"], env)
 
 
