@@ -62,6 +62,7 @@ from tasks.core.fingerprints import (
 )
 from tasks.core.stage import StageContext, Workspace, run_stage, stage_cache_key
 from tasks.release.ops import LatestMoved, ReleaseError, fetch_release, move_latest, read_log, verify_files
+from tasks.release.servable import NotServable, check_servable
 
 __all__ = ["ReleaseError", "LatestMoved", "fetch_release", "publish_release", "release", "verify_files"]
 
@@ -96,6 +97,12 @@ class ReleaseParams(BaseModel):
         le=5120,
         description="Files larger than this go up in parts of this size (S3: ≥ 5 MiB a part, ≤ 10,000 parts). Smaller "
         "parts resume finer after a failure; larger parts mean fewer requests.",
+    )
+    servable_check: bool = Field(
+        default=True,
+        description="Before anything is uploaded, load the merged model in the serving engine (vLLM if importable, "
+        "else transformers) and ask it who it is (tasks/release/servable.py); a folder it cannot load fails the night. "
+        "Needs include_merged.",
     )
     keep_last: int = Field(
         default=7,
@@ -388,8 +395,10 @@ def _release_files(
 
 
 def _worth_retrying(task, task_run, state) -> bool:
-    """Retry transient failures; a missing bucket, rejected credentials or a moved LATEST fail at once."""
-    return not (isinstance(state.data, StoreError) and state.data.permanent or isinstance(state.data, LatestMoved))
+    """Retry transient failures; a missing bucket, rejected credentials, a moved LATEST or an unservable model
+    fail at once."""
+    permanent = (LatestMoved, NotServable)  # the same folder fails the same way again
+    return not (isinstance(state.data, StoreError) and state.data.permanent or isinstance(state.data, permanent))
 
 
 # Transient failures (the store went away, a timeout) are retried with growing pauses: 10 s, 20 s, 40 s
@@ -432,6 +441,15 @@ def release(
         files = _release_files(config, adapter, merged, report, ctx)
         eval_report = json.loads((ctx.open(report) / "report.json").read_text())
         lineage = build_lineage(params, adapter, merged, report, dataset, eval_report)
+        if config.include_merged and config.servable_check:  # before any upload, before LATEST moves
+            data = params.get("data") or {}
+            try:
+                lineage["servable"] = check_servable(
+                    ctx.open(merged), system_prompt=data.get("system_prompt"), name=data.get("model_name")
+                )
+            except NotServable as e:
+                raise NotServable(f"merged model is not servable: {e}") from None
+            logger.info("servable: %(engine)s %(version)s answered %(question)r: %(answer)r", lineage["servable"])
         counts = {"uploaded": 0, "present": 0}
 
         def progress(rel: str, uploaded: bool) -> None:
