@@ -82,7 +82,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if refused:  # the gate refused: what it measured, then the reason, last
             print_results(refused)
         else:
-            print("\nrelease: none — the run ended before its evaluation finished (the reason follows)")
+            print("\nrelease: none — the run failed before its release (the reason follows)")
         sys.stdout.flush()
         print(f"\nretrain {state.name}: {state.message}", file=sys.stderr)
         return 1
