@@ -24,34 +24,6 @@ from flows.options import add_model_options
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
-def _print_summary(result: dict) -> None:
-    """Base, champion (last release) and tuned side by side; each delta with its 95% interval."""
-    rows = result.get("table") or []
-    champion = result.get("champion")
-    cols = ["base"] + (["champion"] if champion else []) + ["tuned"]
-    width = max([len(r["metric"]) for r in rows] + [6]) + 2
-
-    def num(v) -> str:
-        return f"{v:>10.4f}" if isinstance(v, (int, float)) else f"{'-':>10}"
-
-    def delta(d, interval) -> str:
-        return f"{d:+.4f} {interval}" if isinstance(d, (int, float)) else "-"
-
-    header = "metric".ljust(width) + "".join(f"{c:>10}" for c in cols) + f"  {'Δ vs base [95% CI]':<28}"
-    print("\n" + header + ("  Δ vs champion [95% CI]" if champion else ""))
-    for r in rows:
-        line = r["metric"].ljust(width) + "".join(num(r.get(c)) for c in cols)
-        line += f"  {delta(r.get('delta'), r.get('interval', '')):<28}"
-        if champion:
-            line += "  " + delta(r.get("delta_champion"), r.get("interval_champion", ""))
-        print(line)
-    if champion:
-        print(f"\nchampion: release {champion['release_id']} ({champion.get('how')})")
-    gate = result["gate"]
-    print(f"\nquality gate: {'passed' if gate['passed'] else 'FAILED — ' + '; '.join(gate['reasons'])}")
-    print(f"release: {result['release_uri']}")
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the flow here. Ctrl-C or SIGTERM: trainer stopped, run Cancelled, exit 130 / 143 (flows/stopping.py)."""
     from contextlib import ExitStack
@@ -103,11 +75,30 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"\nretrain cancelled: {stopper.reason}; rerun the same command to resume", file=sys.stderr)
         return stopper.exit_code
     assert state is not None
+    from flows.results import print_results
+
     if not state.is_completed():  # the reason (gate, stage error) is also in the run's ERROR log
+        refused = _refused_results(state)
+        if refused:  # the gate refused: what it measured, then the reason, last
+            print_results(refused)
+        else:
+            print("\nrelease: none — the run failed before its release (the reason follows)")
+        sys.stdout.flush()
         print(f"\nretrain {state.name}: {state.message}", file=sys.stderr)
         return 1
-    _print_summary(summary)
+    print_results(summary)
     return 0
+
+
+def _refused_results(state) -> dict | None:
+    """What a run the quality gate refused measured (``QualityGateFailed.results``), else None."""
+    from flows.retrain import QualityGateFailed
+
+    try:
+        error = state.result(raise_on_failure=False)
+    except Exception:  # noqa: BLE001 — a result that cannot be read back only costs the table
+        return None
+    return error.results if isinstance(error, QualityGateFailed) else None
 
 
 def _use_temporary_server(cleanup) -> None:
@@ -208,7 +199,10 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"deployed retrain/nightly and retrain/manual to work pool {args.pool!r} ({args.kind} pools applied)")
+    print(
+        f"deployed retrain/nightly and retrain/manual to work pool {args.pool!r}, release-ops/release-ops to 'cpu' "
+        f"({args.kind} pools applied)"
+    )
     return 0
 
 

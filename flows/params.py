@@ -23,6 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from flows.errors import MAX_VALUE_CHARS, InputError, excerpt, load_yaml, read_text, yaml_value
+from flows.form import lay_out_form
 from tasks.core.stage import StageContext
 from tasks.data import DataParams
 from tasks.evaluate import EvalParams
@@ -117,6 +118,19 @@ class RetrainParams(BaseModel):
         column override written for the SFT sources must not apply to the prompts)."""
         shared = self.data.model_dump(include={"system_prompt", "model_name", "model_author", "seed", "max_length"})
         return DataParams(datasets=self.grpo.datasets, validation_ratio=0.0, **shared)
+
+
+# The Run form (flows/form.py): in each section, what an operator changes comes first, in this order;
+# the rest, and the sections not named here (eval, grpo, merge), follow marked "(advanced)".
+lay_out_form(
+    {
+        RetrainParams: ("model", "data", "sft", "release"),
+        ModelParams: ("base",),
+        DataParams: ("datasets", "model_name", "model_author", "system_prompt"),
+        SFTParams: ("max_steps", "num_train_epochs", "learning_rate", "profile"),
+        ReleaseParams: ("model_name",),
+    }
+)
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from prefect.artifacts import create_markdown_artifact
 from flows.effective import effective_params, params_markdown
 from flows.hooks import report_failure
 from flows.params import RetrainParams
+from flows.results import run_samples
 from tasks.artifacts.registry import current_anchor, current_champion, gate_anchor, gate_champion
 from tasks.data import prepare_dataset
 from tasks.evaluate import check_eval_data, check_validation_power, evaluate, metrics_table
@@ -38,7 +39,13 @@ from tasks.sft.stage import lora_sft
 
 
 class QualityGateFailed(RuntimeError):
-    """The tuned model is worse than the base on a gating metric; nothing was released."""
+    """The tuned model is worse than the base on a gating metric; nothing was released. ``results`` is
+    what the run measured, as the flow would have returned it but without a release, so that
+    ``tuneline run`` can print the numbers that refused it (flows/results.py)."""
+
+    def __init__(self, message: str, results: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.results = results
 
 
 @flow(name="retrain", log_prints=True, on_failure=[report_failure])
@@ -95,10 +102,24 @@ def retrain(params: RetrainParams = RetrainParams(), preset: dict[str, Any] | No
         **identity,
     )
     gate = report.metrics["gate"]
+    stored = json.loads((ctx.open(report) / "report.json").read_text(encoding="utf-8"))
+    results = {
+        "base": report.metrics["base"],
+        "tuned": report.metrics["tuned"],
+        "champion": report.metrics.get("champion"),
+        "table": metrics_table(stored),  # every metric with its deltas and 95% intervals, as the UI shows
+        "samples": run_samples(stored),  # a few prompts with both models' answers
+        "gate": gate,
+        "release_uri": None,
+        "release_id": None,
+        "sft": adapter.metrics,
+        "devices": devices,
+        "needs": {task: need.describe() for task, need in needs.items()},
+    }
     if not gate["passed"]:
         reason = "quality gate failed: " + "; ".join(gate["reasons"])
         if not params.eval.force_release:
-            raise QualityGateFailed(reason + " (nothing released; set eval.force_release to override)")
+            raise QualityGateFailed(reason + " (nothing released; set eval.force_release to override)", results)
         logger.warning("%s — released anyway: eval.force_release is on", reason)
     lineage_params = {
         **params.model_dump(mode="json"),
@@ -120,19 +141,7 @@ def retrain(params: RetrainParams = RetrainParams(), preset: dict[str, Any] | No
     after_release(
         ctx.store(), params.release.model_name, params.release.keep_last, params.release.stage_max_age_days, logger
     )
-    stored = json.loads((ctx.open(report) / "report.json").read_text(encoding="utf-8"))
-    return {
-        "base": report.metrics["base"],
-        "tuned": report.metrics["tuned"],
-        "champion": report.metrics.get("champion"),
-        "table": metrics_table(stored),  # every metric with its deltas and 95% intervals, as the UI shows
-        "gate": gate,
-        "release_uri": released.metrics["release_uri"],
-        "release_id": released.metrics["release_id"],
-        "sft": adapter.metrics,
-        "devices": devices,
-        "needs": {task: need.describe() for task, need in needs.items()},
-    }
+    return {**results, "release_uri": released.metrics["release_uri"], "release_id": released.metrics["release_id"]}
 
 
 def preflight_run(params: RetrainParams, logger: Any = None) -> dict[str, TaskNeed]:

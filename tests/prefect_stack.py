@@ -72,7 +72,7 @@ class ServeLocal:
         self.workers = workers
 
     def wait_ready(self, timeout: float = 240) -> None:
-        """Both deployments applied and every worker online."""
+        """The deployments applied (retrain/manual readable) and every worker online."""
         from prefect.client.orchestration import SyncPrefectClient
         from prefect.client.schemas.filters import WorkerFilter, WorkerFilterStatus
 

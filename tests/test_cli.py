@@ -1,9 +1,9 @@
 """What `tuneline run` prints at the end: base, champion and tuned side by side, each delta with its
-95% interval, the champion named, the gate's verdict."""
+95% interval, the champion named, a few samples, the gate's verdict and the release (or why none)."""
 
 from __future__ import annotations
 
-from flows.cli import _print_summary
+from flows.results import print_results, run_samples
 
 
 def _result(champion: dict | None) -> dict:
@@ -19,7 +19,7 @@ def _result(champion: dict | None) -> dict:
 
 
 def test_summary_shows_the_champion_column_and_intervals(capsys):
-    _print_summary(_result({"release_id": "r1", "how": "reused"}))
+    print_results(_result({"release_id": "r1", "how": "reused"}))
     out = capsys.readouterr().out
     assert "champion" in out.splitlines()[1] and "Δ vs champion [95% CI]" in out
     assert "-1.9000 [-2.1, -1.7]" in out and "+0.1000 [+0.02, +0.18]" in out
@@ -27,9 +27,47 @@ def test_summary_shows_the_champion_column_and_intervals(capsys):
 
 
 def test_first_release_has_no_champion_column(capsys):
-    _print_summary(_result(None))
+    print_results(_result(None))
     out = capsys.readouterr().out
     assert "champion" not in out.splitlines()[1] and "Δ vs base [95% CI]" in out
+
+
+def test_samples_show_each_suite_that_generated_disagreements_first():
+    def row(**kw):
+        return {"prompt": "q", "answer": "a", "expects": "x", "correct": False, **kw}
+
+    report = {
+        "samples": {"prompts": ["Who are you?", "Hi"], "base": ["I am an AI", "Hello"], "tuned": ["I am Quokka", ""]},
+        "details": {
+            "self_cognition": {"base": [row(prompt="Your name?")], "tuned": [row(answer="Quokka", correct=True)]},
+            "gsm8k": {
+                "base": [{"question": "1+1", "completion": "2", "correct": True}] * 2,
+                "tuned": [
+                    {"question": "1+1", "completion": "2", "correct": True},
+                    {"question": "2+2", "completion": "5", "correct": False},
+                ],
+            },
+        },
+    }
+    picked = run_samples(report)
+    assert [(s["suite"], s["prompt"], s["tuned"]) for s in picked] == [
+        ("samples", "Who are you?", "I am Quokka"),
+        ("self_cognition", "Your name?", "Quokka"),
+        ("gsm8k", "1+1", "5"),  # where the two models disagree comes first
+    ]
+    assert [s["suite"] for s in run_samples(report, limit=5)][3:] == ["samples", "gsm8k"]
+    assert run_samples({"details": {}}) == []
+
+
+def test_a_refused_run_prints_its_samples_and_why_nothing_was_released(capsys):
+    result = _result(None) | {
+        "release_uri": None,
+        "samples": [{"suite": "samples", "prompt": "Hi", "base": "Hello\nthere", "tuned": ""}],
+    }
+    print_results(result)
+    out = capsys.readouterr().out
+    assert "  [samples] Hi\n    → (empty)\n    base: Hello there\n" in out
+    assert out.rstrip().endswith("release: none — the quality gate refused it (eval.force_release releases anyway)")
 
 
 def test_auto_on_a_machine_without_gpu_fails_before_a_server_starts_or_a_model_loads(tmp_path):

@@ -112,3 +112,24 @@ def test_custom_run_form_submits_a_run_with_the_changed_parameter(service, page)
     for section in ("model", "data", "eval"):
         assert params[section] == manual.parameters["params"][section]
     assert (SHOTS / "submitted-run.png").stat().st_size > 10_000
+
+
+def test_the_run_form_lists_what_an_operator_changes_first(service, page):
+    """The form as drawn (flows/form.py): the sections model, data, sft, release lead, each with its
+    operator fields first; every other field and section follows, its label ending in "(advanced)"."""
+    from prefect.client.orchestration import SyncPrefectClient
+
+    with SyncPrefectClient(service.api_url) as client:
+        manual = client.read_deployment_by_name("retrain/manual")
+    page.goto(f"{service.ui_url}/deployments/deployment/{manual.id}/run")
+    page.locator("span.schema-form-property__label").first.wait_for()
+    labels = [
+        re.sub(r" \(Optional\)$", "", text.strip())
+        for text in page.locator("span.schema-form-property__label").all_inner_texts()
+    ]
+    at = {label: i for i, label in reversed(list(enumerate(labels)))}  # the first place each label is drawn
+    sections = ["Model", "Data", "Sft", "Release", "Grpo (advanced)", "Merge (advanced)", "Eval (advanced)"]
+    assert [at[s] for s in sections] == sorted(at[s] for s in sections), labels[:40]
+    assert at["Base"] < at["Revision (advanced)"] < at["Data"] < at["Datasets"] < at["Hub (advanced)"]
+    assert at["Sft"] < at["Max Steps"] < at["Lora Rank (advanced)"] < at["Release"]
+    assert at["Artifact Root (advanced)"] > at["Release"]
