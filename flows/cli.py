@@ -120,8 +120,27 @@ def _use_temporary_server(cleanup) -> None:
         flush=True,
     )
     _drop_run_links()
-    os.environ["PREFECT_API_URL"] = server.api_url  # Prefect's worker threads read the environment
+    cleanup.callback(_point_prefect_at, os.environ.get("PREFECT_API_URL"))  # at the end: as it was
+    _point_prefect_at(server.api_url)
     cleanup.enter_context(temporary_settings(updates={PREFECT_API_URL: server.api_url}))
+
+
+def _point_prefect_at(api_url: str | None) -> None:
+    """Set ``PREFECT_API_URL`` in the environment (Prefect's worker threads read it) and in Prefect's
+    process-wide settings. A thread started without a copy of the caller's context (Prefect's events
+    worker, restarted after a hiccup) reads those global settings, made when prefect was imported,
+    without an API URL: it then starts a second temporary server of its own (25 s on a busy machine,
+    events sent where nobody reads them, an ERROR line at exit). Seen with two runs at once
+    (tests/test_concurrent_runs.py)."""
+    import prefect.context
+
+    if api_url is None:
+        os.environ.pop("PREFECT_API_URL", None)
+    else:
+        os.environ["PREFECT_API_URL"] = api_url
+    refresh = getattr(prefect.context, "refresh_global_settings_context", None)  # not in every Prefect 3
+    if refresh is not None:
+        refresh()
 
 
 def _drop_run_links() -> None:

@@ -1,6 +1,6 @@
 """Two runs, one fingerprint: the store lock (tasks/artifacts/locks.py) and run_stage under it, on local disk and
-on a real S3 server (SeaweedFS), with racing threads, racing processes, killed holders and two real
-concurrent flow runs."""
+on a real S3 server (SeaweedFS), with racing threads, racing processes and killed holders. Two real
+``tuneline run`` at once: tests/test_concurrent_runs.py."""
 
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ from tasks.artifacts.locks import (
 )
 from tasks.artifacts.store import Store
 from tasks.core.stage import StageContext, Workspace, run_stage
-from tasks.release.ops import release_ids
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -275,48 +274,3 @@ def test_two_concurrent_run_stage_processes_build_once_and_return_the_same_ref(s
     assert len(log.read_text().split()) == 1  # one build
     assert store.read_bytes("stages/demo/fp-processes/result.txt") == b"built"
     assert "was built by" in "".join(err.decode() for _, err in outputs)  # the second one waited and took it
-
-
-# -- two real flow runs at once ---------------------------------------------------------------------
-FLOW = """
-import json, sys
-from pathlib import Path
-from flows.retrain import retrain
-from tests.test_flow import _params
-state = retrain(_params(Path(sys.argv[1]), Path(sys.argv[2])), return_state=True)
-result = state.result(raise_on_failure=False) if state.is_completed() else None
-print("RESULT", json.dumps({"completed": state.is_completed(), "message": state.message,
-      "release_id": result and result["release_id"]}), flush=True)
-"""
-
-
-def test_two_concurrent_flow_runs_build_each_stage_once_and_release_once(tiny_model_dir, tmp_path):
-    root = tmp_path / "artifacts"
-    procs = [
-        _python(
-            FLOW,
-            str(tiny_model_dir),
-            str(root),
-            env={
-                "PREFECT_HOME": str(tmp_path / f"prefect-{i}"),
-                "PREFECT_API_URL": None,
-                "TUNELINE_LOCK_HEARTBEAT_S": "1",
-            },
-        )
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=540) for p in procs]
-    logs = "".join(out.decode() + err.decode() for out, err in outputs)
-    results = [json.loads(line.split(" ", 1)[1]) for line in logs.splitlines() if line.startswith("RESULT")]
-    assert len(results) == 2 and all(r["completed"] for r in results), [r["message"] for r in results] or logs[-4000:]
-    assert results[0]["release_id"] == results[1]["release_id"]
-    print(*(line for line in logs.splitlines() if "building" in line or "was built by" in line), sep="\n")
-    for stage in ("data", "sft", "merge", "evaluate", "release"):
-        assert logs.count(f"building {stage} ") == 1, f"{stage} built {logs.count(f'building {stage} ')} times"
-        folders = [p for p in (root / "stages" / stage).iterdir() if p.is_dir()]
-        assert len(folders) == 1 and (folders[0] / "_SUCCESS").exists(), stage
-    assert not [p for p in (root / "locks").rglob("*") if p.is_file()]  # no lock left behind
-    model = root / "releases" / "smollm2-135m-quokka"
-    assert list(release_ids(Store(str(root)), "smollm2-135m-quokka")) == [results[0]["release_id"]]
-    assert (model / "LATEST").read_text() == results[0]["release_id"]
-    assert len([p for p in (model / "log").iterdir()]) == 1  # LATEST moved once

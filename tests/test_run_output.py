@@ -73,3 +73,30 @@ def test_a_run_the_gate_refuses_still_ends_with_its_table_samples_and_why_nothin
     last = done.stderr.rstrip().splitlines()[-1]
     assert last.startswith("retrain Failed: ") and "quality gate failed: self_cognition_accuracy" in last
     assert not (stack[1] / "artifacts" / "releases" / "refused").exists()
+
+
+def test_a_prefect_thread_without_the_runs_context_still_sees_the_temporary_server(monkeypatch):
+    """Prefect's events worker, restarted in a thread that has no copy of the run's context, reads the
+    process-wide settings: they must name the command's temporary server, or that thread starts a second
+    one (seen with two runs at once: 25 s lost and an ERROR line at exit)."""
+    import threading
+
+    from prefect.settings import get_current_settings
+
+    from flows.cli import _point_prefect_at
+
+    def from_a_fresh_thread() -> str | None:
+        seen = []
+        thread = threading.Thread(target=lambda: seen.append(get_current_settings().api.url))
+        thread.start()
+        thread.join()
+        return seen[0]
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    before = from_a_fresh_thread()
+    _point_prefect_at("http://127.0.0.1:9/api")
+    try:
+        assert from_a_fresh_thread() == "http://127.0.0.1:9/api"
+    finally:
+        _point_prefect_at(None)  # as the command's cleanup does
+    assert from_a_fresh_thread() == before is None

@@ -457,6 +457,7 @@ def open_ref(ref: StageRef, storage_block: str | None = None) -> Path:
         return local
     root, key = ref.uri.split("/stages/", 1)
     store = store_for(root, storage_block)
+    local_cache_dir().mkdir(parents=True, exist_ok=True)  # a fresh machine (or TUNELINE_CACHE) has none yet
     tmp = Path(tempfile.mkdtemp(dir=local_cache_dir(), prefix=".dl-"))
     store.download_dir(f"stages/{key}", tmp)
     local.parent.mkdir(parents=True, exist_ok=True)
