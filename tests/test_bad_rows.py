@@ -91,3 +91,17 @@ def test_strict_fails_on_the_first_bad_row_as_before(tmp_path):
     with pytest.raises(DataError, match="^" + re.escape(expected)) as raised:
         _prepare(path, tmp_path / "out", strict=True, max_bad_rows=1.0)
     assert "row 120" not in str(raised.value)
+
+
+def test_the_data_stage_says_in_the_run_log_which_rows_it_skipped(tmp_path, tiny_model_dir, caplog):
+    from tasks.core.stage import StageContext
+    from tasks.data import prepare_dataset
+
+    path = _source(tmp_path, {97})
+    ctx = StageContext(base_model=str(tiny_model_dir), root=str(tmp_path / "artifacts"))
+    with caplog.at_level("WARNING"):
+        ref = prepare_dataset.fn(DataParams(datasets=[str(path)], validation_ratio=0.0), ctx)
+    assert ref.metrics["sources"][0]["rows_skipped"] == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"{path}: 1 of 150 rows skipped (failed validation)" in warnings
+    assert f"  skipped {path}: row 97: field 'conversations[1].value': a tool call must be JSON" in "\n".join(warnings)
