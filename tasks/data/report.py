@@ -28,6 +28,19 @@ REPORT_COLUMNS = [
 ]
 
 
+MAX_SKIPPED_LISTED = 1000  # report.json lists this many skipped rows per source; the count stays exact
+
+
+def row_where(file: str, row: int, field: str = "") -> str:
+    """Where a bad row is: ``file: row N: field 'F'``."""
+    return f"{file}: row {row}" + (f": field '{field}'" if field else "")
+
+
+def skipped_text(file: str, row: int, field: str, reason: str) -> str:
+    """A bad row for people: ``file: row N: field 'F': reason`` (the strict mode's error)."""
+    return f"{row_where(file, row, field)}: {reason}"
+
+
 @dataclass
 class SourceReport:
     """What happened to one source's rows: read, valid, duplicates, held out for validation, sampled for
@@ -47,6 +60,8 @@ class SourceReport:
     truncated: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)  # first rows dropped for each reason
+    rows_skipped: int = 0  # rows that failed validation, skipped within data.max_bad_rows
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # the first MAX_SKIPPED_LISTED (file, row, field, why)
     tokens: dict[str, int] = field(default_factory=dict)
     lengths: list[int] = field(default_factory=list, repr=False)
 
@@ -55,6 +70,13 @@ class SourceReport:
         self.dropped[key] = self.dropped.get(key, 0) + 1
         if where and len(seen := self.examples.setdefault(key, [])) < 3:
             seen.append(f"{where}: {reason}")
+
+    def skip(self, file: str, row: int, field: str, reason: str) -> None:
+        """A row that failed validation, skipped: counted by reason and listed where it is."""
+        self.rows_skipped += 1
+        if len(self.skipped) < MAX_SKIPPED_LISTED:
+            self.skipped.append({"file": file, "row": row, "field": field, "reason": reason})
+        self.drop(reason, row_where(file, row, field))
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "lengths"}
@@ -128,13 +150,24 @@ def split_lines(metrics: dict[str, Any]) -> list[str]:
     ]
 
 
+def skipped_lines(metrics: dict[str, Any], limit: int = 20) -> list[str]:
+    """The rows skipped for failing validation (``data.max_bad_rows``), where and why; report.json has up
+    to ``MAX_SKIPPED_LISTED`` per source."""
+    lines = []
+    for s in metrics["sources"]:
+        if s.get("rows_skipped"):
+            lines.append(f"{s['spec']}: {s['rows_skipped']} of {s['rows_read']} rows skipped (failed validation)")
+            lines += [f"  skipped {skipped_text(**row)}" for row in s["skipped"][:limit]]
+    return lines
+
+
 def report_text(metrics: dict[str, Any]) -> str:
     """The per-source table and the totals, for a terminal (``tuneline data check`` prints it)."""
     rows = report_rows(metrics)
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in REPORT_COLUMNS}
     lines = ["  ".join(c.ljust(widths[c]) for c in REPORT_COLUMNS)]
     lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in REPORT_COLUMNS) for r in rows]
-    return "\n".join([*lines, "", *split_lines(metrics)])
+    return "\n".join([*lines, "", *split_lines(metrics), *skipped_lines(metrics)])
 
 
 def report_markdown(metrics: dict[str, Any]) -> str:
@@ -142,7 +175,7 @@ def report_markdown(metrics: dict[str, Any]) -> str:
     rows = report_rows(metrics)
     table = ["| " + " | ".join(REPORT_COLUMNS) + " |", "|" + "---|" * len(REPORT_COLUMNS)]
     table += ["| " + " | ".join(str(r[c]).replace("|", "\\|") for c in REPORT_COLUMNS) + " |" for r in rows]
-    totals = "".join(f"- {line}\n" for line in split_lines(metrics))
+    totals = "".join(f"- {line}\n" for line in split_lines(metrics) + skipped_lines(metrics))
     return "# Dataset report\n\n" + "\n".join(table) + "\n\n" + totals
 
 

@@ -91,9 +91,16 @@ class DataParams(BaseModel):
         "the first N rows (ms-swift's rule without shuffling) and the rows stay in source order.",
     )
     strict: bool = Field(
-        default=True,
+        default=False,
         description="Strict: the first bad row stops the stage with its file, row, field and reason. "
-        "Lenient: bad rows are dropped and counted by reason (a source with no good row is still an error).",
+        "Otherwise bad rows are skipped within max_bad_rows and listed in the report (file, row, field, reason).",
+    )
+    max_bad_rows: float = Field(
+        default=0.01,
+        ge=0.0,
+        le=1.0,
+        description="Share of a source's rows that may fail validation and be skipped (not strict). More bad rows "
+        "than that fail the source, naming the first reasons. 0: no bad row allowed; 1: skip any number.",
     )
     max_length: int | None = Field(
         default=2048,

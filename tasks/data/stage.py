@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from tasks.artifacts.store import StageRef
-from tasks.core.common import picture_markdown, publish_markdown, publish_table, task
+from tasks.core.common import picture_markdown, publish_markdown, publish_table, run_logger, task
 from tasks.core.fingerprints import code_identity, fingerprint, stack_versions, with_lineage
 from tasks.core.stage import StageContext, Workspace, run_stage, stage_cache_key
 from tasks.data.mix import prepare
-from tasks.data.report import report_markdown, report_rows
+from tasks.data.report import report_markdown, report_rows, skipped_lines
 from tasks.data.specs import DataError, DataParams, Spec, parse_spec
 from tasks.data.tokens import tokenizer_id
 
@@ -82,9 +82,12 @@ def prepare_dataset(config: DataParams, ctx: StageContext) -> StageRef:
     fp = fingerprint_of(config, ctx)
 
     def build(work: Workspace) -> dict[str, Any]:
-        return prepare(
+        metrics = prepare(
             config, work.out, model=ctx.base_model, revision=ctx.base_revision, storage_block=ctx.storage_block
         )
+        for line in skipped_lines(metrics, limit=5):  # rows skipped within data.max_bad_rows: said in the run's log
+            run_logger().warning(line)
+        return metrics
 
     built = with_lineage(build, stage=STAGE, code=code_identity(CODE), stack=stack_versions("data"))
     return run_stage(STAGE, fp, ctx, built, on_published=_publish_artifacts)

@@ -260,6 +260,7 @@ def promote(
 ) -> dict[str, Any]:
     """Make ``release_id`` LATEST, if its files pass their checksums and LATEST still names what this
     call read first (``expected``, or LATEST as read on entry). Returns the log entry."""
+    load_manifest(store, model, release_id)  # an unknown release is refused before the lock: nothing written
     seen = latest_release(store, model) if expected is ... else expected
     with ops_lock(store, model, who):
         _check_promotable(store, model, release_id, verify)
@@ -276,6 +277,7 @@ def pin(store: Store, model: str, release_id: str, *, who: str, why: str = "") -
     under the ops lock like any move of LATEST; LATEST itself does not move. The release must be
     complete, unpruned and pass its checksums (its merged model may have to be evaluated again)."""
     require_model(store, model)
+    load_manifest(store, model, release_id)  # an unknown release is refused before the lock: nothing written
     with ops_lock(store, model, who):
         _check_promotable(store, model, release_id, "content")
         before = pinned_anchor(store, model)
@@ -358,8 +360,12 @@ def fetch_release(store: Store, model_name: str, release_id: str, dest: Path) ->
     against the manifest. Files land in ``dest`` only when all of them are right; on a mismatch
     nothing is left behind and ``ReleaseError`` names the bad files."""
     dest = Path(dest)
+    if dest.exists() and not dest.is_dir():
+        raise ReleaseError(f"destination {dest} is not a folder")
     if dest.exists() and any(dest.iterdir()):
         raise ReleaseError(f"destination {dest} is not empty")
+    if dest.parent.exists() and not dest.parent.is_dir():
+        raise ReleaseError(f"cannot create the destination {dest}: {dest.parent} is not a folder")
     if release_id == LATEST:
         release_id = latest_release(store, model_name)
         if release_id is None:
@@ -374,8 +380,11 @@ def fetch_release(store: Store, model_name: str, release_id: str, dest: Path) ->
             f"release {model_name}/{release_id} at {store.where()} was pruned by retention on {pruned.get('when')}: "
             "its merged weights are gone (adapter/, eval/ and the manifest remain)"
         )
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.partial-"))
+    try:  # a parent that is a file, or a place no folder can be made (/proc): one line naming dest
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.partial-"))
+    except OSError as e:
+        raise ReleaseError(f"cannot create the destination {dest}: {e.strerror or type(e).__name__}") from None
     try:
         bad = []
         for rel, entry in sorted(manifest["files"].items()):
