@@ -59,10 +59,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from flows.params import load_params
-    from flows.stopping import Stop, Stopper, flush_prefect, mark_cancelled
+    from flows.stopping import (
+        Stop,
+        Stopper,
+        flush_prefect,
+        mark_cancelled,
+        mark_orphans_crashed,
+        owner_tag,
+        reap_when_gone,
+    )
     from tasks.runtime.hardware import HardwareError
 
     stopper = Stopper().install()
+    reap_when_gone()  # before anything is started
     try:
         params = load_params(args.preset, args.set)
         preset = load_params(args.preset).model_dump(mode="json") if args.preset else None  # what --set overrides
@@ -84,7 +93,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     with ExitStack() as cleanup:
         try:
             _use_temporary_server(cleanup)
+            from prefect import tags
+
             from flows.retrain import retrain
+
+            try:  # a run killed earlier on this host stays "Running" for good unless someone says it crashed
+                for name in mark_orphans_crashed():
+                    print(f"flow run {name}: its process is gone; marked Crashed", file=sys.stderr, flush=True)
+            except Exception as e:  # noqa: BLE001 — a record of the past must not stop this run
+                print(f"could not look for crashed runs: {one_line(e)}", file=sys.stderr)
+            cleanup.enter_context(tags(owner_tag()))
 
             run = retrain.with_options(on_running=[*retrain.on_running_hooks, stopper.on_running])
             state = run(params, preset, return_state=True)
@@ -214,6 +232,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 def cmd_serve_local(args: argparse.Namespace) -> int:
     from flows.deploy import serve_local
+    from flows.stopping import reap_when_gone
+
+    reap_when_gone()  # the server, the workers and their flow runs end with this command
 
     try:
         serve_local(
