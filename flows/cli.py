@@ -71,7 +71,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tasks.runtime.hardware import HardwareError
 
     stopper = Stopper().install()
-    reap_when_gone()  # before anything is started
     try:
         params = load_params(args.preset, args.set)
         preset = load_params(args.preset).model_dump(mode="json") if args.preset else None  # what --set overrides
@@ -80,6 +79,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     except Stop:
         return stopper.exit_code
+    reap_when_gone()  # before anything is started (the preflight's device probe is the first)
     try:  # what each GPU task needs, against this machine: seconds, before a server starts or a model loads
         from flows.retrain import preflight_run
 

@@ -205,6 +205,9 @@ def reap_when_gone() -> None:
     try:
         os.close(write_end)
         os.setsid()  # a Ctrl-C or killpg of the command's group does not stop the watcher
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):  # never hold the caller's pipes open (`tuneline run | tee`, a test's capture)
+            os.dup2(devnull, fd)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the command's handler (it raises Stop)
         while os.read(read_end, 1):
