@@ -341,6 +341,14 @@ def _plain_interpreter() -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=1)
+def _seccomp_libraries() -> dict[str, str]:
+    """libc and libseccomp as ``pyseccomp`` finds them (already loaded here): found once, not per program."""
+    import ctypes.util
+
+    return {name: path for name in ("c", "seccomp") if (path := ctypes.util.find_library(name))}
+
+
 def _run(program: str, timeout_s: float, memory_mb: int, mode: str) -> ExecResult:
     """:func:`run_program` for an explicit ``mode``."""
     workdir = tempfile.mkdtemp(prefix="tuneline-sbx-")
@@ -368,6 +376,7 @@ def _run(program: str, timeout_s: float, memory_mb: int, mode: str) -> ExecResul
             "expose": _interpreter_prefixes() if (drop_uid and mode == "root") else [],
             "keep": [*_interpreter_prefixes(), os.path.dirname(os.path.realpath(python))],
             "seccomp": os.path.abspath(pyseccomp.__file__),
+            "libraries": _seccomp_libraries(),
         }
         with tempfile.TemporaryFile() as errf:
             start = time.monotonic()

@@ -240,13 +240,18 @@ def _drop_privileges(cfg: dict) -> None:
     _prctl(_PR_SET_NO_NEW_PRIVS, 1)
 
 
-def _seccomp_filter(module_path: str):
+def _seccomp_filter(module_path: str, libraries: dict[str, str] | None = None):
     """The program's system-call filter, built with libseccomp through ``pyseccomp`` (a ctypes binding
     with the API of libseccomp's own Python bindings; loaded from its file because this process runs
     without site-packages). Everything not listed is allowed; a refused call fails with EPERM."""
     import errno
     import importlib.util
 
+    if libraries:  # paths the caller found once: find_library runs `ldconfig -p` (~20 ms a problem)
+        import ctypes.util
+
+        found = ctypes.util.find_library
+        ctypes.util.find_library = lambda name: libraries.get(name) or found(name)
     spec = importlib.util.spec_from_file_location("pyseccomp", module_path)
     sc = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sc)
@@ -269,7 +274,8 @@ def _exec_program(cfg: dict, secret_fd: int, done_fd: int) -> None:
     """Child of the supervisor: limits, privileges, folder, then exec python."""
     workdir = cfg["dir"]
     os.close(cfg["status_fd"])
-    filt = _seccomp_filter(cfg["seccomp"])  # built while its file is surely readable; loaded just before exec
+    # built while its file is surely readable; loaded just before exec
+    filt = _seccomp_filter(cfg["seccomp"], cfg.get("libraries"))
     _set_rlimits(cfg)
     _drop_privileges(cfg)
     _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # after setuid, which clears it
