@@ -18,30 +18,31 @@ import yaml
 from tests.test_signals import Run, _check_roles, _final_states, _preset, _survivors
 
 
-def _wait_for_training(run: Run, timeout: float = 180) -> dict[int, str]:
-    """The command's process tree once its temporary server and trainer both run."""
+def _training(run: Run, tree: dict[int, str]) -> bool:
+    """Its temporary server and its trainer run."""
+    try:
+        _check_roles(tree)
+        return True
+    except AssertionError:
+        return False
+
+
+def _kill_alone(run: Run, ready, timeout: float = 240) -> dict[int, str]:
+    """SIGKILL the command alone once ``ready(tree)``; its tree, 10 s later or once all of it is gone."""
     deadline = time.monotonic() + timeout
-    while True:
+    seen: dict[int, str] = {}
+    while not ready(run, tree := run.tree()):
+        seen.update(tree)
         assert run.proc.poll() is None, f"run exited early with {run.proc.returncode}:\n{run.output()[-3000:]}"
-        tree = run.tree()
-        try:
-            _check_roles(tree)
-            return tree
-        except AssertionError:
-            assert time.monotonic() < deadline, f"no trainer and server after {timeout:.0f} s: {tree}"
+        assert time.monotonic() < deadline, f"not ready after {timeout:.0f} s: {seen}"
         time.sleep(0.3)
-
-
-def _kill_alone(run: Run) -> dict[int, str]:
-    tree = _wait_for_training(run)
-    time.sleep(1)  # anything started just after the trainer (a server "later in the run") is in the tree now
-    tree.update(run.tree())
+    seen.update(tree)
     os.kill(run.proc.pid, signal.SIGKILL)
     run.proc.wait(timeout=10)
     deadline = time.monotonic() + 10
-    while _survivors(tree) and time.monotonic() < deadline:
+    while _survivors(seen) and time.monotonic() < deadline:
         time.sleep(0.2)
-    return tree
+    return seen
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -53,10 +54,11 @@ def root(request, tmp_path) -> str:
 
 
 def test_sigkill_of_the_command_leaves_nothing_running_and_the_rerun_cleans_up(tiny_model_dir, tmp_path, root):
+    """Killed while it trains (temporary server, trainer guard and trainer up), on either root."""
     preset = _preset(tmp_path, tiny_model_dir)
     settings = yaml.safe_load(preset.read_text())
     preset.write_text(yaml.safe_dump({**settings, "artifact_root": root}, sort_keys=False))
-    tree = _kill_alone(Run(tmp_path, preset, "killed"))
+    tree = _kill_alone(Run(tmp_path, preset, "killed"), _training)
     assert not _survivors(tree), f"still running 10 s after the command was SIGKILLed: {_survivors(tree)}"
     if root.startswith("s3://"):
         return  # the rerun below is the same on either root: its locks are tested on both in test_locks.py
