@@ -31,7 +31,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from flows.params import load_params
-    from flows.stopping import Stop, Stopper, flush_prefect, mark_cancelled
+    from flows.stopping import (
+        Stop,
+        Stopper,
+        flush_prefect,
+        mark_cancelled,
+        mark_orphans_crashed,
+        owner_tag,
+        reap_when_gone,
+    )
     from tasks.runtime.hardware import HardwareError
 
     stopper = Stopper().install()
@@ -43,6 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     except Stop:
         return stopper.exit_code
+    reap_when_gone()  # before anything is started (the preflight's device probe is the first)
     try:  # what each GPU task needs, against this machine: seconds, before a server starts or a model loads
         from flows.retrain import preflight_run
 
@@ -56,7 +65,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     with ExitStack() as cleanup:
         try:
             _use_temporary_server(cleanup)
+            from prefect import tags
+
             from flows.retrain import retrain
+
+            try:  # a run killed earlier on this host stays "Running" for good unless someone says it crashed
+                for name in mark_orphans_crashed():
+                    print(f"flow run {name}: its process is gone; marked Crashed", file=sys.stderr, flush=True)
+            except Exception as e:  # noqa: BLE001 — a record of the past must not stop this run
+                print(f"could not look for crashed runs: {one_line(e)}", file=sys.stderr)
+            cleanup.enter_context(tags(owner_tag()))
 
             run = retrain.with_options(on_running=[*retrain.on_running_hooks, stopper.on_running])
             state = run(params, preset, return_state=True)
@@ -227,6 +245,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 def cmd_serve_local(args: argparse.Namespace) -> int:
     from flows.deploy import serve_local
+    from flows.stopping import reap_when_gone
+
+    reap_when_gone()  # the server, the workers and their flow runs end with this command
 
     try:
         serve_local(

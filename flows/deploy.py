@@ -364,10 +364,13 @@ class LocalStack:
         return f"http://{self.host}:{self.port}"
 
     def _start(self, name: str, cmd: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+        from tasks.runtime.guard import die_with_parent  # SIGTERM when serve-local dies, even by SIGKILL
+
         env = {**os.environ, **self.env, "PREFECT_API_URL": self.api_url, **(extra_env or {})}
         out = open(self.log_dir / f"{name}.log", "ab") if self.log_dir else None
+        err = subprocess.STDOUT if out else None
         proc = subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True
+            cmd, cwd=REPO, env=env, stdout=out, stderr=err, start_new_session=True, preexec_fn=die_with_parent
         )
         self.procs.append(proc)
         return proc

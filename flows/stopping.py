@@ -17,10 +17,16 @@ Why this is ours and not Prefect's (3.9):
   SIGTERM to itself, which reaches ``Stopper`` once Prefect has restored it.
 - Prefect records any interrupt as **Crashed** (``exception_to_crashed_state``); a stop someone asked
   for is not a crash, so ``mark_cancelled`` then sets the run Cancelled with the reason.
+- SIGKILL (or the OOM killer) leaves nothing to run: what the command started dies by its death
+  signal or by the watcher of ``reap_when_gone``, and the run stays "Running" in Prefect. Each run
+  carries its owner (host, pid, process identity) in a tag; the next ``tuneline run`` marks such
+  runs Crashed when the owner is gone from this host (``mark_orphans_crashed``; the same
+  ``owner_dead`` test as the locks).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -106,6 +112,41 @@ def mark_cancelled(flow_run_id: UUID, reason: str) -> str:
     return "Cancelled"
 
 
+OWNER_TAG = "tuneline-process:"  # + host:pid:process identity of the `tuneline run` that started the flow run
+
+
+def owner_tag() -> str:
+    """The tag naming this process as a flow run's owner."""
+    from tasks.artifacts.locks import process_identity
+
+    return f"{OWNER_TAG}{socket.gethostname()}:{os.getpid()}:{process_identity()}"
+
+
+def mark_orphans_crashed() -> list[str]:
+    """Set Crashed every Running or Pending flow run whose owning ``tuneline run`` is gone from this
+    host (killed: no state was written); returns their names. Runs of other hosts, of workers (no
+    owner tag) and of live processes are left alone."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    from tasks.artifacts.locks import owner_dead
+
+    active = FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING]))
+    marked = []
+    with get_client(sync_client=True) as client:
+        for run in client.read_flow_runs(flow_run_filter=FlowRunFilter(state=active)):
+            for tag in run.tags or []:
+                host, _, rest = tag.removeprefix(OWNER_TAG).partition(":")
+                pid, _, identity = rest.partition(":")
+                if tag.startswith(OWNER_TAG) and pid.isdigit() and owner_dead(host, int(pid), identity):
+                    why = f"its process (pid {pid} on {host}) ended without recording a state (killed)"
+                    client.set_flow_run_state(run.id, Crashed(message=why), force=True)
+                    marked.append(run.name)
+    return marked
+
+
 def flush_prefect() -> None:
     """Send the run's queued logs and events now, while the server is still up."""
     from prefect.events.worker import EventsWorker
@@ -136,6 +177,63 @@ def kill_children(sig: int) -> None:
                 os.killpg(pid, sig) if pgid == pid else os.kill(pid, sig)
             except ProcessLookupError:
                 pass
+
+
+OWNER_ENV = "TUNELINE_OWNER"  # in the environment of everything a command starts: whose it is
+
+
+def reap_when_gone() -> None:
+    """Whatever this command starts dies with it, however it ends (SIGKILL and the OOM killer too),
+    including processes started by code not ours (Prefect's own temporary server, in the terminal's
+    group, stopped only at exit) and by grandchildren in other sessions.
+
+    How: a mark (this process's identity) goes into the environment every child inherits, and a
+    small watcher is forked in its own session. The watcher blocks on a pipe whose only writer is
+    this process; the kernel closes it when this process ends, and the watcher then SIGKILLs every
+    process still carrying the mark (read from /proc/PID/environ; a reused pid carries no mark). Our
+    own children also get a parent-death signal (``_die_with_parent``); this is the net under it."""
+    from tasks.artifacts.locks import process_identity
+
+    mark = f"{os.getpid()}/{process_identity()}"
+    if os.environ.get(OWNER_ENV) == mark:
+        return  # this process has its watcher already
+    os.environ[OWNER_ENV] = mark
+    read_end, write_end = os.pipe()  # not inheritable: no exec'd child keeps the watcher waiting
+    if os.fork() != 0:
+        os.close(read_end)
+        return  # write_end stays open, unused, for this process's whole life
+    try:
+        os.close(write_end)
+        os.setsid()  # a Ctrl-C or killpg of the command's group does not stop the watcher
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):  # never hold the caller's pipes open (`tuneline run | tee`, a test's capture)
+            os.dup2(devnull, fd)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the command's handler (it raises Stop)
+        while os.read(read_end, 1):
+            pass
+        needle = f"{OWNER_ENV}={mark}".encode()
+        for _ in range(20):  # a process may start another while we kill: look again until none is left
+            marked = [pid for pid in _pids() if pid != os.getpid() and needle in _environ(pid)]
+            if not marked:
+                break
+            for pid in marked:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
+    finally:
+        os._exit(0)
+
+
+def _pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def _environ(pid: int) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return []
 
 
 def _die_with_parent() -> None:

@@ -65,3 +65,46 @@ def test_honest_programs_with_threads_and_subprocesses_pass():
     honest += "subprocess.run(['true'], check=True)\nopen('/tmp/x', 'w').write('ok')\nreturn a + b"
     result = check_humaneval(ADD, body(honest), timeout_s=10)
     assert result.passed or sandbox.sandbox_mode() == "plain", result
+
+
+FORGED_VERDICTS = {
+    "old_marker": "[b'F']",
+    "report_json": """[b'{"rc": 0, "signal": null, "finished": true, "timeout": false, "error": null}']""",
+    "plausible_bytes": "[b'1', b'P', b'passed', b'OK', b'\\\\x00' * 16]",
+    "replay_what_fds_hold": "echoed",
+}
+
+
+@pytest.mark.parametrize("payloads", FORGED_VERDICTS.values(), ids=list(FORGED_VERDICTS))
+def test_verdict_bytes_on_every_descriptor_do_not_make_a_pass(payloads):
+    """Issue 28: a completion that wrote the "finished" marker to its inherited descriptors and exited 0
+    was counted as passed. Here it writes verdict-looking bytes (or whatever it can read from its
+    descriptors) to fds 0..255 and /proc/self/fd/*, then leaves with status 0 before check() runs."""
+    attack = f"""
+        import os
+        echoed = []
+        for fd in range(256):
+            try:
+                os.set_blocking(fd, False)
+                echoed.append(os.read(fd, 4096))
+            except OSError:
+                pass
+        echoed = [e for e in echoed if e]
+        for data in {payloads}:
+            for fd in range(256):
+                try:
+                    os.write(fd, data)
+                except OSError:
+                    pass
+            for name in os.listdir('/proc/self/fd'):
+                try:
+                    with open('/proc/self/fd/' + name, 'wb', buffering=0) as f:
+                        f.write(data)
+                except OSError:
+                    pass
+        os._exit(0)
+    """
+    result = check_humaneval(ADD, body(attack), timeout_s=5)
+    assert (result.passed, result.status) == (False, "failed"), result
+    honest = check_humaneval(ADD, body("print('F'); return a + b"), timeout_s=5)
+    assert honest.passed, honest

@@ -17,6 +17,11 @@ heartbeat, ttl); acquiring is a conditional create; a background thread refreshe
 compare-and-swap; a lock whose heartbeat is older than its ttl (or that a waiter has seen unchanged
 for a ttl, whatever the clocks say) is stale, and is taken over by compare-and-swap on the stale
 version, so of two takers exactly one wins; release deletes it only while it is still ours.
+
+A lock whose owner is a dead process on this host is taken at once, without waiting for its ttl: the
+owner is host + pid + the process's identity (boot, pid namespace, start time: ``process_identity``),
+so a reused pid is not mistaken for the owner, and a lock from another host (or container) still
+waits for its ttl. ``owner_dead`` is the one test of it, also for flow runs (flows/stopping.py).
 """
 
 from __future__ import annotations
@@ -65,6 +70,49 @@ def lock_defaults() -> tuple[float, float]:
     """(ttl, heartbeat) in seconds: ``TUNELINE_LOCK_TTL_S`` / ``TUNELINE_LOCK_HEARTBEAT_S`` or the defaults."""
     ttl = float(os.environ.get("TUNELINE_LOCK_TTL_S") or DEFAULT_TTL_S)
     return ttl, float(os.environ.get("TUNELINE_LOCK_HEARTBEAT_S") or min(DEFAULT_HEARTBEAT_S, ttl / 10))
+
+
+# ----------------------------------------------------------------------------------------------
+# Owners: is the process that wrote a lock (or started a run) gone?
+# ----------------------------------------------------------------------------------------------
+_boot_and_ns: str | None = None
+
+
+def _this_boot_and_pid_ns() -> str:
+    """'<boot id>/<pid namespace inode>': pids and start times mean the same only within both; '' off Linux."""
+    global _boot_and_ns
+    if _boot_and_ns is None:
+        try:
+            boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+            _boot_and_ns = f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
+        except OSError:
+            _boot_and_ns = ""
+    return _boot_and_ns
+
+
+def process_identity(pid: int | None = None) -> str:
+    """'<boot id>/<pid namespace>/<start time in clock ticks>' of a live process ('' when it is gone
+    or a zombie, or off Linux): a pid reused by another process gets another identity."""
+    prefix = _this_boot_and_pid_ns()
+    try:
+        fields = Path(f"/proc/{pid or os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return ""
+    if not prefix or len(fields) < 20 or fields[0] in ("Z", "X"):  # a zombie does nothing more; nobody may reap it
+        return ""
+    return f"{prefix}/{fields[19]}"
+
+
+def owner_dead(host: str, pid: int, identity: str) -> bool:
+    """True only when it is certain: ``identity`` was taken on this host, boot and pid namespace, and
+    ``pid`` is now gone or another process. Anything else (another host, an old lock without an
+    identity) is False: such an owner is judged by its heartbeat."""
+    prefix = _this_boot_and_pid_ns()
+    if not identity or not prefix or host != socket.gethostname() or not identity.startswith(prefix + "/"):
+        return False
+    if int(pid) <= 0:
+        return False
+    return process_identity(int(pid)) != identity
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,6 +251,11 @@ class Holder:
     heartbeat: str = ""
     ttl_s: float = 0.0
     token: str = ""
+    process: str = ""  # process_identity of pid
+
+    def dead(self) -> bool:
+        """Its process is gone from this host (see ``owner_dead``)."""
+        return owner_dead(self.host, self.pid, self.process)
 
     @classmethod
     def parse(cls, data: bytes) -> Holder | None:
@@ -222,6 +275,7 @@ class StoreLock:
     ``with StoreLock(store, "locks/sft/<fp>", owner="flow run nightly-fox"):`` waits (forever with
     ``timeout_s=None``, polling every ``poll_s``) until it holds the lock, takes over a stale one, and
     releases it on exit. ``check()`` raises ``LockLost`` once another process has taken it over.
+    ``take_dead=False`` leaves a dead owner's lock to its ttl (for a caller with its own, stricter test).
     """
 
     def __init__(
@@ -235,6 +289,7 @@ class StoreLock:
         timeout_s: float | None = None,
         poll_s: float | None = None,
         log: Any = None,
+        take_dead: bool = True,
     ):
         default_ttl, default_beat = lock_defaults()
         self.store, self.key = store, key
@@ -244,6 +299,7 @@ class StoreLock:
         self.timeout_s = timeout_s
         self.poll_s = float(poll_s or min(DEFAULT_POLL_S, self.heartbeat_s))
         self.log = log or logging.getLogger("tuneline.locks")
+        self.take_dead = take_dead
         self.token = uuid.uuid4().hex
         self.acquired_at = ""
         self.version: str | None = None  # of our lock object while we hold it
@@ -267,6 +323,7 @@ class StoreLock:
                 "heartbeat": _now(),
                 "ttl_s": self.ttl_s,
                 "token": self.token,
+                "process": process_identity(),
             },
             indent=2,
         ).encode()
@@ -286,7 +343,8 @@ class StoreLock:
                 self.version = put_if(self.store, self.key, self._body())
             elif self._is_stale(*current):
                 holder = Holder.parse(current[0])
-                self.log.warning("taking over the stale lock %s of %s", self.store.uri(self.key), holder or "?")
+                why = "its process is gone" if holder and holder.dead() else "stale"
+                self.log.warning("taking over the lock %s of %s (%s)", self.store.uri(self.key), holder or "?", why)
                 self.version = put_if(self.store, self.key, self._body(), version=current[1])
             else:
                 self.waited_for = Holder.parse(current[0]) or self.waited_for
@@ -300,9 +358,11 @@ class StoreLock:
         return True
 
     def _is_stale(self, data: bytes, version: str) -> bool:
-        """Stale: its heartbeat is older than its ttl, or we have seen it unchanged for a ttl (a
-        holder whose clock runs ahead still loses a dead lock)."""
+        """Stale: its owner is a dead process on this host, its heartbeat is older than its ttl, or we
+        have seen it unchanged for a ttl (a holder whose clock runs ahead still loses a dead lock)."""
         holder = Holder.parse(data)
+        if self.take_dead and holder is not None and holder.dead():
+            return True
         ttl = holder.ttl_s if holder and holder.ttl_s else self.ttl_s
         if self._seen is None or self._seen[0] != version:
             self._seen = (version, time.monotonic())

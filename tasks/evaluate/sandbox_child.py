@@ -16,16 +16,29 @@ import resource
 import signal
 import sys
 
-# Trusted prelude executed by the program's interpreter: run program.py as
-# __main__, then write the "finished" marker to the fd given in argv[1].
+# Trusted prelude executed by the program's interpreter. How "it ran to the end" reaches the caller, and
+# why a completion cannot forge it:
+# - The verdict travels supervisor -> caller on status_fd, which the program never holds (closed before
+#   exec); the supervisor is another uid / non-dumpable PID 1, so the program cannot write for it.
+# - The supervisor's evidence that the program finished is a per-run 16-byte random token: the runner
+#   reads it from secret_fd and closes that fd *before* the program runs, and writes it back on done_fd
+#   only after the program returned. The supervisor accepts exactly the token and nothing else, so
+#   writing a marker or any bytes to every descriptor, then exiting 0, is a failure.
+# - Limit: the check runs in the completion's own process, so a completion that digs the token out of
+#   the runner's frame or memory could still forge it; that needs code aimed at this harness, not a
+#   blind write to descriptors, and no descriptor of the program carries it.
 _RUNNER = (
     "import os, runpy, sys\n"
-    "fd = int(sys.argv[1])\n"
-    "sys.argv = sys.argv[2:]\n"
-    "os.set_inheritable(fd, False)\n"
-    "runpy.run_path(sys.argv[0], run_name='__main__')\n"
-    "os.write(fd, b'F')\n"
+    "def _run(secret_fd, done_fd, path):\n"
+    "    token = os.read(secret_fd, 64)\n"
+    "    os.close(secret_fd)\n"
+    "    os.set_inheritable(done_fd, False)\n"
+    "    sys.argv = [path]\n"
+    "    runpy.run_path(path, run_name='__main__')\n"
+    "    os.write(done_fd, token)\n"
+    "_run(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])\n"
 )
+TOKEN_BYTES = 16
 
 # prctl(2), mount(2) and mount_setattr(2) constants (linux/prctl.h, linux/mount.h).
 _PR_SET_PDEATHSIG = 1
@@ -227,13 +240,18 @@ def _drop_privileges(cfg: dict) -> None:
     _prctl(_PR_SET_NO_NEW_PRIVS, 1)
 
 
-def _seccomp_filter(module_path: str):
+def _seccomp_filter(module_path: str, libraries: dict[str, str] | None = None):
     """The program's system-call filter, built with libseccomp through ``pyseccomp`` (a ctypes binding
     with the API of libseccomp's own Python bindings; loaded from its file because this process runs
     without site-packages). Everything not listed is allowed; a refused call fails with EPERM."""
     import errno
     import importlib.util
 
+    if libraries:  # paths the caller found once: find_library runs `ldconfig -p` (~20 ms a problem)
+        import ctypes.util
+
+        found = ctypes.util.find_library
+        ctypes.util.find_library = lambda name: libraries.get(name) or found(name)
     spec = importlib.util.spec_from_file_location("pyseccomp", module_path)
     sc = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sc)
@@ -252,16 +270,18 @@ def _seccomp_filter(module_path: str):
     return filt
 
 
-def _exec_program(cfg: dict, marker_fd: int) -> None:
+def _exec_program(cfg: dict, secret_fd: int, done_fd: int) -> None:
     """Child of the supervisor: limits, privileges, folder, then exec python."""
     workdir = cfg["dir"]
     os.close(cfg["status_fd"])
-    filt = _seccomp_filter(cfg["seccomp"])  # built while its file is surely readable; loaded just before exec
+    # built while its file is surely readable; loaded just before exec
+    filt = _seccomp_filter(cfg["seccomp"], cfg.get("libraries"))
     _set_rlimits(cfg)
     _drop_privileges(cfg)
     _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # after setuid, which clears it
     os.chdir(workdir)
-    os.set_inheritable(marker_fd, True)
+    os.set_inheritable(secret_fd, True)
+    os.set_inheritable(done_fd, True)
     env = {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
         "HOME": workdir,
@@ -271,7 +291,7 @@ def _exec_program(cfg: dict, marker_fd: int) -> None:
     }
     py = cfg["python"]
     filt.load()  # after no_new_privs; kept across execve, inherited by every child
-    os.execve(py, [py, "-I", "-B", "-c", _RUNNER, str(marker_fd), "program.py"], env)
+    os.execve(py, [py, "-I", "-B", "-c", _RUNNER, str(secret_fd), str(done_fd), "program.py"], env)
 
 
 def _kill_descendants() -> None:
@@ -308,20 +328,28 @@ def _supervise(cfg: dict) -> int:
         _prctl(_PR_SET_CHILD_SUBREAPER, 1)
         if cfg["mode"] in ("root", "userns"):
             _setup_filesystem(cfg, report["warnings"])
-        marker_r, marker_w = os.pipe()
+        token = os.urandom(TOKEN_BYTES)
+        secret_r, secret_w = os.pipe()
+        os.write(secret_w, token)  # fits a pipe's buffer; the runner takes it before the program runs
+        os.close(secret_w)
+        done_r, done_w = os.pipe()
+        # Close-on-exec: only this process's own code before exec can say "could not start the program".
+        start_err_r, start_err_w = os.pipe()
         pid = os.fork()
         if pid == 0:
             try:
-                os.close(marker_r)
-                _exec_program(cfg, marker_w)
+                os.close(done_r)
+                os.close(start_err_r)
+                _exec_program(cfg, secret_r, done_w)
             except BaseException as exc:  # noqa: BLE001 - report anything, never return
                 try:
-                    os.write(marker_w, b"E")
+                    os.write(start_err_w, b"E")
                     sys.stderr.write(f"sandbox: could not start program: {exc!r}\n")
                     sys.stderr.flush()
                 finally:
                     os._exit(125)
-        os.close(marker_w)
+        for fd in (secret_r, done_w, start_err_w):
+            os.close(fd)
 
         def on_alarm(_signum, _frame):
             report["timeout"] = True
@@ -339,9 +367,8 @@ def _supervise(cfg: dict) -> int:
             report["signal"] = os.WTERMSIG(wstatus)
         else:
             report["rc"] = os.waitstatus_to_exitcode(wstatus)
-        marker = read_all_nonblocking(marker_r)
-        report["finished"] = marker == b"F"
-        if marker == b"E":
+        report["finished"] = read_all_nonblocking(done_r) == token  # exactly the token, nothing more
+        if read_all_nonblocking(start_err_r):
             report["error"] = "could not start the program (see stderr)"
     except BaseException as exc:  # noqa: BLE001
         report["error"] = repr(exc)[:300]

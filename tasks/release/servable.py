@@ -101,11 +101,16 @@ def check_servable(
     timeout: float = 1800,
 ) -> dict[str, Any]:
     """Run :func:`answer` in a child process; raises :class:`NotServable` with the engine's error in one line."""
+    from tasks.runtime.guard import die_with_parent
+
     python = os.environ.get("TUNELINE_SERVABLE_PYTHON") or sys.executable
     cmd = [python, "-m", "tasks.release.servable", str(model_dir), question, system_prompt or "", name or ""]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     try:
-        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        # dies with this process (a killed flow must not leave a model loading for up to `timeout`)
+        done = subprocess.run(
+            cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, preexec_fn=die_with_parent
+        )
     except subprocess.TimeoutExpired:
         raise NotServable(f"servable check of {model_dir}: no answer within {timeout:.0f}s") from None
     lines = [line for line in done.stdout.splitlines() if line.strip()]

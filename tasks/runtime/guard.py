@@ -75,18 +75,6 @@ def _stat(pid: int) -> tuple[str, int, int] | None:
     return fields[0], int(fields[1]), int(fields[2])
 
 
-def alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie has ended)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    st = _stat(pid)
-    return st is None or st[0] != "Z"  # without /proc, kill(0) is all we know
-
-
 def _processes() -> dict[int, tuple[str, int, int]]:
     """Every live process: pid -> (state, ppid, pgrp); zombies left out."""
     found = {}
@@ -205,7 +193,7 @@ class Guard:
         folder = Path(self.args.lock_dir)
         store = Store(str(folder))
         owner = f"trainer guard of {folder} (flow pid {self.args.parent} on {socket.gethostname()})"
-        lock = StoreLock(store, LOCK_KEY, owner=owner, log=log)
+        lock = StoreLock(store, LOCK_KEY, owner=owner, log=log, take_dead=False)  # dead guard: _take_dead_lock
         start, said = time.monotonic(), False
         while not lock.try_acquire():
             if self.should_stop(None):
@@ -228,7 +216,7 @@ class Guard:
         """Remove a lock whose guard died on this host with no trainer process left (no need to wait a ttl)."""
         current = read_versioned(store, LOCK_KEY)
         holder = Holder.parse(current[0]) if current else None
-        if current is None or holder is None or holder.host != socket.gethostname() or alive(holder.pid):
+        if current is None or holder is None or not holder.dead():
             return False
         pid_file = Path(self.args.pid_file)
         try:
