@@ -267,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     from flows.release_ops import add_release_parser
 
     add_release_parser(sub)
+    from flows.tracking import add_tracking_parser
+
+    add_tracking_parser(sub)
     dep = sub.add_parser("deploy", help="apply work pools and the deployments of infra/prefect.yaml (PREFECT_API_URL)")
     dep.add_argument("--pool", default="gpu-v100", help="work pool the deployments target: cpu, gpu-v100, gpu-a100x2")
     dep.add_argument(

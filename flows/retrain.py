@@ -23,6 +23,7 @@ from prefect import flow, get_run_logger
 
 from flows.hooks import report_failure
 from flows.params import RetrainParams
+from flows.tracking import open_night
 from tasks.artifacts.registry import current_champion, gate_champion
 from tasks.data import prepare_dataset
 from tasks.evaluate import check_eval_data, evaluate, metrics_table
@@ -48,18 +49,25 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict[str, Any]:
     # Every GPU task's requirement, checked before anything is loaded (tasks/runtime/requirements.py).
     needs = preflight_run(params, logger)
     ctx = params.stage_context().pinned()  # built once (hub revision resolved once); every stage gets it by keyword
+    # tracking.*: the night's MLflow run, stages nested in it; never decides anything (flows/tracking.py)
+    night, ctx = open_night(params, ctx, logger)
+    track = night.stage if night else (lambda ref: ref)
 
     check_eval_data(params.eval, ctx.storage_block)  # bad evaluation data fails now, not after hours of training
     # The champion is the release LATEST names now; a broken one stops the night before any training.
     latest = current_champion(ctx.store(), params.release.model_name)
     logger.info("champion: %s", f"release {latest.release_id}" if latest else "none yet (first release: base only)")
     dataset = prepare_dataset(params.data, ctx=ctx)
+    track(dataset)
     adapter = lora_sft.with_options(tags=needs["lora_sft"].tags)(params.sft, dataset=dataset, ctx=ctx)
+    track(adapter)
     if params.grpo.enabled:
         prompts = prepare_dataset(params.grpo_prompt_data(), ctx=ctx)
         adapter = grpo.with_options(tags=needs["grpo"].tags)(params.grpo, adapter=adapter, dataset=prompts, ctx=ctx)
+        track(adapter)
     merge_task = merge_lora.with_options(tags=needs["merge_lora"].tags)
     merged = merge_task(params.merge, adapter=adapter, sft_profile=params.sft.profile, ctx=ctx)
+    track(merged)
     champion = gate_champion(ctx.store(), latest, merged.fingerprint)
     identity = {"name": params.data.model_name, "author": params.data.model_author}
     report = evaluate.with_options(tags=needs["evaluate"].tags)(
@@ -71,6 +79,10 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict[str, Any]:
         champion=champion,
         **identity,
     )
+    track(report)
+    stored = json.loads((ctx.open(report) / "report.json").read_text(encoding="utf-8"))
+    if night:
+        night.evaluation(stored)
     gate = report.metrics["gate"]
     if not gate["passed"]:
         reason = "quality gate failed: " + "; ".join(gate["reasons"])
@@ -96,7 +108,9 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict[str, Any]:
     after_release(
         ctx.store(), params.release.model_name, params.release.keep_last, params.release.stage_max_age_days, logger
     )
-    stored = json.loads((ctx.open(report) / "report.json").read_text(encoding="utf-8"))
+    track(released)
+    if night:
+        night.released(released, params.release.model_name)
     return {
         "base": report.metrics["base"],
         "tuned": report.metrics["tuned"],
@@ -108,6 +122,7 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict[str, Any]:
         "sft": adapter.metrics,
         "devices": devices,
         "needs": {task: need.describe() for task, need in needs.items()},
+        "tracking": {"warnings": night.close()} if night else None,  # an unreachable tracker: warnings, not a failure
     }
 
 
