@@ -112,11 +112,13 @@ def retrain(params: RetrainParams = RetrainParams(), preset: dict[str, Any] | No
         if not params.eval.force_release:
             raise QualityGateFailed(reason + " (nothing released; set eval.force_release to override)")
         logger.warning("%s — released anyway: eval.force_release is on", reason)
+    # The release's fingerprint covers these: tracking.* is observation, not computation, so it is left out
+    # (turning tracking on or off, or pointing it elsewhere, must not make a new release).
     lineage_params = {
-        **params.model_dump(mode="json"),
+        **params.model_dump(mode="json", exclude={"tracking"}),
         "base_model": ctx.base_model,
         "base_revision": ctx.base_revision,
-        "overridden": sorted(overridden),  # fields that differ from the deployment's preset
+        "overridden": sorted(k for k in overridden if not k.startswith("tracking.")),  # differ from the preset
     }
     released = release(
         params.release,

@@ -44,8 +44,9 @@ _open: dict[str, Night] = {}  # flow run id -> its open night (the failure hook 
 def resolve_uri(uri: str, root: str) -> str:
     """``local`` means a SQLite store under a local artifact root (``mlflow ui --backend-store-uri`` it).
 
-    >>> resolve_uri("local", "/data/artifacts")
-    'sqlite:////data/artifacts/mlflow/mlflow.db'
+    >>> import tempfile; root = tempfile.mkdtemp()
+    >>> resolve_uri("local", root) == f"sqlite:///{root}/mlflow/mlflow.db"
+    True
     >>> resolve_uri("http://127.0.0.1:5000", "s3://b/p")
     'http://127.0.0.1:5000'
     """
@@ -242,8 +243,16 @@ def register(mlflow: Any, release: dict[str, Any], run_id: str | None) -> str:
         if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
             raise
     tags = {"tuneline.release_id": release["release_id"], "tuneline.gate": release.get("gate", "-")}
+    tags |= {"tuneline.release_uri": release["uri"]}
     tags |= {f"tuneline.fingerprint.{k}": v for k, v in (release.get("fingerprints") or {}).items()}
-    version = mlflow.create_model_version(name, release["uri"], run_id=run_id, tags=tags)
+    source = release["uri"]
+    if "://" not in source:
+        # A tracking server refuses a local path as a version's source unless it lies in the run's artifacts;
+        # the night's run stands for it then (the path is in the tag tuneline.release_uri).
+        if not run_id:
+            raise LookupError(f"release {release['release_id']} is a local folder with no tracked night to register")
+        source = f"runs:/{run_id}/release"
+    version = mlflow.create_model_version(name, source, run_id=run_id, tags=tags)
     return version.version
 
 
@@ -289,7 +298,15 @@ def open_night(params: Any, ctx: Any, logger: Any) -> tuple[Night | None, Any]:
         return None, ctx
     from prefect.runtime import flow_run
 
-    uri = resolve_uri(tracking.mlflow_uri, ctx.root)
+    from flows.errors import InputError
+    from tasks.artifacts.tracking import MISSING, mlflow_installed
+
+    if not mlflow_installed():  # asked for and impossible: said before any training, not as a warning per stage
+        raise InputError(MISSING)
+    try:
+        uri = resolve_uri(tracking.mlflow_uri, ctx.root)
+    except ValueError as e:
+        raise InputError(str(e)) from None
     load_secret(tracking.secret_block)
     run_id = str(flow_run.id or "local")
     record = {

@@ -69,10 +69,23 @@ def check_uri(uri: str) -> str:
     return uri
 
 
+MISSING = "tracking.mlflow_uri is set but mlflow is not installed: pip install 'tuneline[tracking]'"
+
+
+def mlflow_installed() -> bool:
+    """Whether MLflow can be imported (it is the optional extra ``tracking``: heavy, and off by default)."""
+    import importlib.util
+
+    return importlib.util.find_spec("mlflow") is not None
+
+
 def client(uri: str) -> Any:
-    """An ``MlflowClient`` for ``uri`` that gives up quickly when the server is down."""
+    """An ``MlflowClient`` for ``uri`` that gives up quickly when the server is down; ``ImportError`` naming
+    the extra when MLflow is not installed."""
     for key, value in CLIENT_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    if not mlflow_installed():
+        raise ImportError(MISSING)
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
