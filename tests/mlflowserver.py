@@ -62,7 +62,9 @@ class MlflowServer:
             str(self.artifacts),
         ]
         log = open(self.data_dir / "server.log", "ab")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        # MLflow 3's job runner (a pool of huey consumers for GenAI jobs) is not needed here and costs the CPU
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

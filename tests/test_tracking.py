@@ -8,7 +8,7 @@ as a person comparing nights would find it:
    as a registered model version with the ``champion`` alias;
 2. the same night untracked: every stage a cache hit, the same release (tracking changes no fingerprint);
 3. a tracked night that changes an evaluation setting: the unchanged stages tagged reused, a second version;
-   ``release rollback`` moves the alias back;
+   ``release promote`` moves the alias with LATEST;
 4. a night while the server is down: green, with a warning, its record kept; ``tuneline tracking sync``
    sends it once the server is back;
 5. no credential anywhere in the tracker's database or artifacts.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -32,13 +33,16 @@ from tasks.artifacts.store import Store
 from tests.test_flow import _params, _task_states
 
 MODEL = "smollm2-135m-quokka"  # the demo preset's release.model_name: the experiment and the registered model
-# Credentials the MLflow client sends (the test server has no auth and ignores them); none may be stored.
-SECRETS = {"MLFLOW_TRACKING_USERNAME": "tuneline-user-3c9f1e", "MLFLOW_TRACKING_PASSWORD": "pw-8d41b7a2e6f0-secret"}
+# Credentials in the environment, where the MLflow client reads them (the test server has no auth and ignores
+# them); none may be stored. The user name is not among them: MLflow records who created a run.
+CREDENTIALS = {"MLFLOW_TRACKING_USERNAME": "tuneline-user", "MLFLOW_TRACKING_PASSWORD": "pw-8d41b7a2e6f0-secret"}
+SECRETS = {"MLFLOW_TRACKING_PASSWORD": "pw-8d41b7a2e6f0-secret", "MLFLOW_TRACKING_TOKEN": "tok-5c2e9a17f3b4"}
 STAGES = {"data", "sft", "merge", "evaluate", "release"}
 
 
 def _night(model_dir: Path, root: Path, uri: str | None, **overrides):
-    sets = {"sft.logging_steps": 1, **overrides}  # a loss point per step: a curve of max_steps points
+    # a loss point per step (a curve of max_steps points); validation only: no generation, the cheapest night
+    sets = {"sft.logging_steps": 1, "eval.suites": "['validation']", **overrides}
     if uri:
         sets["tracking.mlflow_uri"] = uri
     state = retrain(_params(model_dir, root, **sets), return_state=True)
@@ -49,8 +53,8 @@ def _night(model_dir: Path, root: Path, uri: str | None, **overrides):
 @pytest.fixture(scope="module")
 def nights(tiny_model_dir, mlflow_server, tmp_path_factory):
     root = tmp_path_factory.mktemp("tracked")
-    saved = {k: os.environ.get(k) for k in SECRETS}
-    os.environ.update(SECRETS)
+    saved = {k: os.environ.get(k) for k in {**CREDENTIALS, **SECRETS}}
+    os.environ.update({**CREDENTIALS, **SECRETS})
     try:
         first = _night(tiny_model_dir, root, mlflow_server.url)
         untracked = _night(tiny_model_dir, root, None)
@@ -163,13 +167,15 @@ def test_releases_are_model_versions_and_champion_follows_latest(nights, mlflow)
     assert v2.tags["tuneline.fingerprint.sft"] == v1.tags["tuneline.fingerprint.sft"]
     assert mlflow.get_model_version_by_alias(MODEL, "champion").version == v2.version
 
+    # A random model's releases are all forced, so `rollback` (to the previous *good* release) refuses here;
+    # `promote` moves LATEST back and forth through the same alias code.
     store = Store(str(nights.root))
-    text, _ = run_action(store, "rollback", MODEL, who="test", reason="alias test", tracking_uri=mlflow.tracking_uri)
+    text, _ = run_action(store, "promote", MODEL, r1, who="test", reason="back", tracking_uri=mlflow.tracking_uri)
     assert store.read_bytes(f"releases/{MODEL}/LATEST").decode().strip() == r1
     assert f"alias champion -> version {v1.version}" in text
     assert mlflow.get_model_version_by_alias(MODEL, "champion").version == v1.version
 
-    text, _ = run_action(store, "promote", MODEL, r2, who="test", reason="back", tracking_uri=mlflow.tracking_uri)
+    text, _ = run_action(store, "promote", MODEL, r2, who="test", reason="again", tracking_uri=mlflow.tracking_uri)
     assert mlflow.get_model_version_by_alias(MODEL, "champion").version == v2.version, text
 
 
@@ -219,10 +225,27 @@ def test_no_credential_reaches_the_tracker(nights, mlflow_server, mlflow):
         data = path.read_bytes()
         for name, secret in SECRETS.items():
             assert secret.encode() not in data, f"{name} found in {path}"
-    params = _night_run(mlflow, nights.first).data.params
-    assert not [k for k in params if any(w in k.lower() for w in ("password", "token", "secret_key"))]
+    run = _night_run(mlflow, nights.first)
+    named = re.compile(r"password|secret_key|access_key|(^|[._])token$")  # tracking.secret_block is a block's name
+    assert not [k for k in run.data.params if named.search(k.lower())], "a credential-like parameter"
+    assert CREDENTIALS["MLFLOW_TRACKING_USERNAME"] not in json.dumps(run.data.params)
 
 
 def test_a_tracking_uri_with_credentials_is_refused():
     with pytest.raises(ValidationError, match="no credentials in the URI"):
         RetrainParams(tracking={"mlflow_uri": "https://bob:hunter2@mlflow.example"})
+
+
+def test_tracking_on_without_mlflow_stops_the_night_with_one_line_naming_the_extra(monkeypatch, tmp_path):
+    import logging
+
+    import tasks.artifacts.tracking as plumbing
+    from flows.errors import InputError
+    from flows.tracking import open_night
+
+    monkeypatch.setattr(plumbing, "mlflow_installed", lambda: False)  # as without the extra
+    params = RetrainParams(artifact_root=str(tmp_path), tracking={"mlflow_uri": "local"})
+    with pytest.raises(InputError, match=r"mlflow is not installed: pip install 'tuneline\[tracking\]'") as raised:
+        open_night(params, params.stage_context(), logging.getLogger("test"))
+    assert "\n" not in str(raised.value)
+    assert not (tmp_path / "tracking").exists()  # nothing recorded: the night never started
