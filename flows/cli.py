@@ -319,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     from flows.params_cli import add_params_parser
 
     add_params_parser(sub)
+    from flows.tracking import add_tracking_parser
+
+    add_tracking_parser(sub)
     dep = sub.add_parser("deploy", help="apply work pools and the deployments of infra/prefect.yaml (PREFECT_API_URL)")
     dep.add_argument("--pool", default="gpu-v100", help="work pool the deployments target: cpu, gpu-v100, gpu-a100x2")
     dep.add_argument(

@@ -50,6 +50,12 @@ def report_failure(flow: Any, flow_run: Any, state: Any) -> None:
         reason,
     )
     try:
+        from flows.tracking import close_failed
+
+        close_failed(flow_run.id, reason)  # the night's MLflow run ends FAILED, with the reason
+    except Exception as e:  # noqa: BLE001
+        logger.error("could not close the night's tracking run: %s", e)
+    try:
         _create_artifact(flow_run, kind, reason)
     except Exception as e:  # noqa: BLE001 — the run's failure matters more than the report's
         logger.error("could not write the %s artifact: %s", ARTIFACT_KEY, e)

@@ -55,6 +55,31 @@ class ModelParams(BaseModel):
     )
 
 
+class TrackingParams(BaseModel):
+    """Experiment tracking (flows/tracking.py): never decides anything, never fails a night."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mlflow_uri: str = Field(
+        default="",
+        max_length=1000,
+        description="MLflow tracking URI: empty = off; a server URL; 'local' = a SQLite store under the artifact "
+        "root (mlflow ui over it). No credentials in it: MLFLOW_TRACKING_TOKEN/USERNAME/PASSWORD or secret_block.",
+    )
+    experiment: str = Field(default="", max_length=200, description="MLflow experiment (default: release.model_name).")
+    tensorboard: bool = Field(default=False, description="Trainers also write TensorBoard event files (stage folder).")
+    secret_block: str | None = Field(
+        default=None, max_length=200, description="Name of a Prefect Secret block: 'user:password' or a token."
+    )
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _no_credentials(cls, value: str) -> str:
+        from tasks.artifacts.tracking import check_uri
+
+        return check_uri(value)
+
+
 class RetrainParams(BaseModel):
     """Everything a retrain needs. Unknown fields are errors, so a typo never passes silently."""
 
@@ -69,6 +94,7 @@ class RetrainParams(BaseModel):
     merge: MergeParams = Field(default_factory=MergeParams, description="Merge stage.")
     eval: EvalParams = Field(default_factory=EvalParams, description="Evaluation stage and quality gate.")
     release: ReleaseParams = Field(default_factory=ReleaseParams, description="Release stage.")
+    tracking: TrackingParams = Field(default_factory=TrackingParams, description="Experiment tracking (MLflow).")
     artifact_root: str = Field(
         default="./artifacts",
         min_length=1,

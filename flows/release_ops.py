@@ -129,6 +129,7 @@ def run_action(
     verify: Literal["content", "metadata"] = "content",
     keep_last: int = 7,
     stage_max_age_days: int = 30,
+    tracking_uri: str | None = None,
 ) -> tuple[str, Any]:
     """Do one action; return (text for a person, data)."""
     from tasks.artifacts.registry import latest_release
@@ -155,7 +156,7 @@ def run_action(
         return show_text(manifest, latest_release(store, model), pruned), manifest
     if action == "promote":
         entry = promote(store, model, release_id, who=who, why=reason, verify=verify)
-        return _moved_text(model, entry), entry
+        return _moved_text(model, entry, store, tracking_uri), entry
     if action == "pin":
         entry = pin(store, model, release_id, who=who, why=reason)
         if entry.get("unchanged"):
@@ -164,7 +165,7 @@ def run_action(
         return text, entry
     if action == "rollback":
         entry = rollback(store, model, who=who, why=reason, verify=verify)
-        return _moved_text(model, entry), entry
+        return _moved_text(model, entry, store, tracking_uri), entry
     if action == "prune":
         require_model(store, model)
         result = prune(store, model, keep_last, stage_max_age_days, who=who)
@@ -180,12 +181,16 @@ def run_action(
     raise ValueError(f"unknown action {action!r} (list, show, promote, rollback, pin, prune, log)")
 
 
-def _moved_text(model: str, entry: dict[str, Any]) -> str:
+def _moved_text(model: str, entry: dict[str, Any], store: Any = None, tracking_uri: str | None = None) -> str:
+    from flows.tracking import alias_after_move
+
+    # the tracker's champion alias follows LATEST in the same operation (a failure is said, LATEST stands)
+    alias = alias_after_move(tracking_uri, store, model, entry["to"]) if entry.get("to") else ""
     if entry.get("unchanged"):
-        return f"{model}: LATEST already names {entry['to']}; nothing moved"
+        return f"{model}: LATEST already names {entry['to']}; nothing moved" + (f"\n{alias}" if alias else "")
     return (
         f"{model}: LATEST moved from {entry['from'] or '(none)'} to {entry['to']} ({entry['action']} by {entry['who']})"
-    )
+    ) + (f"\n{alias}" if alias else "")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,6 +206,7 @@ def release_ops(
     storage_block: str | None = None,
     keep_last: int = 7,
     stage_max_age_days: int = 30,
+    tracking_uri: str = "",
 ) -> Any:
     """List, show, promote, roll back or prune a model's releases; the move log becomes the markdown
     artifact ``release-log``. Promote and rollback refuse a release whose files fail their checksums."""
@@ -213,6 +219,7 @@ def release_ops(
     store = open_store(None if storage_block else artifact_root, storage_block)
     who = f"flow run {flow_run.name} ({flow_run.id})"
     options = {"who": who, "reason": reason, "keep_last": keep_last, "stage_max_age_days": stage_max_age_days}
+    options["tracking_uri"] = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")  # the champion alias
     text, data = run_action(store, action, model_name, release_id, **options)
     logger.info("%s %s:\n%s", action, model_name, text)
     rows = "\n".join(
@@ -251,6 +258,7 @@ def cmd_release(args: argparse.Namespace) -> int:
             verify=getattr(args, "verify", "content"),
             keep_last=getattr(args, "keep_last", 7),
             stage_max_age_days=getattr(args, "stage_max_age_days", 30),
+            tracking_uri=getattr(args, "tracking_uri", None),
         )
     except (ReleaseError, StoreError, RegistryError, LockTimeout, OSError, ValueError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
@@ -291,6 +299,11 @@ def add_release_parser(sub: Any) -> None:
     ):
         p = command(name, help, release_id=rid)
         p.add_argument("--reason", default="", help="why (recorded in the move log)")
+        p.add_argument(
+            "--tracking-uri",
+            default=os.environ.get("MLFLOW_TRACKING_URI"),
+            help="MLflow tracker whose 'champion' alias follows LATEST (default: MLFLOW_TRACKING_URI)",
+        )
         p.add_argument(
             "--verify",
             choices=["content", "metadata"],

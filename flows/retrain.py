@@ -26,6 +26,7 @@ from flows.effective import effective_params, params_markdown
 from flows.hooks import report_failure
 from flows.params import RetrainParams
 from flows.results import run_samples
+from flows.tracking import open_night
 from tasks.artifacts.registry import current_anchor, current_champion, gate_anchor, gate_champion
 from tasks.data import prepare_dataset
 from tasks.evaluate import check_eval_data, check_validation_power, evaluate, metrics_table
@@ -74,6 +75,9 @@ def retrain(params: RetrainParams = RetrainParams(), preset: dict[str, Any] | No
     # Every GPU task's requirement, checked before anything is loaded (tasks/runtime/requirements.py).
     needs = preflight_run(params, logger)
     ctx = params.stage_context().pinned()  # built once (hub revision resolved once); every stage gets it by keyword
+    # tracking.*: the night's MLflow run, stages nested in it; never decides anything (flows/tracking.py)
+    night, ctx = open_night(params, ctx, logger)
+    track = night.stage if night else (lambda ref: ref)
 
     check_eval_data(params.eval, ctx.storage_block)  # bad evaluation data fails now, not after hours of training
     # The champion is the release LATEST names now; a broken one stops the night before any training.
@@ -82,12 +86,16 @@ def retrain(params: RetrainParams = RetrainParams(), preset: dict[str, Any] | No
     pinned = current_anchor(ctx.store(), params.release.model_name)  # a pin, else the first release
     dataset = prepare_dataset(params.data, ctx=ctx)
     check_validation_power(params.eval, dataset.metrics.get("validation_rows"))  # before hours of training
+    track(dataset)
     adapter = lora_sft.with_options(tags=needs["lora_sft"].tags)(params.sft, dataset=dataset, ctx=ctx)
+    track(adapter)
     if params.grpo.enabled:
         prompts = prepare_dataset(params.grpo_prompt_data(), ctx=ctx)
         adapter = grpo.with_options(tags=needs["grpo"].tags)(params.grpo, adapter=adapter, dataset=prompts, ctx=ctx)
+        track(adapter)
     merge_task = merge_lora.with_options(tags=needs["merge_lora"].tags)
     merged = merge_task(params.merge, adapter=adapter, sft_profile=params.sft.profile, ctx=ctx)
+    track(merged)
     champion = gate_champion(ctx.store(), latest, merged.fingerprint)
     anchor = gate_anchor(ctx.store(), pinned, merged.fingerprint)
     identity = {"name": params.data.model_name, "author": params.data.model_author}
@@ -101,8 +109,11 @@ def retrain(params: RetrainParams = RetrainParams(), preset: dict[str, Any] | No
         anchor=anchor,
         **identity,
     )
-    gate = report.metrics["gate"]
+    track(report)
     stored = json.loads((ctx.open(report) / "report.json").read_text(encoding="utf-8"))
+    if night:
+        night.evaluation(stored)
+    gate = report.metrics["gate"]
     results = {
         "base": report.metrics["base"],
         "tuned": report.metrics["tuned"],
@@ -121,11 +132,13 @@ def retrain(params: RetrainParams = RetrainParams(), preset: dict[str, Any] | No
         if not params.eval.force_release:
             raise QualityGateFailed(reason + " (nothing released; set eval.force_release to override)", results)
         logger.warning("%s — released anyway: eval.force_release is on", reason)
+    # The release's fingerprint covers these: tracking.* is observation, not computation, so it is left out
+    # (turning tracking on or off, or pointing it elsewhere, must not make a new release).
     lineage_params = {
-        **params.model_dump(mode="json"),
+        **params.model_dump(mode="json", exclude={"tracking"}),
         "base_model": ctx.base_model,
         "base_revision": ctx.base_revision,
-        "overridden": sorted(overridden),  # fields that differ from the deployment's preset
+        "overridden": sorted(k for k in overridden if not k.startswith("tracking.")),  # differ from the preset
     }
     released = release(
         params.release,
@@ -141,7 +154,12 @@ def retrain(params: RetrainParams = RetrainParams(), preset: dict[str, Any] | No
     after_release(
         ctx.store(), params.release.model_name, params.release.keep_last, params.release.stage_max_age_days, logger
     )
-    return {**results, "release_uri": released.metrics["release_uri"], "release_id": released.metrics["release_id"]}
+    return {
+        **results,
+        "release_uri": released.metrics["release_uri"],
+        "release_id": released.metrics["release_id"],
+        "tracking": {"warnings": night.close()} if night else None,  # an unreachable tracker: warnings, not a failure
+    }
 
 
 def preflight_run(params: RetrainParams, logger: Any = None) -> dict[str, TaskNeed]:

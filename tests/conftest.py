@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random model (seconds), the real small model, and a real S3 server."""
+"""Shared fixtures: a tiny random model (seconds), the real small model, a real S3 server and a real MLflow
+tracking server."""
 
 from __future__ import annotations
 
@@ -81,6 +82,16 @@ def s3_server(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server (SQLite backend) on 127.0.0.1 for the session; stopped at the end."""
+    from tests.mlflowserver import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(params=["local", "s3"])

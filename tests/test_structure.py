@@ -10,6 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from flows.params import RetrainParams, load_params
+from tasks.artifacts.tracking import TrackingTarget
 from tasks.core.stage import StageContext, Workspace, run_stage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,7 +170,9 @@ def test_resumable_stage_keeps_scratch_on_failure_and_removes_it_once_published(
 def test_stage_context_carries_the_block_name_never_its_secrets():
     ctx = RetrainParams(model={"base": "tiny", "revision": "v1"}, artifact_root="/tmp/x").stage_context()
     assert (ctx.base_model, ctx.base_revision, ctx.root, ctx.storage_block) == ("tiny", "v1", "/tmp/x", None)
-    assert set(StageContext.model_fields) == {"base_model", "base_revision", "root", "storage_block"}
+    assert set(StageContext.model_fields) == {"base_model", "base_revision", "root", "storage_block", "tracking"}
+    # the tracker travels as its URI (checked credential-free), experiment and run ids
+    assert set(TrackingTarget.model_fields) == {"uri", "experiment_id", "parent_run_id", "tensorboard"}
 
 
 # -- parameters are declared once ---------------------------------------------------------------

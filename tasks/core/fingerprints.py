@@ -48,6 +48,9 @@ NOT_COUNTED = {
     # scaled the learning rate would train other numbers): they count like any code on the path.
     # copies complete checkpoints to and from an s3:// store (checked against their SHA-256)
     "tasks.artifacts.checkpoint_sync": "moves bytes",
+    # experiment tracking: opens MLflow runs and logs what a stage measured; it decides nothing, and the
+    # trainers' report_to it sets adds logging callbacks only (tracking.* is not in any fingerprint either)
+    "tasks.artifacts.tracking": "observes",
 }
 
 Kind = Literal["data", "training", "rl", "merge", "evaluation"]

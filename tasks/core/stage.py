@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tasks.artifacts.locks import StoreLock
 from tasks.artifacts.stage_folders import publish
 from tasks.artifacts.store import StageRef, Store, open_ref, store_for
+from tasks.artifacts.tracking import TrackingTarget, stage_run
 
 
 class StageContext(BaseModel):
@@ -44,6 +45,7 @@ class StageContext(BaseModel):
     base_revision: str = Field(default="main", description="Hub revision of the base model.")
     root: str = Field(description="Artifact root: a local folder or s3://bucket/prefix.")
     storage_block: str | None = Field(default=None, description="Name of a 'Tuneline Artifact Store' block.")
+    tracking: TrackingTarget | None = Field(default=None, description="The night's MLflow run (flows/tracking.py).")
 
     def store(self) -> Store:
         """The artifact store (endpoint and credentials from the block when one is named)."""
@@ -120,24 +122,34 @@ def run_stage(
         log.info("building %s %s", stage, fp)
         if resumable:  # the scratch folder (checkpoints) is used under the lock only
             scratch = store.scratch_dir(stage, fp)
-            ref = _build_and_publish(store, stage, fp, Workspace(out=scratch / "final", scratch=scratch), build, lock)
+            ref = _build_and_publish(
+                store, stage, fp, Workspace(out=scratch / "final", scratch=scratch), build, lock, ctx.tracking
+            )
             if on_published:
                 on_published(ref, scratch / "final")
             shutil.rmtree(scratch, ignore_errors=True)  # checkpoints are no longer needed
             return ref
         with tempfile.TemporaryDirectory(prefix=f"tuneline-{stage}-") as tmp:
-            ref = _build_and_publish(store, stage, fp, Workspace(out=Path(tmp)), build, lock)
+            ref = _build_and_publish(store, stage, fp, Workspace(out=Path(tmp)), build, lock, ctx.tracking)
             if on_published:
                 on_published(ref, Path(tmp))
             return ref
 
 
 def _build_and_publish(
-    store: Store, stage: str, fp: str, work: Workspace, build: Callable[[Workspace], dict[str, Any]], lock: StoreLock
+    store: Store,
+    stage: str,
+    fp: str,
+    work: Workspace,
+    build: Callable[[Workspace], dict[str, Any]],
+    lock: StoreLock,
+    tracking: TrackingTarget | None = None,
 ) -> StageRef:
-    metrics = build(work)
-    lock.check()  # a run whose lock was taken over (no heartbeat for a ttl) must not publish over the new holder
-    return publish(store, stage, fp, work.out, metrics)
+    with stage_run(tracking, stage, fp) as tracked:  # the stage's nested MLflow run, best effort
+        metrics = build(work)
+        lock.check()  # a run whose lock was taken over (no heartbeat for a ttl) must not publish over the new holder
+        tracked["ref"] = publish(store, stage, fp, work.out, metrics)
+    return tracked["ref"]
 
 
 def stage_lock_key(stage: str, fp: str) -> str:

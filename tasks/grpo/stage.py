@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.artifacts.store import StageRef
+from tasks.artifacts.tracking import report_to
 from tasks.core.common import (
     load_tokenizer,
     metrics_markdown,
@@ -198,7 +199,7 @@ def _train(
         use_cpu=on_cpu,
         bf16=profile.dtype == "bf16" and not on_cpu,
         fp16=profile.dtype == "fp16" and not on_cpu,
-        report_to="none",
+        report_to=report_to(output) or "none",  # the stage's nested MLflow run / TensorBoard (tracking.*)
         seed=cfg.seed,
         dataloader_num_workers=0,
         **vllm_args,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from tasks.artifacts.tracking import child_env
 from tasks.runtime.guard import die_with_parent
 
 # Seconds a trainer gets between SIGTERM and SIGKILL when its flow goes away or is cancelled.
@@ -111,6 +112,7 @@ def launch_training(
     ]
     env = {
         **os.environ,
+        **child_env(),  # inside a tracked stage: the trainer's report_to logs into its nested MLflow run
         "PYTHONUNBUFFERED": "1",
         "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]),
     }

@@ -50,6 +50,7 @@ from typing import Any
 
 from tasks.artifacts.checkpoint_sync import CheckpointSync
 from tasks.artifacts.store import StageRef
+from tasks.artifacts.tracking import report_to
 from tasks.core.common import (
     ProgressReporter,
     load_tokenizer,
@@ -213,6 +214,7 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
         evaluate=has_val,
         mean_row_tokens=mean_row_tokens,
         disable_tqdm=rank != 0,
+        report_to=report_to(output) or "none",  # the stage's nested MLflow run / TensorBoard (tracking.*)
         # accelerate sees several CPU processes as distributed only when told it runs on the CPU (tests)
         **({"use_cpu": True} if profile.shard_model and not torch.cuda.is_available() else {}),
     )
