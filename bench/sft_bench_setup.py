@@ -44,12 +44,12 @@ def make_rows(n: int, vocab: int, seed: int, lo: int = 300, hi: int = 2048, mean
     return rows, lengths
 
 
-# Dense bf16 (fp16 for the V100) tensor-core peaks from NVIDIA's datasheets, TFLOP/s, by device name.
-DATASHEET_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "V100": 125.0}
-
-
 def datasheet_tflops(device_name: str) -> float:
-    return next((v for k, v in DATASHEET_TFLOPS.items() if k in device_name), float("nan"))
+    """The card's datasheet peak as the stage reports it (tasks/sft/speed.py); NaN for an unknown card."""
+    from tasks.sft.speed import datasheet_tflops as stage_table
+
+    peak = stage_table(device_name)
+    return float("nan") if peak is None else peak
 
 
 def matmul_tflops(n: int = 8192, reps: int = 10) -> float:

@@ -72,6 +72,10 @@ def test_train_reports_curves_metrics_and_skips_a_half_written_checkpoint(tmp_pa
     assert metrics["global_step"] == 4 and metrics["resumed_from_step"] == 0
     assert 0.0 <= metrics["eval_mean_token_accuracy"] <= 1.0 and metrics["eval_loss"] > 0
     assert metrics["tokens_per_second"] > 0 and metrics["wall_seconds"] > 0 and metrics["train_tokens"] > 0
+    # steady state counts steps 3-4 (after the two warm-up steps), less the checkpoint pauses
+    assert metrics["steady_after_step"] == 2 and metrics["steady_tokens_per_second"] > 0
+    assert metrics["mfu"] is None and metrics["device"] == "cpu" and metrics["model_flops_per_token"] > 0
+    assert "speed: steady " in out and "whole run " in out
     assert metrics["nonfinite_steps_skipped"] == 0
     final = scratch / "final"
     assert (final / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

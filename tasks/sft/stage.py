@@ -29,8 +29,8 @@ Features and their trade-offs:
 - Optional DoRA, optional QLoRA (4-bit NF4 base through bitsandbytes, GPU only).
 - Progress: the child appends one JSON line per logging step to ``progress.jsonl``; the task turns
   it into a Prefect progress artifact. The terminal shows the trainer's own progress bar. Loss,
-  token accuracy and learning rate go to ``curves.png`` (a markdown artifact); tokens/s, peak GPU
-  memory and wall time to the stage's metrics.
+  token accuracy and learning rate go to ``curves.png`` (a markdown artifact); tokens/s (steady after
+  warm-up and whole run, MFU: ``tasks/sft/speed.py``), peak GPU memory and wall time to the metrics.
 
 Run the plain function without Prefect (what the GPU machine does; Prefect need not be installed)::
 
@@ -85,6 +85,7 @@ from tasks.sft.plan import (
     skip_adapter_input_casts,
     speed_settings,
 )
+from tasks.sft.speed import lora_flops_per_token, speed_line, speed_metrics, step_clock
 
 STAGE = "sft"
 CODE = "tasks.sft.stage"  # the module of train(): the code identity starts here
@@ -268,7 +269,7 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
     if profile.shard_model and not torch.cuda.is_available():
         let_accelerate_shard_on_cpu()
     guard = _nonfinite_guard(cfg.max_nonfinite_steps)
-    progress = Progress()
+    progress, clock = Progress(), step_clock()
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -276,7 +277,7 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
         eval_dataset=data["validation"] if has_val else None,
         processing_class=tokenizer,
         peft_config=None if profile.shard_model else lora,  # the sharded model carries its adapter
-        callbacks=[progress, guard],
+        callbacks=[progress, guard, clock],  # the clock last: its pauses include the others' saving
     )
     if skip_casts:
         skip_adapter_input_casts(trainer.model)
@@ -298,6 +299,9 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
 
     # -- save (rank 0) ----------------------------------------------------------------------
     tokens = int(trainer.state.num_input_tokens_seen)
+    lengths = [min(len(ids), cfg.max_length) for ids in data["train"]["input_ids"]]
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    speed = speed_metrics(*clock.summary(), lora_flops_per_token(trainer.model, lengths), card, world)
     metrics = {
         "train_loss": result.training_loss,
         "global_step": trainer.state.global_step,
@@ -307,6 +311,7 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
         "eval_mean_token_accuracy": eval_metrics.get("eval_mean_token_accuracy"),
         "train_tokens": tokens,  # non-padding tokens over all processes
         "tokens_per_second": (tokens - progress.tokens_at_start) / wall if wall else None,  # this attempt only
+        **speed,  # steady-state tokens/s and MFU (tasks/sft/speed.py)
         "wall_seconds": wall,
         "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30
         if torch.cuda.is_available()
@@ -333,6 +338,7 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
         (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (output / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
         _plot_curves(trainer.state.log_history, output / "curves.png")
+        print(f"[tuneline.sft] {speed_line(metrics)}", flush=True)
         print(f"[tuneline.sft] metrics {json.dumps(metrics)}", flush=True)
     return metrics
 
@@ -464,6 +470,7 @@ def lora_sft(config: SFTParams, dataset: StageRef, ctx: StageContext) -> StageRe
             # -- end of checkpoint sync --
             report.finish()
             metrics = json.loads((work.out / "metrics.json").read_text())
+        run_logger().info(speed_line(metrics))
         publish_markdown(
             "sft-curves",
             picture_markdown(work.out / "curves.png", "loss, accuracy and learning rate") + metrics_markdown(metrics),
