@@ -6,8 +6,8 @@
 - model identity: a local folder by content (remembered between runs), a hub revision by commit,
   never guessed;
 - evaluation data by content (files, S3 objects, hub revisions);
-- content flows downstream: in the real flow, a recomputed SFT folder reruns merge, evaluation and
-  release, and the new release's lineage names the new adapter.
+- content flows downstream: in the real flow, a recomputed SFT folder (same bytes) reuses merge, evaluation and
+  release (the same release); other bytes rerun them (test_consumers_key_on_their_inputs_content).
 """
 
 from __future__ import annotations
@@ -319,9 +319,12 @@ def test_lineage_names_what_produced_a_stage():
 
 
 # ----------------------------------------------------------------------------------------------
-# The real flow: a recomputed SFT folder reruns exactly what consumed it
+# The real flow: a recomputed SFT folder with the same bytes reuses what consumed it
 # ----------------------------------------------------------------------------------------------
-def test_a_recomputed_sft_folder_reruns_merge_evaluation_and_release(tiny_model_dir, tmp_path):
+def test_a_recomputed_sft_folder_with_the_same_content_keeps_merge_evaluation_and_release(tiny_model_dir, tmp_path):
+    """SFT rebuilt after its folder was lost: on CPU it trains the same bytes, and the folder's digest
+    (volatile metrics such as wall times left out) says so, so what consumed it is reused, not rerun
+    (a folder with other bytes reruns them: test_consumers_key_on_their_inputs_content)."""
     from flows.retrain import retrain
 
     root = tmp_path / "artifacts"
@@ -333,26 +336,12 @@ def test_a_recomputed_sft_folder_reruns_merge_evaluation_and_release(tiny_model_
     shutil.rmtree(sft_folder)
     second = retrain(params, return_state=True)
     assert second.is_completed(), second.message
-    assert _task_states(second) == {
-        "prepare_dataset": "Cached",
-        "lora_sft": "Completed",
-        "merge_lora": "Completed",
-        "evaluate": "Completed",
-        "release": "Completed",
-    }
-    new_ref = json.loads((sft_folder / "_SUCCESS").read_text())  # same config: same fingerprint, new bytes
-    assert new_ref["digest"] != old_digest
-    release = Path(second.result()["release_uri"])
-    assert second.result()["release_id"] != first.result()["release_id"]
-    manifest = json.loads((release / "manifest.json").read_text())
-    lineage = manifest["stage_lineage"]
-    assert lineage["sft"]["digest"] == new_ref["digest"]
-    assert lineage["merge"]["lineage"]["inputs"] == [
-        {"stage": "sft", "fingerprint": new_ref["fingerprint"], "digest": new_ref["digest"]}
-    ]
-    merge_ref = json.loads((root / "stages" / "merge" / manifest["stages"]["merge"] / "_SUCCESS").read_text())
-    evaluated = lineage["evaluate"]["lineage"]["inputs"][0]
-    assert evaluated == {"stage": "merge", "fingerprint": merge_ref["fingerprint"], "digest": merge_ref["digest"]}
-    assert lineage["sft"]["lineage"]["code"] == code_identity("tasks.sft.stage")
-    assert lineage["sft"]["lineage"]["stack"] == stack_versions("training")
+    states = _task_states(second)
+    assert states["prepare_dataset"] == "Cached" and states["lora_sft"] == "Completed"  # really retrained
+    new_ref = json.loads((sft_folder / "_SUCCESS").read_text())
+    assert new_ref["digest"] == old_digest  # same content, other wall times: one digest
+    assert second.result()["release_id"] == first.result()["release_id"]  # nothing new to release
+    manifest = json.loads((Path(second.result()["release_uri"]) / "manifest.json").read_text())
+    assert manifest["stage_lineage"]["sft"]["digest"] == new_ref["digest"]
+    assert manifest["stage_lineage"]["sft"]["lineage"]["code"] == code_identity("tasks.sft.stage")
     assert manifest["release_lineage"]["code"] == code_identity("tasks.release.stage")
