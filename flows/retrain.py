@@ -154,6 +154,9 @@ def retrain(params: RetrainParams = RetrainParams(), preset: dict[str, Any] | No
     after_release(
         ctx.store(), params.release.model_name, params.release.keep_last, params.release.stage_max_age_days, logger
     )
+    track(released)
+    if night:
+        night.released(released, params.release.model_name)
     return {
         **results,
         "release_uri": released.metrics["release_uri"],

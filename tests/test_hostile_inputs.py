@@ -28,10 +28,16 @@ TIME_LIMIT_S = 90  # per process, on a loaded 2-core machine (1.5-2 s idle, 12 s
 SECRET_LINES = ["root:$6$Zq9secretsalt$hashedhashedhashed:19000:0:99999:7:::", "tuneline-secret-token-8f3a1c"]
 # Runs the CLI in the same process after limiting its address space and entering the working folder
 # (exec keeps the limit and the pid, so the parent's wait4 sees the CLI's own peak memory).
+# The CLI runs as a child of this small launcher, which reports the child's own peak memory: a process
+# started from pytest by posix_spawn (vfork) would inherit pytest's high-water mark through exec, so
+# after the suite's training tests every case would "peak" at pytest's size.
 LAUNCH = (
     "import os, resource, sys; "
     "resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]), int(sys.argv[1]))); os.chdir(sys.argv[2]); "
-    "os.execv(sys.executable, [sys.executable, '-m', 'flows.cli', *sys.argv[3:]])"
+    "pid = os.fork()\n"
+    "if pid == 0: os.execv(sys.executable, [sys.executable, '-m', 'flows.cli', *sys.argv[4:]])\n"
+    "_, status, usage = os.wait4(pid, 0); open(sys.argv[3], 'w').write(str(usage.ru_maxrss)); "
+    "code = os.waitstatus_to_exitcode(status); os._exit(code if code >= 0 else 128 - code)"
 )
 
 
@@ -353,7 +359,8 @@ def _cases(p: dict[str, Path], tmp: Path) -> list[Case]:
 def _run(case: Case, env: dict[str, str], cwd: Path) -> tuple[int, str, str, float, int]:
     """The case as a process: its exit code, stdout, stderr, seconds and peak resident memory (bytes)."""
     out, err = cwd.parent / "stdout", cwd.parent / "stderr"
-    argv = [sys.executable, "-c", LAUNCH, str(MEMORY_LIMIT), str(cwd), *case.argv]
+    rss = cwd.parent / "peak-rss-kib"
+    argv = [sys.executable, "-c", LAUNCH, str(MEMORY_LIMIT), str(cwd), str(rss), *case.argv]
     start = time.monotonic()
     with open(out, "wb") as o, open(err, "wb") as e, open(os.devnull, "rb") as i:
         pid = os.posix_spawn(sys.executable, argv, env, file_actions=_redirect(i, o, e), setsid=True)
@@ -366,7 +373,9 @@ def _run(case: Case, env: dict[str, str], cwd: Path) -> tuple[int, str, str, flo
     _kill_group(pid)  # anything it left running (it should have left nothing)
     seconds = time.monotonic() - start
     code = os.waitstatus_to_exitcode(status)
-    return code, out.read_text(errors="replace"), err.read_text(errors="replace"), seconds, usage.ru_maxrss * 1024
+    peak = int(rss.read_text()) * 1024 if rss.exists() else usage.ru_maxrss * 1024  # the CLI's, not the launcher's
+    rss.unlink(missing_ok=True)
+    return code, out.read_text(errors="replace"), err.read_text(errors="replace"), seconds, peak
 
 
 def _redirect(stdin, stdout, stderr) -> list:

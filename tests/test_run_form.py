@@ -33,7 +33,7 @@ def test_the_sections_an_operator_opens_come_first_the_rest_say_advanced(schema)
     top = _form(schema, "RetrainParams")
     assert [name for name, _ in top[:4]] == ["model", "data", "sft", "release"]
     assert all(label.endswith("(advanced)") for _, label in top[4:])
-    assert {name for name, _ in top[4:]} == {"grpo", "merge", "eval", "artifact_root", "storage_block"}
+    assert {name for name, _ in top[4:]} == {"grpo", "merge", "eval", "artifact_root", "storage_block", "tracking"}
 
 
 @pytest.mark.parametrize(
@@ -55,7 +55,7 @@ def test_in_each_operator_section_its_fields_come_first_the_rest_folded_after(sc
 def test_only_the_form_changes_names_fields_and_dumps_stay_as_declared(schema):
     models = [f.annotation for f in RetrainParams.model_fields.values()]
     sections = {model.__name__: model for model in models if isinstance(model, type) and issubclass(model, BaseModel)}
-    assert len(sections) == 7  # model, data, sft, grpo, merge, eval, release
+    assert len(sections) == 8  # model, data, sft, grpo, merge, eval, release, tracking
     for name, model in [*sections.items(), ("RetrainParams", RetrainParams)]:
         assert sorted(_names(schema, name)) == sorted(model.model_fields), name
     # model_dump keeps declared order (the release manifest, `tuneline params`); the form alone reorders
