@@ -88,11 +88,16 @@ def load_yaml(text: str, what: str) -> Any:
         loader.dispose()
 
 
-def yaml_value(raw: str, what: str = "value") -> Any:
-    """A ``--set`` value or a typed option, bounded in size, parsed as YAML."""
+def bounded_value(raw: str, what: str = "value") -> str:
+    """A ``--set`` value or a typed option as typed, refused past ``MAX_VALUE_CHARS``."""
     if len(raw) > MAX_VALUE_CHARS:
         raise InputError(f"{what}: value of {len(raw)} characters, more than the limit of {MAX_VALUE_CHARS}")
-    return load_yaml(raw, what)
+    return raw
+
+
+def yaml_value(raw: str, what: str = "value") -> Any:
+    """A ``--set`` value or a typed option, bounded in size, parsed as YAML."""
+    return load_yaml(bounded_value(raw, what), what)
 
 
 def option_value(name: str) -> Callable[[str], Any]:

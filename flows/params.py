@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from flows.errors import MAX_VALUE_CHARS, InputError, excerpt, load_yaml, read_text, yaml_value
+from flows.errors import InputError, bounded_value, excerpt, load_yaml, read_text, yaml_value
 from flows.form import lay_out_form
 from tasks.core.stage import StageContext
 from tasks.data import DataParams
@@ -187,9 +187,7 @@ def _value(parts: list[str], raw: str, what: str) -> Any:
     """An override's value: kept as typed for a string field, else bounded YAML."""
     is_str, nullable = _string_field(parts)
     if is_str and not (nullable and raw.strip() in ("null", "~", "")):
-        if len(raw) > MAX_VALUE_CHARS:
-            raise InputError(f"{what}: value of {len(raw)} characters, more than the limit of {MAX_VALUE_CHARS}")
-        return raw
+        return bounded_value(raw, what)
     return yaml_value(raw, what)
 
 
