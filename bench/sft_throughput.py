@@ -27,7 +27,9 @@ Variants (``--variants``, comma-separated):
   compiles every decoder layer (with its LoRA adapters) with ``torch.compile`` (the stage's own
   variants compile where the stage does: ``Profile.compiles``), ``+noliger`` turns liger's kernels
   off (its Triton functions break the compiled graph; liger patches transformers' classes for the
-  whole process, so a ``+noliger`` variant must come before any liger one).
+  whole process, so a ``+noliger`` variant must come before any liger one), ``+fp8`` computes the frozen
+  base's linear layers in FP8 (``sft.precision=fp8``, torchao: tasks/sft/fp8.py; MFU stays counted
+  against the bf16 peak, so an fp8 variant can pass 100% of "MFU" only in name).
 
 Tokens/s counts non-pad input tokens (``num_input_tokens_seen``) between the end of the warm-up
 steps and the last step, with the GPU synchronised at each step end. MFU = model FLOPs / (time x
@@ -86,6 +88,7 @@ def run_variant(
     measure_tokens=0,
     mean_len=620.0,
     compile_layers=False,
+    fp8=False,
 ):
     import torch
     from datasets import Dataset
@@ -115,6 +118,10 @@ def run_variant(
         dtype = (torch.float16 if args.fp16 else torch.bfloat16) if cuda else torch.float32
         model = AutoModelForCausalLM.from_config(Qwen2Config(**model_cfg), dtype=dtype, attn_implementation=attn)
     n_linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    if fp8:  # the stage's sft.precision=fp8: the frozen base's linear layers in FP8 (tasks/sft/fp8.py)
+        from tasks.sft.fp8 import convert_base_to_fp8
+
+        convert_base_to_fp8(model)
     marks: list[tuple[float, int]] = []
     traced: dict = {}
 
@@ -181,6 +188,7 @@ def run_variant(
         "attention": attn if attn != ATTENTION else f"{ATTENTION} ({packed_backend()})",
         "adapter_input_casts": not nocast,
         "compiled_layers": compile_layers,
+        "fp8_base": fp8,
     }
     if traced:
         out["trace"] = traced
@@ -214,7 +222,8 @@ def main() -> None:
         "card of GIB GiB), v100 (the v100 profile's settings: fp16, its batch and checkpointing), "
         "a100x2[:GIB] (that profile's settings, as many processes as torchrun starts), or a lever "
         "pack-b<B>x<A>-<gc|nogc>[-liger][-varlen][-nocast][-fp16], or trl-pf-b<B>-<gc|nogc>[-liger] (TRL's "
-        "padding-free batches); suffix @loop (packed rows by the per-row loop) or +compile (compiled layers)",
+        "padding-free batches); suffix @loop (packed rows by the per-row loop), +compile (compiled layers) or "
+        "+fp8 (the frozen base's linear layers in FP8, sft.precision=fp8)",
     )
     ap.add_argument(
         "--trace", default="", help="comma-separated variants to profile (torch.profiler) over one extra step"
@@ -325,7 +334,7 @@ def main() -> None:
     }
 
     def plain(name: str) -> str:  # the variant without its @loop / +compile suffixes
-        return name.replace("@loop", "").replace("+compile", "").replace("+noliger", "")
+        return name.replace("@loop", "").replace("+compile", "").replace("+noliger", "").replace("+fp8", "")
 
     for name in map(plain, opts.variants.split(",")):
         if name in variants:
@@ -397,6 +406,7 @@ def main() -> None:
                 measure_tokens=opts.measure_tokens,
                 mean_len=float(lengths.mean()),
                 compile_layers="+compile" in name or (stage_compiles.get(plain(name), False) and cuda),
+                fp8="+fp8" in name,
             )
         except torch.OutOfMemoryError as e:
             r = {"variant": name, "error": f"out of memory: {e}"[:200]}

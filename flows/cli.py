@@ -56,7 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from flows.retrain import preflight_run
 
         preflight_run(params)
-    except HardwareError as e:
+    except (HardwareError, ValueError) as e:  # ValueError: a setting this machine cannot run (sft.precision=fp8)
         print(f"error: preflight: {e}", file=sys.stderr)
         return 2
     from prefect.exceptions import TerminationSignal

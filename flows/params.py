@@ -31,8 +31,9 @@ from tasks.grpo.plan import GRPOParams
 from tasks.merge.stage import MergeParams
 from tasks.release.stage import ReleaseParams
 from tasks.runtime.cluster import check_cluster
-from tasks.runtime.hardware import Machine
+from tasks.runtime.hardware import Machine, detect_machine
 from tasks.runtime.requirements import TaskNeed, evaluate_need, grpo_need, merge_need, sft_need
+from tasks.sft.fp8 import check_precision
 from tasks.sft.plan import SFTParams
 
 PRESETS = Path(__file__).parent / "presets"
@@ -133,6 +134,8 @@ class RetrainParams(BaseModel):
         profile ``auto`` cannot resolve without a GPU and raises ``HardwareError`` naming the task."""
         check_cluster(self.sft.cluster, self.sft.profile, self.stage_context().root)  # one line, before any work
         sft = sft_need(self.sft.profile, machine, cluster=self.sft.cluster.mode)
+        if self.sft.cluster.mode == "none":  # sft.precision=fp8 on a card without FP8: one line, before any work
+            check_precision(self.sft, sft.profile, [g.compute_capability for g in (machine or detect_machine()).gpus])
         needs = [sft, merge_need(self.merge.device), evaluate_need(self.eval.device, sft)]
         if self.grpo.enabled:
             needs.insert(1, grpo_need(self.grpo.profile, machine))

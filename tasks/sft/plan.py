@@ -48,6 +48,12 @@ class SFTParams(BaseModel):
         description="QLoRA: 4bit loads the frozen base as NF4 through bitsandbytes (GPU only): about a quarter of the "
         "base's memory, slower steps, slightly lower quality. none keeps the profile's precision.",
     )
+    precision: Literal["auto", "fp8"] = Field(
+        default="auto",
+        description="auto: the profile's precision (bf16 on Ampere and newer). fp8: the frozen base's linear layers "
+        "compute in FP8 (torchao) on cards with FP8 tensor cores (H100/H200, L4, L40S; compute capability >= 8.9); "
+        "the adapters stay bf16/fp32. Faster steps, same memory; refused on other cards (docs/benchmarks.md).",
+    )
     learning_rate: float = Field(default=1e-4, gt=0.0, le=1.0, description="Peak learning rate.")
     num_train_epochs: float = Field(
         default=1.0, gt=0.0, le=100.0, description="Passes over the training split (ignored when max_steps > 0)."

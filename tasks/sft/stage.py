@@ -74,6 +74,7 @@ from tasks.runtime.fsdp import (
 from tasks.runtime.hardware import PROFILES, Profile, preflight, profile_from_job, profile_to_job, resolve_profile
 from tasks.runtime.launch import launch_training
 from tasks.runtime.requirements import sft_need
+from tasks.sft.fp8 import cards_here, check_precision, convert_base_to_fp8, torchao_version
 from tasks.sft.plan import (
     SFTParams,
     attention_kernel,
@@ -160,6 +161,7 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     check_quantization(cfg, profile.dtype)
     check_sharding(cfg, profile)
+    check_precision(cfg, profile, cards_here(this_process=True))  # the card this process trains on
     attn, attn_reason, skip_casts = speed_settings(profile, cfg.packing)
     if rank == 0:
         print(
@@ -194,6 +196,10 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
         model = build_sharded_lora(Path(job["model_dir"]), lora, dtype, attn, profile.gradient_checkpointing, cfg.seed)
     else:
         model = AutoModelForCausalLM.from_pretrained(job["model_dir"], **load_kwargs)
+    if cfg.precision == "fp8":  # before peft wraps the layers: its adapters stay bf16/fp32 (tasks/sft/fp8.py)
+        converted = convert_base_to_fp8(model)
+        if rank == 0:
+            print(f"[tuneline.sft] precision=fp8: {converted} base linear layers compute in FP8 (torchao)", flush=True)
     if cfg.packing and torch.cuda.is_available():
         card = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0")))
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -412,11 +418,15 @@ def _plot_curves(history: list[dict[str, Any]], path: Path) -> None:
 def fingerprint_of(config: SFTParams, dataset: StageRef, ctx: StageContext) -> str:
     """The code ``train`` runs, the training stack, the parameters, the base model's content and the
     dataset's (docs/caching.md)."""
-    # sft.cluster counts only when used: with mode none the fingerprints stay those before it existed
-    dumped = config.model_dump(mode="json", exclude={"cluster"} if config.cluster.mode == "none" else None)
+    # sft.cluster and sft.precision count only when used: unused, the fingerprints stay those before they existed
+    unused = {"cluster"} if config.cluster.mode == "none" else set()
+    unused |= {"precision"} if config.precision == "auto" else set()
+    dumped = config.model_dump(mode="json", exclude=unused or None)
     profile = resolve_profile(config.profile)
     cfg = {"config": dumped, "model": ctx.model_identity(), "profile": profile.name}
     cfg["attention"] = attention_kernel(profile, config.packing)  # the kernel computes the numbers too
+    if config.precision == "fp8":  # torchao's casts compute the numbers too
+        cfg["fp8"] = {"torchao": torchao_version()}
     stack = stack_versions("training")
     return fingerprint(STAGE, code_identity(CODE), cfg, upstream=[content_of(dataset)], stack=stack)
 
@@ -449,6 +459,8 @@ def lora_sft(config: SFTParams, dataset: StageRef, ctx: StageContext) -> StageRe
     profile = need.profile if config.cluster.mode == "none" else resolve_profile(config.profile)
     check_quantization(config, profile.dtype)
     check_sharding(config, profile)
+    # a cluster's nodes are not this machine: the training child checks there
+    check_precision(config, profile, None if config.cluster.mode != "none" else cards_here())
 
     def build(work: Workspace) -> dict[str, Any]:
         assert work.scratch is not None
