@@ -74,6 +74,24 @@ def deployment_values(
         "code_dir": str(code),
         "release_ops": ops,
         "schedule_active": (schedule or "").strip().lower() != "off",
+        "trigger": trigger_values(params),
+    }
+
+
+def trigger_values(params: Any) -> dict[str, Any]:
+    """``data.trigger`` as infra/prefect.yaml uses it: the watch-data deployment's source and schedule,
+    and the nightly's deployment trigger (on when a source is set; flows/watch.py)."""
+    from flows.watch import normalized_source, resource_id
+
+    trigger = params.data.trigger
+    on = bool(trigger.source.strip())
+    return {
+        "enabled": on,
+        "source": normalized_source(trigger.source) if on else "",
+        "resource_id": resource_id(trigger.source) if on else "tuneline.data-source.off",
+        "within": max(15, round(trigger.quiet_minutes * 60)),  # seconds; a proactive trigger needs >= 10
+        # the watch-data schedule as an RRULE: prefect.yaml cannot template an interval (a number)
+        "every": f"DTSTART:20260101T000000\nRRULE:FREQ=MINUTELY;INTERVAL={trigger.every_minutes}",
     }
 
 
@@ -474,7 +492,8 @@ def serve_local(
             stack.start_worker(spec)
         names = ", ".join(f"{s.pool}[GPUs {s.gpus}]" if s.gpus else s.pool for s in specs) or "none"
         print(
-            f"tuneline: Prefect UI at {stack.ui_url} — deployments retrain/nightly, retrain/manual, release-ops; pool "
+            f"tuneline: Prefect UI at {stack.ui_url} — deployments retrain/nightly, retrain/manual, release-ops, "
+            f"watch-data/watch-data; pool "
             f"{pool!r}; workers: {names}; GPU sets: "
             + (", ".join(f"{p.name} {p.gpu_sets}" for p in applied.pools.values() if p.gpus) or "none")
             + f", gpu tag limit {applied.gpu_tag_limit}. Ctrl-C stops.",
