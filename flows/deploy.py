@@ -58,6 +58,7 @@ def deployment_values(
     again as ``preset``, which the flow merges a partial ``params`` over (flows/effective.py).
     ``schedule`` ``off`` pauses the nightly's schedule."""
     from flows.params import load_params
+    from flows.watch import trigger_values
 
     params = load_params(preset or NIGHTLY_PRESET)
     code = Path(code_dir or REPO)
@@ -74,24 +75,7 @@ def deployment_values(
         "code_dir": str(code),
         "release_ops": ops,
         "schedule_active": (schedule or "").strip().lower() != "off",
-        "trigger": trigger_values(params),
-    }
-
-
-def trigger_values(params: Any) -> dict[str, Any]:
-    """``data.trigger`` as infra/prefect.yaml uses it: the watch-data deployment's source and schedule,
-    and the nightly's deployment trigger (on when a source is set; flows/watch.py)."""
-    from flows.watch import normalized_source, resource_id
-
-    trigger = params.data.trigger
-    on = bool(trigger.source.strip())
-    return {
-        "enabled": on,
-        "source": normalized_source(trigger.source) if on else "",
-        "resource_id": resource_id(trigger.source) if on else "tuneline.data-source.off",
-        "within": max(15, round(trigger.quiet_minutes * 60)),  # seconds; a proactive trigger needs >= 10
-        # the watch-data schedule as an RRULE: prefect.yaml cannot template an interval (a number)
-        "every": f"DTSTART:20260101T000000\nRRULE:FREQ=MINUTELY;INTERVAL={trigger.every_minutes}",
+        "trigger": trigger_values(params.data.trigger),  # the watch-data deployment and the nightly's trigger
     }
 
 

@@ -103,6 +103,20 @@ def changes(before: dict[str, str], after: dict[str, str]) -> dict[str, Any]:
     return {**{k: v[:SHOWN] for k, v in kinds.items()}, **{f"{k}_count": len(v) for k, v in kinds.items()}}
 
 
+def trigger_values(trigger: Any) -> dict[str, Any]:
+    """``data.trigger`` (``TriggerParams``) as infra/prefect.yaml uses it (its build step, flows/deploy.py):
+    the watch-data deployment's source and schedule, and the nightly's trigger (on when a source is set)."""
+    on = bool(trigger.source.strip())
+    return {
+        "enabled": on,
+        "source": normalized_source(trigger.source) if on else "",
+        "resource_id": resource_id(trigger.source) if on else "tuneline.data-source.off",
+        "within": max(15, round(trigger.quiet_minutes * 60)),  # seconds; a proactive trigger needs >= 10
+        # the watch-data schedule as an RRULE: prefect.yaml cannot template an interval (a number)
+        "every": f"DTSTART:20260101T000000\nRRULE:FREQ=MINUTELY;INTERVAL={trigger.every_minutes}",
+    }
+
+
 @flow(name="watch-data", log_prints=True)
 def watch_data(source: str, artifact_root: str, storage_block: str | None = None) -> dict[str, Any]:
     """List the watched source; emit ``tuneline.data.changed`` when its digest differs from the last run's.
