@@ -2,8 +2,8 @@
 deploys infra/prefect.yaml with ``data.trigger.source`` pointing at a prefix of the SeaweedFS S3 server;
 the watch-data flow lists it and emits ``tuneline.data.changed``; the server's own automation (the
 nightly's deployment trigger) starts the retrain once the prefix has been quiet for
-``data.trigger.quiet_minutes``. Files written in one burst start exactly one night, which carries the
-change that started it. No worker runs: the assertions are on the flow runs the server creates."""
+``data.trigger.quiet_minutes``. Files written in one burst start exactly one night, which records the
+change that started it; a burst while that night runs does not start a second one beside it."""
 
 from __future__ import annotations
 
@@ -24,9 +24,10 @@ def watched(tmp_path_factory, tiny_model_dir, s3_server):
     source = f"s3://{s3_server.bucket}/landing-{uuid.uuid4().hex[:8]}"
     preset = tiny_preset(home / "preset.yaml", tiny_model_dir, home / "artifacts")
     data = yaml.safe_load(preset.read_text())
-    data["data"]["trigger"] = {"source": source + "/", "quiet_minutes": QUIET_S / 60, "every_minutes": 60}
+    # Daily: the schedule never fires during the test (these tests start each watch-data run themselves).
+    data["data"]["trigger"] = {"source": source + "/", "quiet_minutes": QUIET_S / 60, "every_minutes": 1440}
     preset.write_text(yaml.safe_dump(data, sort_keys=False))
-    stack = ServeLocal(home, preset, workers=[])
+    stack = ServeLocal(home, preset, workers=["cpu"])
     stack.source, stack.artifacts = source, home / "artifacts"
     try:
         stack.wait_ready()
@@ -102,8 +103,41 @@ def test_the_nightly_carries_the_trigger_and_watch_data_is_scheduled(watched, cl
 
     watch = client.read_deployment_by_name("watch-data/watch-data")
     (schedule,) = watch.schedules
-    assert schedule.active and schedule.schedule.rrule.endswith("RRULE:FREQ=MINUTELY;INTERVAL=60")
+    assert schedule.active and schedule.schedule.rrule.endswith("RRULE:FREQ=MINUTELY;INTERVAL=1440")
     assert watch.parameters["source"] == watched.source and watch.work_pool_name == "cpu"
+
+
+def test_a_local_folder_is_watched_by_names_sizes_and_times(watched, client, tmp_path):
+    """A folder source: the event names it and what changed; the digest is in a Variable; the nightly,
+    watching the S3 prefix, is not started by another source."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.watch import EVENT, source_id, watch_data
+
+    folder = tmp_path / "exports"
+    (folder / "day1").mkdir(parents=True)
+    (folder / "day1" / "a.jsonl").write_text('{"query": "q", "response": "r"}\n')
+    with temporary_settings({PREFECT_API_URL: watched.api_url}):
+        run = lambda: watch_data(source=str(folder), artifact_root=str(watched.artifacts))  # noqa: E731
+        assert run()["emitted"] is False  # baseline
+        (folder / "day1" / "a.jsonl").write_text('{"query": "q", "response": "r2"}\n')  # rewritten in place
+        (folder / "day2.jsonl").write_text("{}\n")
+        changed = run()
+    assert changed["emitted"] and changed["changed"] == ["day1/a.jsonl"] and changed["added"] == ["day2.jsonl"]
+    events = _eventually(
+        lambda: client.request(
+            "POST",
+            "/events/filter",
+            json={"filter": {"event": {"name": [EVENT]}, "resource": {"id": [f"tuneline.data-source.{folder}"]}}},
+        ).json()["events"],
+        30,
+        watched,
+    )
+    (event,) = events
+    assert event["payload"]["digest"] == changed["digest"] and event["payload"]["files"] == 2
+    assert client.read_variable_by_name(f"tuneline_watch_{source_id(str(folder))}").value["digest"] == changed["digest"]
+    time.sleep(QUIET_S + 5)
+    assert _nights(client) == []  # not the nightly's source
 
 
 def test_a_burst_of_files_starts_exactly_one_night_after_the_quiet_window(watched, client, s3_server):
@@ -138,5 +172,49 @@ def test_a_burst_of_files_starts_exactly_one_night_after_the_quiet_window(watche
     deployed = client.read_deployment_by_name("retrain/nightly").parameters
     assert night.parameters["params"] == deployed["params"]  # the deployment's parameters, the trigger's added
 
-    time.sleep(QUIET_S + 5)  # another window with no event: still one night
-    assert len(_nights(client)) == 1
+    # The night records which change started it (its first act, before any stage): the data-trigger artifact.
+    artifact = _eventually(lambda: _artifact(client, night.id, "data-trigger"), 120, watched)
+    assert "part-1.jsonl" in artifact.data and two["digest"] in artifact.data and watched.source in artifact.data
+    assert len(_nights(client)) == 1  # another quiet window has passed with no event: still one night
+
+    # More data while that night runs: the trigger starts another night, and the overlap guard (the nightly's
+    # concurrency limit, CANCEL_NEW) never lets it run beside the first: cancelled, or run after it ended.
+    _put(s3_server, watched.source, "part-2.jsonl", b'{"query": "3+3?", "response": "6"}\n')
+    assert _watch(watched)["added"] == ["part-2.jsonl"]
+    later = _eventually(lambda: [n for n in _nights(client) if n.id != night.id], QUIET_S + 60, watched)
+    (second,) = later
+    assert second.parameters["trigger"]["added"] == ["part-2.jsonl"]
+    second = _eventually(lambda: _left_scheduled(client, second.id), 120, watched)
+    first = client.read_flow_run(night.id)
+    if second.state.type.value == "CANCELLED":
+        assert first.start_time and not (first.end_time and first.end_time < second.state.timestamp), (
+            "cancelled although the first night was over"
+        )
+    else:
+        assert first.end_time and second.start_time and first.end_time <= second.start_time, watched.output()
+
+
+def _eventually(read, timeout: float, stack):
+    deadline = time.monotonic() + timeout
+    while not (found := read()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nothing after {timeout:.0f}s:\n{stack.output()}")
+        time.sleep(1)
+    return found
+
+
+def _artifact(client, run_id, key):
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    found = client.read_artifacts(
+        artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]), key=ArtifactFilterKey(any_=[key])
+        )
+    )
+    return found[0] if found else None
+
+
+def _left_scheduled(client, run_id):
+    """The run once a worker has taken it: cancelled by the concurrency guard, or running (or done)."""
+    run = client.read_flow_run(run_id)
+    return run if run.state.type.value in {"CANCELLED", "RUNNING", "COMPLETED", "FAILED", "CRASHED"} else None
