@@ -108,8 +108,7 @@ def test_the_nightly_carries_the_trigger_and_watch_data_is_scheduled(watched, cl
 
 
 def test_a_local_folder_is_watched_by_names_sizes_and_times(watched, client, tmp_path):
-    """A folder source: the event names it and what changed; the digest is in a Variable; the nightly,
-    watching the S3 prefix, is not started by another source."""
+    """A folder source: the event names it and what changed; the digest is in a Variable."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.watch import EVENT, source_id, watch_data
@@ -136,8 +135,7 @@ def test_a_local_folder_is_watched_by_names_sizes_and_times(watched, client, tmp
     (event,) = events
     assert event["payload"]["digest"] == changed["digest"] and event["payload"]["files"] == 2
     assert client.read_variable_by_name(f"tuneline_watch_{source_id(str(folder))}").value["digest"] == changed["digest"]
-    time.sleep(QUIET_S + 5)
-    assert _nights(client) == []  # not the nightly's source
+    # Not the nightly's source: the next test counts every night the trigger starts after this.
 
 
 def test_a_burst_of_files_starts_exactly_one_night_after_the_quiet_window(watched, client, s3_server):
@@ -186,7 +184,8 @@ def test_a_burst_of_files_starts_exactly_one_night_after_the_quiet_window(watche
     assert second.parameters["trigger"]["added"] == ["part-2.jsonl"]
     second = _eventually(lambda: _left_scheduled(client, second.id), 120, watched)
     first = client.read_flow_run(night.id)
-    if second.state.type.value == "CANCELLED":
+    if second.state.type.value == "CANCELLED":  # what happens on this box: the first night is still training
+        assert "concurrency limit" in (second.state.message or ""), second.state
         assert first.start_time and not (first.end_time and first.end_time < second.state.timestamp), (
             "cancelled although the first night was over"
         )
@@ -218,3 +217,27 @@ def _left_scheduled(client, run_id):
     """The run once a worker has taken it: cancelled by the concurrency guard, or running (or done)."""
     run = client.read_flow_run(run_id)
     return run if run.state.type.value in {"CANCELLED", "RUNNING", "COMPLETED", "FAILED", "CRASHED"} else None
+
+
+def test_a_bad_trigger_setting_fails_the_deploy_with_one_line(tmp_path):
+    """Mistakes in data.trigger fail `tuneline deploy` (its build step), not the watch at 14:00."""
+    from pydantic import ValidationError
+
+    from flows.deploy import deployment_values
+    from flows.errors import InputError
+    from flows.watch import list_source, normalized_source
+
+    for bad, field in [
+        ({"quiet_minutes": 0.1}, "quiet_minutes"),
+        ({"source": "x", "every_minutes": 0}, "every_minutes"),
+    ]:
+        preset = tmp_path / "p.yaml"
+        preset.write_text(yaml.safe_dump({"data": {"trigger": bad}}))
+        with pytest.raises(ValidationError, match=f"data.trigger.{field}"):
+            deployment_values(str(preset))
+    for source, problem in [("s3:/bucket/x", "expected s3://bucket/prefix"), ("s3://", "expected s3://bucket/prefix")]:
+        with pytest.raises(InputError, match=problem) as e:
+            normalized_source(source)
+        assert "\n" not in str(e.value) and str(e.value).startswith("data.trigger.source")
+    with pytest.raises(InputError, match="not a folder"):
+        list_source(str(tmp_path / "missing"))
