@@ -149,7 +149,7 @@ def retrain(
         **params.model_dump(mode="json", exclude={"tracking": True, "data": {"trigger"}}),
         "base_model": ctx.base_model,
         "base_revision": ctx.base_revision,
-        "overridden": sorted(k for k in overridden if not k.startswith("tracking.")),  # differ from the preset
+        "overridden": sorted(k for k in overridden if not k.startswith(("tracking.", "data.trigger."))),  # vs preset
     }
     released = release(
         params.release,
