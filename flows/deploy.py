@@ -58,6 +58,7 @@ def deployment_values(
     again as ``preset``, which the flow merges a partial ``params`` over (flows/effective.py).
     ``schedule`` ``off`` pauses the nightly's schedule."""
     from flows.params import load_params
+    from flows.watch import trigger_values
 
     params = load_params(preset or NIGHTLY_PRESET)
     code = Path(code_dir or REPO)
@@ -74,6 +75,7 @@ def deployment_values(
         "code_dir": str(code),
         "release_ops": ops,
         "schedule_active": (schedule or "").strip().lower() != "off",
+        "trigger": trigger_values(params.data.trigger),  # the watch-data deployment and the nightly's trigger
     }
 
 
@@ -474,7 +476,8 @@ def serve_local(
             stack.start_worker(spec)
         names = ", ".join(f"{s.pool}[GPUs {s.gpus}]" if s.gpus else s.pool for s in specs) or "none"
         print(
-            f"tuneline: Prefect UI at {stack.ui_url} — deployments retrain/nightly, retrain/manual, release-ops; pool "
+            f"tuneline: Prefect UI at {stack.ui_url} — deployments retrain/nightly, retrain/manual, release-ops, "
+            f"watch-data/watch-data; pool "
             f"{pool!r}; workers: {names}; GPU sets: "
             + (", ".join(f"{p.name} {p.gpu_sets}" for p in applied.pools.values() if p.gpus) or "none")
             + f", gpu tag limit {applied.gpu_tag_limit}. Ctrl-C stops.",

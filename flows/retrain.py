@@ -50,13 +50,19 @@ class QualityGateFailed(RuntimeError):
 
 
 @flow(name="retrain", log_prints=True, on_failure=[report_failure])
-def retrain(params: RetrainParams = RetrainParams(), preset: dict[str, Any] | None = None) -> dict[str, Any]:
+def retrain(
+    params: RetrainParams = RetrainParams(),
+    preset: dict[str, Any] | None = None,
+    trigger: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Dataset → LoRA SFT → GRPO (optional) → merge → evaluate (quality gate) → release.
 
     Args:
         params: The run's parameters. Fields not sent come from ``preset``.
         preset: The deployment's preset, stored at deploy time: every field of params a caller does not
             send comes from here (docs/operating.md, Parameters). Leave it as it is.
+        trigger: Set by the deployment trigger when new data started this run (flows/watch.py): the
+            watched source's digest and what changed. Leave it empty.
     """
     logger = get_run_logger()
     params, overridden = effective_params(params, preset)  # flows/effective.py: a partial object keeps the preset
@@ -70,6 +76,9 @@ def retrain(params: RetrainParams = RetrainParams(), preset: dict[str, Any] | No
         "; ".join(f"{k}={json.dumps(b)} (preset {json.dumps(a)})" for k, (a, b) in overridden.items())
         or "the preset's, unchanged",
     )
+    if trigger:  # which change started this night: the run's artifact, its log and its results
+        create_markdown_artifact(key="data-trigger", markdown=trigger_markdown(trigger), description="What started it")
+        logger.info("started by new data: %s", json.dumps(trigger, sort_keys=True)[:2000])
     devices = os.environ.get("CUDA_VISIBLE_DEVICES")
     logger.info("devices: CUDA_VISIBLE_DEVICES=%s", devices if devices is not None else "(unset)")
     # Every GPU task's requirement, checked before anything is loaded (tasks/runtime/requirements.py).
@@ -126,6 +135,7 @@ def retrain(params: RetrainParams = RetrainParams(), preset: dict[str, Any] | No
         "sft": adapter.metrics,
         "devices": devices,
         "needs": {task: need.describe() for task, need in needs.items()},
+        "trigger": trigger,
     }
     if not gate["passed"]:
         reason = "quality gate failed: " + "; ".join(gate["reasons"])
@@ -135,10 +145,11 @@ def retrain(params: RetrainParams = RetrainParams(), preset: dict[str, Any] | No
     # The release's fingerprint covers these: tracking.* is observation, not computation, so it is left out
     # (turning tracking on or off, or pointing it elsewhere, must not make a new release).
     lineage_params = {
-        **params.model_dump(mode="json", exclude={"tracking"}),
+        # data.trigger says when a night starts, not what it computes: left out too.
+        **params.model_dump(mode="json", exclude={"tracking": True, "data": {"trigger"}}),
         "base_model": ctx.base_model,
         "base_revision": ctx.base_revision,
-        "overridden": sorted(k for k in overridden if not k.startswith("tracking.")),  # differ from the preset
+        "overridden": sorted(k for k in overridden if not k.startswith(("tracking.", "data.trigger."))),  # vs preset
     }
     released = release(
         params.release,
@@ -163,6 +174,23 @@ def retrain(params: RetrainParams = RetrainParams(), preset: dict[str, Any] | No
         "release_id": released.metrics["release_id"],
         "tracking": {"warnings": night.close()} if night else None,  # an unreachable tracker: warnings, not a failure
     }
+
+
+def trigger_markdown(trigger: dict[str, Any]) -> str:
+    """The ``data-trigger`` artifact: the watched source, its digest and the names that changed."""
+    lines = [
+        f"# Started by new data in `{trigger.get('source', '?')}`",
+        "",
+        f"- digest: `{trigger.get('digest', '?')}` (before: `{trigger.get('previous_digest', '?')}`)",
+        f"- files now: {trigger.get('files', '?')}",
+    ]
+    for kind in ("added", "changed", "removed"):
+        names = trigger.get(kind) or []
+        count = trigger.get(f"{kind}_count", len(names))
+        shown = ", ".join(f"`{n}`" for n in names) + (f" … ({count} in all)" if count > len(names) else "")
+        lines.append(f"- {kind}: {count}" + (f": {shown}" if names else ""))
+    lines.append(f"- event: `{trigger.get('event_id', '?')}` (tuneline.data.changed, Event Feed)")
+    return "\n".join(lines) + "\n"
 
 
 def preflight_run(params: RetrainParams, logger: Any = None) -> dict[str, TaskNeed]:

@@ -34,6 +34,33 @@ class DataError(ValueError):
     """Bad dataset input; the message names the source (file), row and field."""
 
 
+class TriggerParams(BaseModel):
+    """Retrain when data lands (flows/watch.py, docs/operating.md "Retrain when data lands"). Deploy-time
+    settings: not part of any stage's fingerprint (a changed quiet window trains nothing new)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(
+        default="",
+        max_length=1000,
+        description="Watched source: an S3 prefix (s3://bucket/prefix, endpoint and credentials as the artifact "
+        "root's) or a local folder. When its listing changes, the nightly deployment starts a run. Empty: off.",
+    )
+    every_minutes: int = Field(
+        default=5,
+        ge=1,
+        le=1440,
+        description="How often the watch-data deployment lists the source (its schedule).",
+    )
+    quiet_minutes: float = Field(
+        default=10.0,
+        ge=0.25,
+        le=1440.0,
+        description="Debounce: a run starts once the source has not changed for this long after a change, so a "
+        "batch of files landing together starts one night (the Prefect trigger's 'within'; at least 15 seconds).",
+    )
+
+
 class DataParams(BaseModel):
     """Which data to train on, how to read, check and mix it."""
 
@@ -173,6 +200,10 @@ class DataParams(BaseModel):
         default=42,
         ge=0,
         description="Seed for sampling, mixing and shuffling (not the split: a prompt's side comes from its hash).",
+    )
+    trigger: TriggerParams = Field(
+        default_factory=TriggerParams,
+        description="Retrain when data lands: a watched S3 prefix or folder starts the nightly deployment.",
     )
 
     @model_validator(mode="after")

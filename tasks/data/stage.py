@@ -34,7 +34,11 @@ def fingerprint_of(config: DataParams, ctx: StageContext) -> str:
         return fingerprint(STAGE, "bad-spec", config)
     n = len(config.datasets)
     specs = [content_spec(spec, fp) for spec, fp in zip(every, sources_fp)]
-    dumped = config.model_dump(mode="json") | {"datasets": specs[:n], "validation_datasets": specs[n:]}
+    # data.trigger is when a night starts, not what it computes: not in the key.
+    dumped = config.model_dump(mode="json", exclude={"trigger"}) | {
+        "datasets": specs[:n],
+        "validation_datasets": specs[n:],
+    }
     tokenizer = tokenizer_id(config.tokenizer or ctx.base_model, ctx.base_revision)
     return fingerprint(
         STAGE, code_identity(CODE), dumped, sources=[f"tokenizer={tokenizer}"], stack=stack_versions("data")
