@@ -474,8 +474,8 @@ def serve_local(
             stack.start_worker(spec)
         names = ", ".join(f"{s.pool}[GPUs {s.gpus}]" if s.gpus else s.pool for s in specs) or "none"
         print(
-            f"tuneline: Prefect UI at {stack.ui_url} — deployments retrain/nightly, retrain/manual, release-ops; pool "
-            f"{pool!r}; workers: {names}; GPU sets: "
+            f"tuneline: Prefect UI at {stack.ui_url} — deployments retrain/nightly, retrain/manual, release-ops, "
+            f"compare; pool {pool!r}; workers: {names}; GPU sets: "
             + (", ".join(f"{p.name} {p.gpu_sets}" for p in applied.pools.values() if p.gpus) or "none")
             + f", gpu tag limit {applied.gpu_tag_limit}. Ctrl-C stops.",
             flush=True,
