@@ -251,7 +251,20 @@ def compare(
     """Models of a release line (release ids, or LATEST / champion / previous / anchor / base) answer the
     same prompts (a JSONL file: a shipped name such as after-retrain, or a path on the worker; and/or
     single prompts), greedy and sampled with a fixed seed. The table is the markdown artifact
-    ``model-compare``. Each model is answered in a task tagged ``gpu`` (it waits for the GPU slot)."""
+    ``model-compare``. Each model is answered in a task tagged ``gpu`` (it waits for the GPU slot).
+
+    Args:
+        model_name: The released model name (release.model_name).
+        releases: Comma-separated columns: release ids, LATEST (= champion), previous, anchor (= pinned), base.
+        prompts_file: JSONL prompts on the worker: a shipped name (after-retrain) or a path; empty for none.
+        prompts: More single-turn prompts, one per item.
+        artifact_root: The artifact root: a folder or s3://bucket/prefix.
+        storage_block: A saved 'Tuneline Artifact Store' block (endpoint, credentials); replaces artifact_root.
+        max_new_tokens: At most this many new tokens per answer.
+        seed: Seed of the sampled answers (the same seed gives the same answers).
+        temperature: Temperature of the sampled answers.
+        top_p: Nucleus sampling of the sampled answers.
+    """
     from flows.release_ops import open_store
     from tasks.core.common import publish_markdown
 
@@ -297,8 +310,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         rows = gather_prompts(args.prompts, args.prompt)
         sampling = _sampling(args.max_new_tokens, args.seed, args.temperature, args.top_p)
         out = Path(args.out)
-        if out.is_dir():
-            raise InputError(f"--out {out}: is a folder")
+        if out.is_dir() or not out.parent.is_dir():  # found now, not after every model has answered
+            raise InputError(f"--out {out}: " + ("is a folder" if out.is_dir() else f"no folder {out.parent}"))
         store = open_store(args.root, args.block)
         result = run_compare(store, args.model, args.releases, rows, sampling, args.work_dir, say)
         out.write_text(to_markdown(result), encoding="utf-8")
