@@ -256,7 +256,7 @@ def compare(
     Args:
         model_name: The released model name (release.model_name).
         releases: Comma-separated columns: release ids, LATEST (= champion), previous, anchor (= pinned), base.
-        prompts_file: JSONL prompts on the worker: a shipped name (after-retrain) or a path; empty for none.
+        prompts_file: JSONL prompts on the worker: a shipped name (after-retrain) or a path; empty: only `prompts`.
         prompts: More single-turn prompts, one per item.
         artifact_root: The artifact root: a folder or s3://bucket/prefix.
         storage_block: A saved 'Tuneline Artifact Store' block (endpoint, credentials); replaces artifact_root.
