@@ -60,14 +60,12 @@ def resolve_targets(store: Any, model: str, releases: str) -> list[Target]:
     """The columns ``releases`` names, in order, each model once; ``InputError`` (one line) for a name
     that names nothing, before any download."""
     from tasks.artifacts.registry import current_anchor, latest_release, read_manifest
-    from tasks.release.ops import pruned_info, release_ids
+    from tasks.release.ops import pruned_info, require_model
 
     names = [n.strip() for n in releases.split(",") if n.strip()]
     if not names:
         raise InputError("--releases names no model (e.g. base,LATEST or two release ids)")
-    known = release_ids(store, model)  # {release id: complete}
-    if not known:
-        raise InputError(f"no release of {model!r} at {store.where()}")
+    known = require_model(store, model)  # {release id: complete}; none: the models the store has, in one line
 
     def release(name: str) -> str:
         alias = ALIASES.get(name, ALIASES.get(name.lower()))

@@ -187,6 +187,10 @@ def test_a_name_that_names_no_release_fails_before_anything_is_fetched(releases,
         f"error: 20990101T000000Z-deadbeef: no complete release {MODEL}/20990101T000000Z-deadbeef at "
         f"{releases['store'].where()} (tuneline release list)"
     )
+    assert tuneline(["compare", "compare-modle", *args[2:]]) == 1  # a typo: the models the store has
+    assert f"no releases of model 'compare-modle' at {releases['store'].where()} (models there: {MODEL})" in (
+        capsys.readouterr().err
+    )
     assert tuneline([*args, "--prompts", "no-such-prompts"]) == 2
     assert "prompts file no-such-prompts: no such file (shipped prompts: after-retrain)" in capsys.readouterr().err
     assert tuneline([*args[:-1], str(tmp_path / "no-folder" / "c.md")]) == 2  # found before any model answers
