@@ -5,6 +5,7 @@ tuneline data check [SPEC ...] [--preset P] [--set data.K=V] [--max-length N ...
 tuneline params [--preset demo] [--json-schema]           every parameter: type, default, help
 tuneline fetch ROOT MODEL [RELEASE_ID|LATEST] DEST        download a release, verify checksums
 tuneline release list|show|promote|rollback|pin|prune|log MODEL [ID] --root ROOT   operate releases
+tuneline compare MODEL --root ROOT [--releases base,LATEST] [--prompts FILE]   models side by side
 tuneline deploy --pool gpu-v100                           apply pools + deployments (infra/prefect.yaml)
 tuneline serve-local                                      Prefect server + worker on 127.0.0.1:4200
 """
@@ -237,8 +238,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(
-        f"deployed retrain/nightly and retrain/manual to work pool {args.pool!r}, release-ops/release-ops to 'cpu' "
-        f"({args.kind} pools applied)"
+        f"deployed retrain/nightly, retrain/manual and compare/compare to work pool {args.pool!r}, "
+        f"release-ops/release-ops to 'cpu' ({args.kind} pools applied)"
     )
     return 0
 
@@ -316,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     from flows.release_ops import add_release_parser
 
     add_release_parser(sub)
+    from flows.compare import add_compare_parser
+
+    add_compare_parser(sub)
     from flows.params_cli import add_params_parser
 
     add_params_parser(sub)

@@ -477,7 +477,7 @@ def serve_local(
         names = ", ".join(f"{s.pool}[GPUs {s.gpus}]" if s.gpus else s.pool for s in specs) or "none"
         print(
             f"tuneline: Prefect UI at {stack.ui_url} — deployments retrain/nightly, retrain/manual, release-ops, "
-            f"watch-data/watch-data; pool "
+            f"watch-data/watch-data, compare/compare; pool "
             f"{pool!r}; workers: {names}; GPU sets: "
             + (", ".join(f"{p.name} {p.gpu_sets}" for p in applied.pools.values() if p.gpus) or "none")
             + f", gpu tag limit {applied.gpu_tag_limit}. Ctrl-C stops.",
