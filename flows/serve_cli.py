@@ -37,8 +37,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise ValueError(f"--follow-latest serves LATEST; drop the release id {args.release_id!r}")
         if args.poll_seconds <= 0 or args.drain_seconds < 0:
             raise ValueError("--poll-seconds must be > 0 and --drain-seconds ≥ 0")
-        _check_port(args.host, args.port)
         python = vllm_python(args.vllm_python)
+        _check_port(args.host, args.port)
         store = open_store(args.root, args.block)
         rid = resolve(store, args.model, args.release_id)
     except (ServeError, ReleaseError, StoreError, RegistryError, OSError, ValueError) as e:

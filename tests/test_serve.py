@@ -164,7 +164,7 @@ def test_follow_latest_switches_without_a_failed_request(root, vllm_python):
         while not stop.is_set():
             t0 = time.monotonic()
             try:
-                release, text, _ = stream(serve.url, max_tokens=32)
+                release, text, _ = stream(serve.url, max_tokens=20)
                 results.append((t0, time.monotonic(), release, text))
             except Exception as e:  # noqa: BLE001 - every failure is counted and shown
                 failures.append(f"{type(e).__name__}: {e}")
@@ -189,8 +189,8 @@ def test_follow_latest_switches_without_a_failed_request(root, vllm_python):
                 break
             time.sleep(0.2)
         assert switched, f"no switch to {RID2}:\n{serve.text()[-3000:]}"
-        after = len(results)
-        while len(results) < after + 2 and time.monotonic() < deadline:
+        answered = time.monotonic() + 300  # the new engine's first streamed answers (slow on a loaded box)
+        while sum(r[2] == f"{MODEL}/{RID2}" for r in results) < 2 and time.monotonic() < answered and not failures:
             time.sleep(0.2)
     finally:
         stop.set()
@@ -230,3 +230,18 @@ def test_a_release_without_merged_weights_is_refused_before_an_engine_starts(roo
         assert tuneline(["release", "promote", MODEL, RID2, "--root", store.root]) == 0
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "has no merged model" in err and "20261203T010000Z-00000003" in err
+
+
+def test_the_compose_serve_service_runs_this_command_and_publishes_only_on_localhost(root, monkeypatch, capsys):
+    import yaml
+
+    service = yaml.safe_load((REPO / "infra" / "compose.yaml").read_text())["services"]["serve"]
+    assert service["ports"] == ["127.0.0.1:8000:8000"] and "--follow-latest" in service["command"]
+    command = [a.replace("${SERVE_MODEL:-qwen2-7b-instruct-tuneline}", MODEL) for a in service["command"]]
+    assert command[:2] == ["tuneline", "serve"]
+    i = command.index("--root")
+    command[i + 1] = str(root / "root")  # this box has no s3://tuneline; the arguments are the compose file's
+    monkeypatch.delenv("TUNELINE_VLLM_PYTHON", raising=False)
+    monkeypatch.setattr("tasks.release.serving.DEFAULT_VENV", root / "no-venv")
+    assert tuneline(command[1:]) == 1  # parsed (a bad argument exits 2), then stopped at the missing vLLM
+    assert "vLLM is not installed" in capsys.readouterr().err
