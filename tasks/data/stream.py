@@ -375,7 +375,7 @@ def _prepare(
     if config.pretokenize and (tokenizer is None or tokenizer_name.startswith(QWEN2_FALLBACK)):
         raise DataError(f"pretokenize needs the model's own tokenizer; tokens were counted by {tokenizer_name}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    check, val_prompts, overlap = HeldOutCheck(validation), {split.prompt_key(m) for m in validation}, set()
+    check, val_places, overlap = HeldOutCheck(validation), {rows.place(held[k][i]) for _, k, i in ranked}, set()
 
     def train_rows() -> Iterator[Messages]:
         for n, fid in enumerate(mixed, 1):
@@ -384,11 +384,11 @@ def _prepare(
             yield rows.load(fid)
 
     with open(out_dir / "train.jsonl", "w", encoding="utf-8") as f:
-        for messages in train_rows():
+        for fid, messages in zip(mixed, train_rows()):
             f.write(json.dumps(record(messages), ensure_ascii=False) + "\n")
             check.see(messages)
-            if (key := split.prompt_key(messages)) in val_prompts:
-                overlap.add(key)
+            if (prompt := rows.place(fid)) in val_places:  # the prompt overlap, by the prompts' 64-bit hashes
+                overlap.add(prompt)
     with open(out_dir / "validation.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(record(m), ensure_ascii=False) + "\n" for m in validation)
     if config.pretokenize:
