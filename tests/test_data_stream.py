@@ -152,6 +152,27 @@ def test_appending_a_row_changes_only_that_rows_side(tmp_path, smollm2_dir):
     assert 300 < sum(side == "validation" for side in after.values()) < 500  # ~10% of the prompts
 
 
+def test_a_glob_of_shards_reads_like_its_folder_and_a_new_shard_is_new_data(tmp_path, smollm2_dir):
+    from tasks.core.stage import StageContext
+    from tasks.data import DataError, fingerprint_of
+
+    shards = write_source(tmp_path / "shards", 600)
+    (shards / "notes.txt").write_text("not data")
+    by_glob, by_folder = DataParams(datasets=[f"{shards}/*.jsonl"]), DataParams(datasets=[str(shards)])
+    prepare(by_glob, tmp_path / "glob", model=str(smollm2_dir))
+    prepare(by_folder, tmp_path / "folder", model=str(smollm2_dir))
+    for split in ("train", "validation"):
+        assert (tmp_path / "glob" / f"{split}.jsonl").read_bytes() == (
+            tmp_path / "folder" / f"{split}.jsonl"
+        ).read_bytes()
+    ctx = StageContext(base_model=str(smollm2_dir), root=str(tmp_path / "root"))
+    before = fingerprint_of(by_glob, ctx)
+    (shards / "part-3.jsonl").write_text((shards / "chat.jsonl").read_text(encoding="utf-8").replace("?", "!"))
+    assert fingerprint_of(by_glob, ctx) != before
+    with pytest.raises(DataError, match=r"no \.json/\.jsonl/\.parquet/\.csv file matches"):
+        prepare(DataParams(datasets=[f"{shards}/*.parquet"]), tmp_path / "none")
+
+
 CHILD = """
 import resource, sys
 limit = int(sys.argv[4])

@@ -6,8 +6,8 @@ demo mix, about a minute per 100k rows on 2 cores (bench/data_throughput.py). Ne
 tokens are counted here, once, and the result is cached by the stage's fingerprint.
 
 Spec grammar (ms-swift's): ``SOURCE[:SUBSET][#N]``. SOURCE is
-- a local file (``.json``, ``.jsonl``, ``.parquet``, ``.csv``) or a folder of them (SUBSET: one file's
-  stem or a sub-folder);
+- a local file (``.json``, ``.jsonl``, ``.parquet``, ``.csv``), a folder of them (SUBSET: one file's
+  stem or a sub-folder) or a glob of shards (``data/part-*.jsonl``);
 - ``s3://bucket/key`` — an object or a prefix of them in S3 (endpoint and credentials from the
   environment, or the stage's storage block);
 - ``swift/self-cognition`` — the project's own self-cognition set (subsets ``default``, ``qwen3``,
