@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
-import logging
 import os
 import random
 import sqlite3
@@ -25,6 +24,7 @@ from array import array
 from pathlib import Path
 from typing import Any, Iterator
 
+from tasks.core.common import run_logger
 from tasks.data import split
 from tasks.data.formats import iter_source
 from tasks.data.mix import _parse, apply_system, mix
@@ -35,8 +35,7 @@ from tasks.data.tokens import QWEN2_FALLBACK, TokenCounter, load_tokenizer, trun
 from tasks.data.tools import record
 
 Messages = list[dict[str, Any]]
-log = logging.getLogger("tuneline.data")
-PROGRESS_EVERY = 100_000  # rows between progress lines
+PROGRESS_EVERY = 100_000  # rows between progress lines (the run's log in Prefect, else the "tuneline" logger)
 CHUNK = 1000  # rows whose tokens are counted together (one batch for the Rust tokenizer)
 SCALE = 2**64  # a prompt hash (64-bit int) over this is split.position, the same float
 
@@ -163,6 +162,8 @@ class Fitter:
         """The rows kept, as final row numbers; the report counts drops, truncations and lengths in row order."""
         kept = array("q")
         for start in range(0, len(fids), CHUNK):
+            if start and start % PROGRESS_EVERY == 0:
+                run_logger().info("%s: tokens counted for %d of %d rows", spec.text, start, len(fids))
             chunk = fids[start : start + CHUNK]
             self._count(list(chunk))
             for fid in chunk:
@@ -236,7 +237,7 @@ def _read(every: list[Spec], is_val: list[bool], config: DataParams, rows: Rows,
                 else:
                     report.duplicates += 1
                 if report.rows_read % PROGRESS_EVERY == 0:
-                    log.info("%s: %d rows read, %d kept", every[k].text, report.rows_read, len(mine))
+                    run_logger().info("%s: %d rows read, %d kept", every[k].text, report.rows_read, len(mine))
         except DataError as e:
             raise DataError(f"data.validation_datasets: {e}" if is_val[k] else str(e)) from None
         finally:
@@ -333,7 +334,7 @@ def _prepare(
         if fitter is not None:
             sampled[k] = fitter.fit(sampled[k], spec, report)
             held[k] = fitter.fit(held[k], spec, report)
-            log.info("%s: tokens counted for %d rows", spec.text, len(sampled[k]) + len(held[k]))
+            run_logger().info("%s: tokens counted for %d rows", spec.text, len(sampled[k]) + len(held[k]))
         report.tokens = token_stats(report.lengths)
         if not (held[k] if is_val[k] else sampled[k]):
             what = "data.validation_datasets: " if is_val[k] else ""
@@ -380,7 +381,7 @@ def _prepare(
     def train_rows() -> Iterator[Messages]:
         for n, fid in enumerate(mixed, 1):
             if n % PROGRESS_EVERY == 0:
-                log.info("train.jsonl: %d of %d rows written", n, len(mixed))
+                run_logger().info("train.jsonl: %d of %d rows written", n, len(mixed))
             yield rows.load(fid)
 
     with open(out_dir / "train.jsonl", "w", encoding="utf-8") as f:
