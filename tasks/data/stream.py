@@ -195,7 +195,7 @@ def _split(ids: array, ratio: float, places: array) -> tuple[array, array, set[i
 def _sample(pool: array, n: int | None, rng: random.Random, shuffle: bool) -> array:
     """``mix.sample`` on row numbers: ``rng.sample`` of a range draws what it draws from a list of that size."""
     if n is None:
-        return array("q", pool)
+        return pool  # not copied: nothing changes an array in place after this
     copies, rest = divmod(n, len(pool))
     picked = pool * copies
     if shuffle:
@@ -291,10 +291,11 @@ def _prepare(
     prompts: set[int] = set()  # the validation prompts' hashes (64 bits: the prompt keys themselves, in effect)
     for k, spec in enumerate(every):
         if is_val[k]:
-            chosen = ids[k]
-            if spec.n is not None and spec.n < len(ids[k]):
-                lowest = heapq.nsmallest(spec.n, range(len(ids[k])), key=lambda i: (places[ids[k][i]] / SCALE, i))
-                chosen = array("q", (ids[k][i] for i in sorted(lowest)))
+            chosen = part = ids[k]
+            if spec.n is not None and spec.n < len(part):
+                by_hash = lambda i, part=part: (places[part[i]] / SCALE, i)  # noqa: E731 - split.lowest's order
+                lowest = heapq.nsmallest(spec.n, range(len(part)), key=by_hash)
+                chosen = array("q", (part[i] for i in sorted(lowest)))
             pools.append(array("q"))
             held.append(chosen)
             prompts.update(places[i] for i in chosen)
@@ -326,6 +327,7 @@ def _prepare(
             )
         sampled.append(_sample(pools[k], spec.n, rng, config.shuffle) if pools[k] else array("q"))
         reports[k].rows_sampled = len(sampled[k])
+    del ids, pools  # what the steps below need is in `sampled` and `held`
 
     # 4. Count tokens, a chunk at a time; rows over max_length are deleted or truncated.
     tokenizer, tokenizer_name = load_tokenizer(config.tokenizer or model, revision)
