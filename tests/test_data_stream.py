@@ -173,6 +173,23 @@ def test_a_glob_of_shards_reads_like_its_folder_and_a_new_shard_is_new_data(tmp_
         prepare(DataParams(datasets=[f"{shards}/*.parquet"]), tmp_path / "none")
 
 
+def test_a_bad_validation_set_is_reported_before_the_tokenizer_loads(tmp_path, monkeypatch):
+    """test_split's guard, on the stage that runs (it patches ``mix``, the in-memory reference)."""
+    import tasks.data.stream
+    from tasks.data import DataError
+
+    def no_tokenizer(*_args, **_kw):
+        raise AssertionError("the tokenizer was loaded before the bad validation spec was reported")
+
+    monkeypatch.setattr(tasks.data.stream, "load_tokenizer", no_tokenizer)
+    (tmp_path / "empty.jsonl").write_text("")
+    config = DataParams(
+        datasets=["AI-ModelScope/alpaca-gpt4-data-en#5"], validation_datasets=[f"{tmp_path}/empty.jsonl"]
+    )
+    with pytest.raises(DataError, match=r"^data\.validation_datasets: .*empty\.jsonl: the source has no rows$"):
+        prepare(config, tmp_path / "out")
+
+
 CHILD = """
 import resource, sys
 limit = int(sys.argv[4])
