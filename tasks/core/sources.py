@@ -23,7 +23,7 @@ import random
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 from tasks.artifacts.store import sha256_file, store_for
 from tasks.core.hub_ids import hub_dataset, hub_id
@@ -68,16 +68,17 @@ def read_file(path: Path, where: str | None = None, *, error: ErrorType = Source
     [(0, {'q': 1}, None), (2, None, 'invalid JSON (Expecting value at column 1)')]
     """
     where = where or str(path)
-    data = path.read_bytes()
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+    if path.suffix == ".parquet":  # streamed, a batch (JSON lines: a line) at a time: never whole in memory
+        from pyarrow.parquet import ParquetFile
 
-        for i, row in enumerate(pq.read_table(io.BytesIO(data)).to_pylist()):
-            yield RawRow(where, i, row)
+        rows = (row for batch in ParquetFile(path).iter_batches(batch_size=1024) for row in batch.to_pylist())
+        yield from (RawRow(where, i, row) for i, row in enumerate(rows))
         return
     if path.suffix == ".jsonl":
-        yield from _read_jsonl(where, data)
+        with open(path, "rb") as f:
+            yield from _read_jsonl(where, f)
         return
+    data = path.read_bytes()
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -103,10 +104,9 @@ def read_file(path: Path, where: str | None = None, *, error: ErrorType = Source
         yield RawRow(where, i, row)
 
 
-def _read_jsonl(where: str, data: bytes) -> Iterator[RawRow]:
-    """JSON lines, read by hand rather than with datasets' json loader: a bad line must be reported
-    (or dropped) by its row, and datasets' loader fails the whole file with a pyarrow message."""
-    for i, line in enumerate(data.split(b"\n")):
+def _read_jsonl(where: str, data: bytes | Iterable[bytes]) -> Iterator[RawRow]:
+    """JSON lines (bytes, or a file's lines) by hand, not datasets' loader: a bad line is reported by its row."""
+    for i, line in enumerate(data.split(b"\n") if isinstance(data, bytes) else (x.rstrip(b"\n") for x in data)):
         if not line.strip():
             continue
         try:

@@ -6,8 +6,8 @@ demo mix, about a minute per 100k rows on 2 cores (bench/data_throughput.py). Ne
 tokens are counted here, once, and the result is cached by the stage's fingerprint.
 
 Spec grammar (ms-swift's): ``SOURCE[:SUBSET][#N]``. SOURCE is
-- a local file (``.json``, ``.jsonl``, ``.parquet``, ``.csv``) or a folder of them (SUBSET: one file's
-  stem or a sub-folder);
+- a local file (``.json``, ``.jsonl``, ``.parquet``, ``.csv``), a folder of them (SUBSET: one file's
+  stem or a sub-folder) or a glob of shards (``data/part-*.jsonl``);
 - ``s3://bucket/key`` — an object or a prefix of them in S3 (endpoint and credentials from the
   environment, or the stage's storage block);
 - ``swift/self-cognition`` — the project's own self-cognition set (subsets ``default``, ``qwen3``,
@@ -61,17 +61,20 @@ Run the plain function without Prefect::
 Modules: ``specs`` (DataParams, the spec grammar, DataError), ``formats`` (format detection,
 conversion, row checks), ``tokens`` (which tokenizer counts, counting, truncation, pre-tokenizing),
 ``report`` (per-source counts, table, histogram), ``split`` (dedupe, the split, the overlap count),
-``mix`` (sampling, mixing, the whole stage: ``prepare``),
+``mix`` (sampling, mixing, the whole stage in memory: ``prepare_in_memory``, the reference),
+``stream`` (the same stage with flat memory, on disk-backed row numbers: ``prepare``, what runs),
 ``stage`` (the Prefect task ``prepare_dataset`` and its fingerprint). The sources themselves are read
 by ``tasks.core.sources``, which the evaluation stage shares.
 """
 
 from tasks.data.formats import FORMAT_KEYS, detect_format, load_source
-from tasks.data.mix import apply_system, prepare, sample
+from tasks.data.mix import apply_system, sample
+from tasks.data.mix import prepare as prepare_in_memory
 from tasks.data.report import REPORT_COLUMNS, SourceReport, report_markdown, report_rows, report_text
 from tasks.data.specs import DataError, DataParams, Format, Spec, parse_spec
 from tasks.data.split import prompt_key, prompt_overlap
 from tasks.data.stage import STAGE, fingerprint_of, prepare_dataset
+from tasks.data.stream import prepare
 from tasks.data.tokens import QWEN2_FALLBACK, TokenCounter, load_tokenizer, qwen2_tokenizer, tokenizer_id
 
 __all__ = [
@@ -93,6 +96,7 @@ __all__ = [
     "parse_spec",
     "prepare",
     "prepare_dataset",
+    "prepare_in_memory",
     "prompt_key",
     "prompt_overlap",
     "qwen2_tokenizer",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, Iterator
 
 from tasks.data.report import SourceReport, skipped_text
 from tasks.data.specs import DataError, DataParams, Spec
@@ -217,10 +217,17 @@ def load_source(
     """Read, convert and validate one source. Strict: the first bad row raises; otherwise bad rows are
     skipped and listed in the report, and more of them than ``max_bad_rows`` of the rows read raise."""
     report = SourceReport(spec=spec.text)
+    return list(iter_source(spec, config, report, storage_block)), report
+
+
+def iter_source(
+    spec: Spec, config: DataParams, report: SourceReport, storage_block: str | None = None
+) -> Iterator[list[dict[str, str]]]:
+    """``load_source`` as a stream: each valid row as it is read, counted in ``report``; the checks on
+    the whole source (no rows, too many bad ones) raise after the last row."""
     override = config.formats.get(spec.source, config.formats.get(spec.text, config.formats.get("*", "auto")))
     detected: dict[str, str] = {}  # per file: a folder may hold files of different formats
     rename = config.columns
-    out: list[list[dict[str, str]]] = []
     for raw in spec.read(config.seed, storage_block):
         report.rows_read += 1
         try:
@@ -259,8 +266,8 @@ def load_source(
                 raise DataError(skipped_text(raw.where, raw.index, e.field, e.reason)) from None
             report.skip(raw.where, raw.index, e.field, e.reason)
             continue
-        out.append(messages)
-    report.rows_valid = len(out)
+        report.rows_valid += 1
+        yield messages
     report.format = override if override != "auto" else ",".join(sorted(set(detected.values()))) or "?"
     if report.rows_read == 0:
         raise DataError(f"{spec.text}: the source has no rows")
@@ -270,6 +277,5 @@ def load_source(
             f"{spec.text}: {report.rows_skipped} of {report.rows_read} rows failed validation, more than "
             f"data.max_bad_rows={config.max_bad_rows:g} allows; first: {first}"
         )
-    if not out:
+    if not report.rows_valid:
         raise DataError(f"{spec.text}: no valid row out of {report.rows_read} (dropped: {report.dropped})")
-    return out, report

@@ -67,3 +67,44 @@ def check_line(check: dict[str, int] | None) -> str:
         f"{check['all_user_turns']} have all their user turns in train, {check['first_user_turn']} its first "
         f"user turn, {check['any_user_turn']} a non-trivial user turn"
     )
+
+
+class HeldOutCheck:
+    """``held_out_check`` for a training split too big to hold: the validation rows (capped, small) are
+    held, the training rows are shown one at a time (``see``), and ``counts`` gives the same numbers.
+
+    >>> row = lambda *turns: [{"role": r, "content": c} for c in turns for r in ("user", "assistant")][::2]
+    >>> check = HeldOutCheck([row("what is 2 + 2"), row("Hi", "and times 3 then add 10 please")])
+    >>> check.see(row("What is 2+2?", "And times 3, then add 10, please?"))
+    >>> check.counts()
+    {'validation_rows': 2, 'all_user_turns': 0, 'first_user_turn': 1, 'any_user_turn': 1}
+    """
+
+    def __init__(self, validation: list[list[dict[str, Any]]]):
+        self._validation = [_user_turns(m) for m in validation]
+        self._wanted_whole = {tuple(turns) for turns in self._validation if turns}
+        self._wanted_first = {turns[0] for turns in self._validation if turns}
+        self._wanted_any = {t for turns in self._validation for t in turns if len(t) >= MIN_CHARS}
+        self._whole: set[tuple[str, ...]] = set()
+        self._first: set[str] = set()
+        self._any: set[str] = set()
+
+    def see(self, messages: list[dict[str, Any]]) -> None:
+        """One training row: remember only what a validation row asks about."""
+        turns = _user_turns(messages)
+        if not turns:
+            return
+        if (whole := tuple(turns)) in self._wanted_whole:
+            self._whole.add(whole)
+        if turns[0] in self._wanted_first:
+            self._first.add(turns[0])
+        self._any.update(t for t in turns if len(t) >= MIN_CHARS and t in self._wanted_any)
+
+    def counts(self) -> dict[str, int]:
+        counts = {"validation_rows": len(self._validation), "all_user_turns": 0, "first_user_turn": 0}
+        counts["any_user_turn"] = 0
+        for turns in self._validation:
+            counts["all_user_turns"] += bool(turns) and tuple(turns) in self._whole
+            counts["first_user_turn"] += bool(turns) and turns[0] in self._first
+            counts["any_user_turn"] += any(len(t) >= MIN_CHARS and t in self._any for t in turns)
+        return counts

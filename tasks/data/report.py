@@ -5,10 +5,9 @@ token-length histogram."""
 from __future__ import annotations
 
 import re
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from tasks.data.overlap import check_line
 
@@ -93,21 +92,25 @@ def reason_key(reason: str) -> str:
     return re.sub(r"(?<![-\w])\d+", "N", re.sub(r"'[^']*'", "…", reason.split(" (")[0]))
 
 
-def token_stats(lengths: list[int]) -> dict[str, int]:
+def token_stats(lengths: Sequence[int]) -> dict[str, int]:
     """min / median / p95 / max / total of token lengths; empty for no rows.
 
     >>> token_stats([5, 1, 3])
     {'min': 1, 'median': 3, 'p95': 5, 'max': 5, 'total': 9}
     """
-    if not lengths:
+    if not len(lengths):
         return {}
-    ordered = sorted(lengths)
+    import numpy as np  # sorted in numpy: a list of millions of Python ints would cost ~36 bytes a row
+
+    ordered = np.sort(np.asarray(lengths, dtype=np.int64))
+    n, mid = len(ordered), len(ordered) // 2
+    median = ordered[mid] if n % 2 else (ordered[mid - 1] + ordered[mid]) / 2  # statistics.median's rule
     return {
-        "min": ordered[0],
-        "median": int(statistics.median(ordered)),
-        "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
-        "max": ordered[-1],
-        "total": sum(ordered),
+        "min": int(ordered[0]),
+        "median": int(median),
+        "p95": int(ordered[min(n - 1, int(0.95 * n))]),
+        "max": int(ordered[-1]),
+        "total": int(ordered.sum()),
     }
 
 

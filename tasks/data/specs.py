@@ -3,13 +3,26 @@
 
 from __future__ import annotations
 
+import glob
+import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from tasks.core.sources import Kind, RawRow, local_files, read_source, source_fingerprint, source_kind
+from tasks.artifacts.store import sha256_file
+from tasks.core.sources import (
+    FILE_SUFFIXES,
+    Kind,
+    RawRow,
+    local_files,
+    read_file,
+    read_source,
+    source_fingerprint,
+    source_kind,
+)
 
 Format = Literal[
     "auto",
@@ -233,12 +246,26 @@ class Spec:
         """builtin, s3, local or hub."""
         return source_kind(self.source)
 
+    @property
+    def pattern(self) -> bool:
+        """A local glob of shards (``data/part-*.jsonl``): no such path, and wildcards in it."""
+        return self.kind == "local" and any(c in self.source for c in "*?[") and not Path(self.source).exists()
+
     def files(self) -> list[Path]:
-        """A local source's data files; raises ``DataError`` when there are none (or no such subset)."""
+        """A local source's data files; raises ``DataError`` when there are none (or no such subset).
+        A glob's matches, in name order (``glob`` from the standard library, ``~`` expanded)."""
+        if self.pattern:
+            found = sorted(Path(p) for p in glob.glob(os.path.expanduser(self.source)) if Path(p).is_file())
+            if not (found := [p for p in found if p.suffix in FILE_SUFFIXES]) or self.subset:
+                why = "a glob has no subsets" if self.subset else f"no {'/'.join(FILE_SUFFIXES)} file matches"
+                raise DataError(f"dataset spec {self.text!r}: {why}")
+            return found
         return local_files(self.source, self.subset, name=self.text, error=DataError)
 
     def read(self, seed: int, storage_block: str | None = None) -> Iterator[RawRow]:
-        """Every row of the source, as read (see ``tasks.core.sources.read_source``)."""
+        """Every row of the source, as read (see ``tasks.core.sources.read_source``), a file at a time."""
+        if self.pattern:
+            return (raw for path in self.files() for raw in read_file(path, error=DataError))
         return read_source(
             self.source,
             self.subset,
@@ -250,7 +277,12 @@ class Spec:
         )
 
     def fingerprint(self, storage_block: str | None = None) -> str:
-        """What the content is (checksums, ETags, hub revision): the stage's cache key and the lineage."""
+        """What the content is (checksums, ETags, hub revision): the stage's cache key and the lineage. A glob's
+        files count by their names and checksums (a new shard is new data)."""
+        if self.pattern:
+            files = self.files() if glob.glob(os.path.expanduser(self.source)) else []
+            listing = "".join(f"{p.name}:{sha256_file(p)}" for p in files)
+            return f"{self.text}@" + (hashlib.sha256(listing.encode()).hexdigest()[:16] if files else "missing")
         return source_fingerprint(
             self.source, self.subset, hub=self.hub, name=self.text, storage_block=storage_block, error=DataError
         )

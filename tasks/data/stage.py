@@ -11,9 +11,9 @@ from tasks.artifacts.store import StageRef
 from tasks.core.common import picture_markdown, publish_markdown, publish_table, run_logger, task
 from tasks.core.fingerprints import code_identity, fingerprint, stack_versions, with_lineage
 from tasks.core.stage import StageContext, Workspace, run_stage, stage_cache_key
-from tasks.data.mix import prepare
 from tasks.data.report import report_markdown, report_rows, skipped_lines
 from tasks.data.specs import DataError, DataParams, Spec, parse_spec
+from tasks.data.stream import prepare
 from tasks.data.tokens import tokenizer_id
 
 STAGE = "data"
@@ -80,7 +80,8 @@ def _publish_artifacts(ref: StageRef, out: Path) -> None:
 def prepare_dataset(config: DataParams, ctx: StageContext) -> StageRef:
     """Read, convert, validate, dedupe, split, sample, count tokens and mix the datasets; publish the report.
 
-    Resource profile: CPU only (the tokenizer's threads use every core), memory ~ the rows read.
+    Resource profile: CPU only (the tokenizer's threads use every core); memory flat in the rows read
+    (``tasks.data.stream``), scratch disk about the size of the sources under TMPDIR.
     The base model's tokenizer counts tokens (``config.tokenizer`` wins).
     """
     fp = fingerprint_of(config, ctx)

@@ -10,7 +10,7 @@ import hashlib
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from tasks.artifacts.store import local_cache_dir, sha256_file
 from tasks.core.models import CHATML_TRAINING_TEMPLATE
@@ -187,6 +187,10 @@ class TokenCounter:
                 self._cache[key] = len(enc.ids)
         return [self._cache[k] for k in keys]
 
+    def forget(self) -> None:
+        """Drop the remembered counts: a stream counts chunk by chunk, and the cache would grow with the rows."""
+        self._cache.clear()
+
     def trim(self, text: str, n: int, side: str) -> str:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         kept = ids[n:] if side == "left" else ids[: max(0, len(ids) - n)]
@@ -224,9 +228,12 @@ def truncate(
     return None
 
 
-def write_tokens(tokenizer: Any, conversations: list[list[dict[str, str]]], path: Path, batch: int = 1000) -> None:
+def write_tokens(
+    tokenizer: Any, conversations: Iterable[list[dict[str, str]]], path: Path, batch: int = 10_000
+) -> None:
     """TRL's pre-tokenized form: ``input_ids`` and ``assistant_masks`` (1 on the tokens the loss sees),
-    rendered with the training chat template (``{% generation %}`` markers) that the SFT stage uses."""
+    rendered with the training chat template (``{% generation %}`` markers) that the SFT stage uses.
+    Written ``batch`` rows at a time (a row group each), so a stream of rows never sits in memory whole."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -234,11 +241,17 @@ def write_tokens(tokenizer: Any, conversations: list[list[dict[str, str]]], path
     from tasks.data.tools import record
 
     template = training_chat_template(tokenizer) or tokenizer.chat_template
+    schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("assistant_masks", pa.list_(pa.int8()))])
     ids: list[list[int]] = []
     masks: list[list[int]] = []
-    for messages in conversations:  # one by one: each row has its own tools
-        enc = tokenize_record(tokenizer, record(messages), template)
-        ids.append(enc["input_ids"])
-        masks.append(enc["assistant_masks"])
-    schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("assistant_masks", pa.list_(pa.int8()))])
-    pq.write_table(pa.table({"input_ids": ids, "assistant_masks": masks}, schema=schema), path)
+    written = 0
+    with pq.ParquetWriter(path, schema) as writer:
+        for messages in conversations:  # one by one: each row has its own tools
+            enc = tokenize_record(tokenizer, record(messages), template)
+            ids.append(enc["input_ids"])
+            masks.append(enc["assistant_masks"])
+            if len(ids) == batch:
+                writer.write_table(pa.table({"input_ids": ids, "assistant_masks": masks}, schema=schema))
+                ids, masks, written = [], [], written + len(ids)
+        if ids or not written:  # the last rows; an empty split still gets its (empty) table
+            writer.write_table(pa.table({"input_ids": ids, "assistant_masks": masks}, schema=schema))
