@@ -194,8 +194,12 @@ class Night:
             repair_alias(self.store, self.record["uri"], release["model"])
             release["alias_moved"] = True
         if self.record["status"] != "RUNNING":
-            # the whole night in one file beside the run (its stages, URIs, fingerprints, warnings; no credential)
-            mlflow.log_dict(parent, self.record, "tuneline/night.json")
+            # the whole night in one file beside the run (its stages, URIs, fingerprints, warnings; no credential);
+            # a tracker whose artifact store fails still gets the night's numbers
+            try:
+                mlflow.log_dict(parent, self.record, "tuneline/night.json")
+            except Exception as e:  # noqa: BLE001
+                self.warn("could not store the night's record as an artifact", e)
             mlflow.set_terminated(parent, self.record["status"])
             self.record["synced"] = True
 
@@ -356,7 +360,7 @@ def open_night(params: Any, ctx: Any, logger: Any) -> tuple[Night | None, Any]:
 
     try:
         saved_env, secret_error = load_secret(tracking.secret_block), None
-    except Exception as e:  # noqa: BLE001 — a Secret block that cannot be read: untracked-ish, never a failure
+    except Exception as e:  # noqa: BLE001 — a Secret block that cannot be read: a warning, never a failure
         saved_env, secret_error = {}, e
     run_id = str(flow_run.id or "local")
     record = {
