@@ -70,7 +70,9 @@ class TrackingParams(BaseModel):
     experiment: str = Field(default="", max_length=200, description="MLflow experiment (default: release.model_name).")
     tensorboard: bool = Field(default=False, description="Trainers also write TensorBoard event files (stage folder).")
     secret_block: str | None = Field(
-        default=None, max_length=200, description="Name of a Prefect Secret block: 'user:password' or a token."
+        default=None,
+        max_length=200,
+        description="Name of a Prefect Secret block: JSON {username, password}, 'user:password' or a token.",
     )
 
     @field_validator("mlflow_uri")

@@ -84,15 +84,15 @@ def retrain(
     # Every GPU task's requirement, checked before anything is loaded (tasks/runtime/requirements.py).
     needs = preflight_run(params, logger)
     ctx = params.stage_context().pinned()  # built once (hub revision resolved once); every stage gets it by keyword
-    # tracking.*: the night's MLflow run, stages nested in it; never decides anything (flows/tracking.py)
-    night, ctx = open_night(params, ctx, logger)
-    track = night.stage if night else (lambda ref: ref)
-
     check_eval_data(params.eval, ctx.storage_block)  # bad evaluation data fails now, not after hours of training
     # The champion is the release LATEST names now; a broken one stops the night before any training.
     latest = current_champion(ctx.store(), params.release.model_name)
     logger.info("champion: %s", f"release {latest.release_id}" if latest else "none yet (first release: base only)")
     pinned = current_anchor(ctx.store(), params.release.model_name)  # a pin, else the first release
+    # tracking.*: the night's MLflow run, stages nested in it; never decides anything (flows/tracking.py).
+    # Opened after the checks above: a night they stop leaves no trace in the tracker or the root.
+    night, ctx = open_night(params, ctx, logger)
+    track = night.stage if night else (lambda ref: ref)
     dataset = prepare_dataset(params.data, ctx=ctx)
     check_validation_power(params.eval, dataset.metrics.get("validation_rows"))  # before hours of training
     track(dataset)

@@ -59,19 +59,55 @@ def resolve_uri(uri: str, root: str) -> str:
     return f"sqlite:///{folder}/mlflow.db"
 
 
-def load_secret(block: str | None) -> None:
-    """A Prefect Secret block's value into this process's environment (``user:password`` or a token), where
-    MLflow's client and the training children read it; never into parameters or logs."""
-    if not block:
-        return
-    from prefect.blocks.system import Secret
+CREDENTIAL_VARS = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
-    value = Secret.load(block).get()
+
+def secret_env(value: Any) -> dict[str, str]:
+    """A Secret block's value as MLflow's credential variables: JSON ``{"username", "password"}`` (or a dict),
+    ``user:password``, or a token.
+
+    >>> secret_env('{"username": "bob", "password": "pw"}') == {
+    ...     "MLFLOW_TRACKING_USERNAME": "bob", "MLFLOW_TRACKING_PASSWORD": "pw"}
+    True
+    >>> secret_env("bob:pw:x")["MLFLOW_TRACKING_PASSWORD"], secret_env("tok-1")
+    ('pw:x', {'MLFLOW_TRACKING_TOKEN': 'tok-1'})
+    """
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        import json
+
+        value = json.loads(value)
+    if isinstance(value, dict):
+        if not value.get("username") or not value.get("password"):
+            raise ValueError("the Secret block's JSON needs 'username' and 'password'")
+        return {"MLFLOW_TRACKING_USERNAME": str(value["username"]), "MLFLOW_TRACKING_PASSWORD": str(value["password"])}
     user, sep, password = str(value).partition(":")
     if sep:
-        os.environ.update(MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=password)
-    else:
-        os.environ["MLFLOW_TRACKING_TOKEN"] = str(value)
+        return {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": password}
+    return {"MLFLOW_TRACKING_TOKEN": str(value)}
+
+
+def load_secret(block: str | None) -> dict[str, str | None]:
+    """A Prefect Secret block's value into this process's environment for the night, where MLflow's client
+    (and, through ``child_env``'s inheritance, the training child's callback) reads it; never into parameters,
+    logs or the record. Returns the variables it replaced, for ``restore_env`` when the night closes."""
+    if not block:
+        return {}
+    from prefect.blocks.system import Secret
+
+    env = secret_env(Secret.load(block).get())
+    saved = {k: os.environ.get(k) for k in CREDENTIAL_VARS}
+    for key in CREDENTIAL_VARS:  # the block's credential, not a mix with one set in the environment
+        os.environ.pop(key, None)
+    os.environ.update(env)
+    return saved
+
+
+def restore_env(saved: dict[str, str | None]) -> None:
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def experiment_id(mlflow: Any, name: str, uri: str) -> str:
@@ -96,6 +132,7 @@ class Night:
     def __init__(self, store: Any, record: dict[str, Any]):
         self.store, self.record = store, record
         self.target: TrackingTarget | None = None
+        self.saved_env: dict[str, str | None] = {}  # credential variables a Secret block replaced for the night
 
     @property
     def key(self) -> str:
@@ -157,6 +194,12 @@ class Night:
             repair_alias(self.store, self.record["uri"], release["model"])
             release["alias_moved"] = True
         if self.record["status"] != "RUNNING":
+            # the whole night in one file beside the run (its stages, URIs, fingerprints, warnings; no credential);
+            # a tracker whose artifact store fails still gets the night's numbers
+            try:
+                mlflow.log_dict(parent, self.record, "tuneline/night.json")
+            except Exception as e:  # noqa: BLE001
+                self.warn("could not store the night's record as an artifact", e)
             mlflow.set_terminated(parent, self.record["status"])
             self.record["synced"] = True
 
@@ -226,6 +269,7 @@ class Night:
             self.record["tags"]["tuneline.failure"] = reason[:4000]
         self.try_push("could not send the night's results")
         self.save()
+        restore_env(self.saved_env)  # the Secret block's credential leaves the process with the night
         return self.warnings()
 
 
@@ -294,20 +338,30 @@ def open_night(params: Any, ctx: Any, logger: Any) -> tuple[Night | None, Any]:
     """Start tracking a flow run (``tracking.mlflow_uri`` empty: off). Sends the pending records of earlier
     nights first. Returns the night and the context whose stages log into it."""
     tracking = params.tracking
-    if not tracking.mlflow_uri:
-        return None, ctx
+    uri = tracking.mlflow_uri
+    if uri:
+        from tasks.artifacts.tracking import MISSING, mlflow_installed
+
+        # Tracking never decides anything: a tracker this night cannot use is one warning line, and the night
+        # goes on untracked (the demo preset tracks to `local` by default, with or without the extra).
+        if not mlflow_installed():
+            logger.warning("%s; the night goes on untracked", MISSING)
+            uri = ""
+        else:
+            try:
+                uri = resolve_uri(uri, ctx.root)
+            except ValueError as e:
+                logger.warning("tracking: %s; the night goes on untracked", e)
+                uri = ""
+    if not uri:  # TensorBoard alone needs no tracker: the trainers write event files into their stage folders
+        target = TrackingTarget(uri="", experiment_id="", tensorboard=True) if tracking.tensorboard else None
+        return None, (ctx.model_copy(update={"tracking": target}) if target else ctx)
     from prefect.runtime import flow_run
 
-    from flows.errors import InputError
-    from tasks.artifacts.tracking import MISSING, mlflow_installed
-
-    if not mlflow_installed():  # asked for and impossible: said before any training, not as a warning per stage
-        raise InputError(MISSING)
     try:
-        uri = resolve_uri(tracking.mlflow_uri, ctx.root)
-    except ValueError as e:
-        raise InputError(str(e)) from None
-    load_secret(tracking.secret_block)
+        saved_env, secret_error = load_secret(tracking.secret_block), None
+    except Exception as e:  # noqa: BLE001 — a Secret block that cannot be read: a warning, never a failure
+        saved_env, secret_error = {}, e
     run_id = str(flow_run.id or "local")
     record = {
         "flow_run_id": run_id,
@@ -324,6 +378,9 @@ def open_night(params: Any, ctx: Any, logger: Any) -> tuple[Night | None, Any]:
         "warnings": [],
     }
     night = Night(ctx.store(), record)
+    night.saved_env = saved_env
+    if secret_error is not None:
+        night.warn(f"tracking.secret_block {tracking.secret_block!r} could not be read", secret_error)
     night.save()
     backfilled = sync(ctx.store(), uri, exclude=run_id)
     if backfilled:

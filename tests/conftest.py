@@ -85,11 +85,12 @@ def s3_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real MLflow tracking server (SQLite backend) on 127.0.0.1 for the session; stopped at the end."""
-    from tests.mlflowserver import MlflowServer
+def mlflow_server(tmp_path_factory, s3_server):
+    """A real MLflow tracking server on 127.0.0.1 for the session (SQLite backend, artifacts in the S3 server,
+    basic auth with ``tests.mlflowserver.ADMIN``); stopped at the end."""
+    from tests.mlflowserver import ADMIN, MlflowServer
 
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"), s3=s3_server, auth=ADMIN).start()
     yield server
     server.stop()
 

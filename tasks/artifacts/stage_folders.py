@@ -23,7 +23,7 @@ excluded), computed from the local folder before upload (``content_hashes``). So
 has one digest: a JSON file counts by its canonical form, without volatile measurements (wall times,
 rates, peak memory: ``VOLATILE``) and with set-valued lists sorted (``SET_KEYS``: peft writes
 ``target_modules`` in a Python set's per-process order), and the files a stage writes for people from
-the rest of its folder (``DESCRIPTIONS``: the data report) do not count. Checksums of the bytes
+the rest of its folder (``DESCRIPTIONS``: the data report; ``FOR_PEOPLE``: TensorBoard event files) do not count. Checksums of the bytes
 (``file_hashes``) still guard every upload and every release.
 """
 
@@ -52,6 +52,9 @@ def file_hashes(folder: Path) -> dict[str, str]:
 #: Per stage, files written for people from the rest of the folder: not part of what the folder is (the
 #: data stage's rows are its content; a change to the report's wording must not retrain everything after).
 DESCRIPTIONS: dict[str, frozenset[str]] = {"data": frozenset({"report.md", "report.json", "token_lengths.png"})}
+#: Folders any stage may hold for people, never part of what it is: TensorBoard's event files (tracking.tensorboard;
+#: their names carry a time and a host, so two runs that computed the same thing differ there).
+FOR_PEOPLE = ("tensorboard/",)
 #: JSON keys whose values are measurements of the run, not of its result: they differ between two runs
 #: that computed the same thing.
 VOLATILE = re.compile(r"runtime|seconds|per_second|wall|timestamp|^time$|_time$|peak_\w*memory")
@@ -86,7 +89,7 @@ def content_hashes(folder: Path, stage: str = "", hashes: dict[str, str] | None 
     hashes = file_hashes(folder) if hashes is None else hashes
     out = {}
     for rel, sha in hashes.items():
-        if rel in DESCRIPTIONS.get(stage, ()):
+        if rel in DESCRIPTIONS.get(stage, ()) or rel.startswith(FOR_PEOPLE):
             continue
         if rel.endswith(".json"):
             try:

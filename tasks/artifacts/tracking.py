@@ -7,7 +7,9 @@ tracker's URI, the experiment, that parent run's id; never a credential) on the 
   nested run, and while the build runs ``child_env()`` gives ``launch_training`` the variables that
   make the training child's ``report_to="mlflow"`` (TRL/transformers' own ``MLflowCallback``) log its
   curves into that nested run (``MLFLOW_TRACKING_URI``, ``MLFLOW_RUN_ID``);
-- ``report_to()``: what the child passes to its trainer's config, read from those variables;
+- ``report_to()``: what the child passes to its trainer's config, read from those variables (and, for
+  ``mlflow``, ``use_stage_run_callback()``: the stage's run stays open for the final evaluation, and a
+  tracker failure never stops training);
 - ``built_runs``: which stages this process built under which parent, so the flow tags the others reused.
 
 Tracking never decides anything: every call here is best effort. An unreachable tracker is one warning
@@ -245,11 +247,59 @@ def report_to(output_dir: Path | None = None, env: dict[str, str] | None = None)
             import mlflow  # noqa: F401
 
             out.append("mlflow")
+            use_stage_run_callback()
         except ImportError:
             log.warning("tracking: mlflow is not installed in the training environment; no curves logged")
     if env.get(TENSORBOARD_ENV):
         out.append("tensorboard")
     return out
+
+
+def use_stage_run_callback() -> None:
+    """Make ``report_to="mlflow"`` use ``StageRunMLflowCallback`` in this (training) process.
+
+    transformers picks a ``report_to`` name's callback from its registry ``INTEGRATION_TO_CALLBACK``; replacing
+    the entry keeps TRL's own callback (its parameters and curves, unchanged) while the trainers are built as
+    they always are. Two changes, both for the stage's run: ``train()``'s end leaves the run open, so the final
+    ``evaluate()`` logs into it (MLflow's ``end_run`` drops ``MLFLOW_RUN_ID``, and the next ``log_metrics``
+    would start a stray run in the Default experiment; the flow ends the stage's run); and a tracker failure
+    is one warning line in the training log, never a failed training (tracking never fails a night)."""
+    from transformers.integrations import integration_utils
+
+    base = integration_utils.MLflowCallback
+
+    class StageRunMLflowCallback(base):  # type: ignore[misc, valid-type]
+        _failed = False
+
+        def _safely(self, hook: Any, *args: Any, **kwargs: Any) -> Any:
+            if self._failed:
+                return None
+            try:
+                return hook(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 — the trainer goes on untracked
+                self._failed = True
+                why = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+                print(f"[tuneline.tracking] warning: the trainer's MLflow logging stopped: {why}", flush=True)
+                return None
+
+        def setup(self, args: Any, state: Any, model: Any) -> None:
+            self._safely(super().setup, args, state, model)
+            self._async_log = False  # a failed call raises here, in _safely, not in a thread at exit
+            self._initialized = True
+
+        def on_log(self, *args: Any, **kwargs: Any) -> Any:
+            return self._safely(super().on_log, *args, **kwargs)
+
+        def on_save(self, *args: Any, **kwargs: Any) -> Any:
+            return self._safely(super().on_save, *args, **kwargs)
+
+        def on_train_end(self, *args: Any, **kwargs: Any) -> None:
+            return None  # the stage's run stays open for evaluate(); MLflow ends it at exit, the flow after
+
+        def __del__(self) -> None:
+            return None
+
+    integration_utils.INTEGRATION_TO_CALLBACK["mlflow"] = StageRunMLflowCallback
 
 
 def tensorboard_dir(output_dir: Path) -> Path:

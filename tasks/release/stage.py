@@ -50,6 +50,7 @@ from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.artifacts.registry import LATEST, MANIFEST, latest_release, release_prefix
+from tasks.artifacts.stage_folders import FOR_PEOPLE
 from tasks.artifacts.store import StageRef, Store, StoreError, safe_key, sha256_file
 from tasks.core.common import publish_markdown, run_logger, task
 from tasks.core.fingerprints import (
@@ -388,7 +389,10 @@ def _release_files(
             {
                 f"{name}/{p.relative_to(folder).as_posix()}": p
                 for p in sorted(folder.rglob("*"))
-                if p.is_file() and not p.name.startswith("_")
+                if p.is_file()
+                and not p.name.startswith("_")
+                # TensorBoard event files (tracking.tensorboard) stay with the stage, in the artifact store
+                and not p.relative_to(folder).as_posix().startswith(FOR_PEOPLE)
             }
         )
     return files
