@@ -13,7 +13,7 @@ from typing import Any
 from tasks.data import split
 from tasks.data.formats import load_source
 from tasks.data.overlap import held_out_check
-from tasks.data.report import SourceReport, histogram, report_markdown, token_stats
+from tasks.data.report import SourceReport, token_stats, write_report
 from tasks.data.specs import SAMPLE_REPEAT, DataError, DataParams, Spec, parse_spec
 from tasks.data.tokens import QWEN2_FALLBACK, TokenCounter, load_tokenizer, truncate, write_tokens
 from tasks.data.tools import record, tools_of, with_tools
@@ -223,24 +223,11 @@ def prepare(
         validation_from = "data.validation_datasets"
     elif config.validation_ratio == 0:
         validation_from = "none: validation_ratio is 0"
-    metrics = {
+    counts = {
         "train_rows": len(train),
         "validation_rows": len(validation),
-        "validation_from": validation_from,
         "train_validation_prompt_overlap": split.prompt_overlap(train, validation),
-        "held_out_check": held_out_check(train, validation),  # an independent, stricter key: may disagree
-        "removed_for_validation": sum(r.removed_for_validation for r in reports),
-        "source_duplicates": sum(r.duplicates for r in reports),
-        "tokenizer": tokenizer_name,
-        "max_length": config.max_length,
-        "truncation": config.truncation,
-        "mixing": config.mixing,
+        "held_out_check": held_out_check(train, validation),
         "duplicates_dropped": duplicates,
-        "tokens": token_stats(all_lengths),
-        "sources": [r.as_dict() for r in reports],
     }
-    (out_dir / "report.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
-    (out_dir / "report.md").write_text(report_markdown(metrics))
-    if all_lengths:
-        histogram(reports, config.max_length, tokenizer_name, out_dir / "token_lengths.png")
-    return metrics
+    return write_report(out_dir, config, reports, counts, validation_from, tokenizer_name, all_lengths)

@@ -4,6 +4,7 @@ token-length histogram."""
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,3 +204,38 @@ def histogram(reports: list[SourceReport], max_length: int | None, tokenizer_nam
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def write_report(
+    out_dir: Path,
+    config: Any,
+    reports: list[SourceReport],
+    counts: dict[str, Any],
+    validation_from: str,
+    tokenizer_name: str,
+    all_lengths: Sequence[int],
+) -> dict[str, Any]:
+    """The data stage's report (report.json, report.md, the token-length histogram), shared by the
+    streaming stage and its in-memory reference so both write the same bytes. ``counts``: ``train_rows``,
+    ``validation_rows``, ``train_validation_prompt_overlap``, ``held_out_check``, ``duplicates_dropped``."""
+    metrics = {
+        "train_rows": counts["train_rows"],
+        "validation_rows": counts["validation_rows"],
+        "validation_from": validation_from,
+        "train_validation_prompt_overlap": counts["train_validation_prompt_overlap"],
+        "held_out_check": counts["held_out_check"],  # an independent, stricter key: may disagree
+        "removed_for_validation": sum(r.removed_for_validation for r in reports),
+        "source_duplicates": sum(r.duplicates for r in reports),
+        "tokenizer": tokenizer_name,
+        "max_length": config.max_length,
+        "truncation": config.truncation,
+        "mixing": config.mixing,
+        "duplicates_dropped": counts["duplicates_dropped"],
+        "tokens": token_stats(all_lengths),
+        "sources": [r.as_dict() for r in reports],
+    }
+    (out_dir / "report.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
+    (out_dir / "report.md").write_text(report_markdown(metrics))
+    if all_lengths:
+        histogram(reports, config.max_length, tokenizer_name, out_dir / "token_lengths.png")
+    return metrics

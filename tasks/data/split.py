@@ -161,6 +161,13 @@ def cap(parts: list[list[Messages]], max_rows: int) -> list[list[Messages]]:
     [['c', 'd'], ['a']]
     """
     ranked = sorted((prompt_position(m), k, i) for k, part in enumerate(parts) for i, m in enumerate(part))
+    chosen = capped(ranked, max_rows)
+    return [[m for i, m in enumerate(part) if (k, i) in chosen] for k, part in enumerate(parts)]
+
+
+def capped(ranked: list[tuple[float, int, int]], max_rows: int) -> set[tuple[int, int]]:
+    """The ``(source, row)`` pairs :func:`cap` keeps from ``(position, source, row)`` entries in position
+    order: each source's first row (lowest positions first), then the rest by position, ``max_rows`` in all."""
     firsts: dict[int, tuple[float, int, int]] = {}
     for entry in ranked:
         firsts.setdefault(entry[1], entry)
@@ -169,7 +176,7 @@ def cap(parts: list[list[Messages]], max_rows: int) -> list[list[Messages]]:
         if len(chosen) >= max_rows:
             break
         chosen.add((k, i))
-    return [[m for i, m in enumerate(part) if (k, i) in chosen] for k, part in enumerate(parts)]
+    return chosen
 
 
 def in_hash_order(parts: list[list[Messages]]) -> list[Messages]:

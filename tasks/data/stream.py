@@ -29,7 +29,7 @@ from tasks.data import split
 from tasks.data.formats import iter_source
 from tasks.data.mix import _parse, apply_system, mix
 from tasks.data.overlap import HeldOutCheck
-from tasks.data.report import SourceReport, histogram, report_markdown, token_stats
+from tasks.data.report import SourceReport, token_stats, write_report
 from tasks.data.specs import SAMPLE_REPEAT, DataError, DataParams, Spec
 from tasks.data.tokens import QWEN2_FALLBACK, TokenCounter, load_tokenizer, truncate, write_tokens
 from tasks.data.tools import record
@@ -213,14 +213,7 @@ def _cap(held: list[array], max_rows: int, rows: Rows) -> list[array]:
         for k, part in enumerate(held)
         for entry in heapq.nsmallest(max_rows, ((rows.position(f), k, i) for i, f in enumerate(part)))
     )
-    firsts: dict[int, tuple[float, int, int]] = {}
-    for entry in ranked:
-        firsts.setdefault(entry[1], entry)
-    chosen = {(k, i) for _, k, i in sorted(firsts.values())[:max_rows]}
-    for _, k, i in ranked:
-        if len(chosen) >= max_rows:
-            break
-        chosen.add((k, i))
+    chosen = split.capped(ranked, max_rows)
     return [array("q", (f for i, f in enumerate(part) if (k, i) in chosen)) for k, part in enumerate(held)]
 
 
@@ -405,24 +398,11 @@ def _prepare(
         validation_from = "data.validation_datasets"
     elif config.validation_ratio == 0:
         validation_from = "none: validation_ratio is 0"
-    metrics = {
+    counts = {
         "train_rows": len(mixed),
         "validation_rows": len(validation),
-        "validation_from": validation_from,
         "train_validation_prompt_overlap": len(overlap),
-        "held_out_check": check.counts(),  # an independent, stricter key: may disagree
-        "removed_for_validation": sum(r.removed_for_validation for r in reports),
-        "source_duplicates": sum(r.duplicates for r in reports),
-        "tokenizer": tokenizer_name,
-        "max_length": config.max_length,
-        "truncation": config.truncation,
-        "mixing": config.mixing,
+        "held_out_check": check.counts(),
         "duplicates_dropped": duplicates,
-        "tokens": token_stats(all_lengths),
-        "sources": [r.as_dict() for r in reports],
     }
-    (out_dir / "report.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
-    (out_dir / "report.md").write_text(report_markdown(metrics))
-    if all_lengths:
-        histogram(reports, config.max_length, tokenizer_name, out_dir / "token_lengths.png")
-    return metrics
+    return write_report(out_dir, config, reports, counts, validation_from, tokenizer_name, all_lengths)
