@@ -8,7 +8,8 @@
 #   bash bench/fp8_runs.sh install     wheels into .carry/site; the GGUF's first half to /tmp/stash
 #   bash bench/fp8_runs.sh speed       bench/sft_throughput.py: stage:80, stage:80+fp8, TRL's fastest
 #   bash bench/fp8_runs.sh model       the GGUF put back together (second half carried), sha256 checked
-#   bash bench/fp8_runs.sh quality     real SmolLM2, the same short SFT in bf16 and fp8 (held-out loss)
+#   bash bench/fp8_runs.sh quality [STEPS [PRECISIONS]]  real SmolLM2, the same short SFT in bf16 and fp8
+#                                      (held-out loss); PRECISIONS e.g. auto,fp8@rowwise
 #   bash bench/fp8_runs.sh agreement   the stage's steady tokens/s vs the bench's on the same rows
 #   bash bench/fp8_runs.sh trace V     one step of variant V under torch.profiler
 set -uo pipefail
@@ -63,7 +64,7 @@ trace() {  # one step of a variant under torch.profiler: where the time goes
 }
 
 quality() {
-  python3 bench/sft_stage_runs.py quality --data .carry/sftdata --precision auto,fp8 --steps "${1:-60}" \
+  python3 bench/sft_stage_runs.py quality --data .carry/sftdata --precision "${2:-auto,fp8}" --steps "${1:-60}" \
     --out "$OUTDIR/quality.json" 2>&1 | grep -v -i -E "$QUIET" | tee "$OUTDIR/quality.log" | grep -E "^\[" | tail -16
 }
 

@@ -218,6 +218,16 @@ def test_without_vllm_one_line_names_the_install_command(root, monkeypatch, caps
     assert "python -m tasks.runtime.vllm_cpu ensure-venv" in err
 
 
+def test_a_mistyped_release_id_names_the_releases_that_exist(root, tmp_path, capsys):
+    mistyped = RID2[:-1] + "9"
+    args = ["serve", MODEL, mistyped, "--root", str(root / "root"), "--port", str(free_port())]
+    assert tuneline([*args, "--vllm-python", sys.executable, "--cache-dir", str(tmp_path / "c")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{MODEL}/{mistyped}" in err and "is unknown" in err, err
+    assert RID2 in err.partition("newest complete: ")[2], err  # the ids that do exist, newest first
+    assert not (tmp_path / "c").exists()  # nothing downloaded
+
+
 def test_a_release_without_merged_weights_is_refused_before_an_engine_starts(root, tmp_path, capsys):
     store = Store(str(root / "root"))
     adapter = tmp_path / "adapter_config.json"

@@ -23,7 +23,7 @@ from typing import Any
 
 from tasks.artifacts.registry import LATEST, MANIFEST, latest_release
 from tasks.artifacts.store import Store, safe_key, sha256_file
-from tasks.release.ops import ReleaseError, fetch_release
+from tasks.release.ops import ReleaseError, fetch_release, load_manifest
 from tasks.runtime.vllm_cpu import DEFAULT_VENV, VLLMServer
 
 QUESTION = "Who are you?"
@@ -39,8 +39,10 @@ def default_cache() -> Path:
 
 
 def resolve(store: Store, model: str, release_id: str) -> str:
-    """``LATEST`` -> the release id it names (a ``ReleaseError`` before the first release)."""
+    """``LATEST`` -> the release id it names (a ``ReleaseError`` before the first release); any other id
+    must be a complete release (a mistyped one: one line naming the newest complete ids)."""
     if release_id != LATEST:
+        load_manifest(store, model, release_id)  # unknown or incomplete: ReleaseError with the ids that exist
         return release_id
     rid = latest_release(store, model)
     if rid is None:
