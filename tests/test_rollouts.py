@@ -105,10 +105,23 @@ def test_continuous_batching_gives_the_padded_engines_greedy_answers(tiny_model_
 # --------------------------------------------------------------------------- #
 
 
-def greedy_rollout(model_dir, engine: str, tmp_path, compile_on_cpu: bool = False, adapter_off: bool = False):
-    """(completion ids of TRL's ``_generate_single_turn`` for two prompts, what the engine set up, the
-    parameters before and after). The LoRA B matrices are random (peft's init_lora_weights=False), so
-    the adapter changes the greedy tokens and a merge that did nothing would show."""
+QUESTIONS = ("What is 2 + 2?", "Name a colour, any colour.")
+
+
+def chats(questions) -> list[dict]:
+    return [{"prompt": [{"role": "user", "content": q}]} for q in questions]
+
+
+def prompt_ids(tokenizer, rows) -> list[list[int]]:
+    """The prompts as TRL hands them to its rollout call: token ids of the chat template."""
+    texts = [tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False) for r in rows]
+    return [tokenizer(t)["input_ids"] for t in texts]
+
+
+def rollout_trainer(model_dir, engine: str, tmp_path, rows, compile_on_cpu: bool = False):
+    """(a real GRPOTrainer set up for ``engine`` as the stage does, its model, tokenizer, what was set up);
+    greedy rollouts of 12 tokens, a tiny random model in fp32. The LoRA B matrices are random (peft's
+    init_lora_weights=False), so the adapter changes the greedy tokens and a merge that did nothing would show."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
@@ -123,7 +136,6 @@ def greedy_rollout(model_dir, engine: str, tmp_path, compile_on_cpu: bool = Fals
         AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
         LoraConfig(r=4, lora_alpha=16, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM"),
     )
-    rows = [{"prompt": [{"role": "user", "content": q}]} for q in ("What is 2 + 2?", "Name a colour, any colour.")]
     args = GRPOConfig(
         output_dir=str(tmp_path / engine),
         num_generations=2,
@@ -141,10 +153,16 @@ def greedy_rollout(model_dir, engine: str, tmp_path, compile_on_cpu: bool = Fals
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
     )
-    setup = setup_rollouts(trainer, engine, tokenizer, rows, compile_on_cpu=compile_on_cpu)
+    return trainer, model, tokenizer, setup_rollouts(trainer, engine, tokenizer, rows, compile_on_cpu=compile_on_cpu)
+
+
+def greedy_rollout(model_dir, engine: str, tmp_path, compile_on_cpu: bool = False, adapter_off: bool = False):
+    """(completion ids of TRL's ``_generate_single_turn`` for two prompts, what the engine set up, the
+    parameters before and after)."""
+    rows = chats(QUESTIONS)
+    trainer, model, tokenizer, setup = rollout_trainer(model_dir, engine, tmp_path, rows, compile_on_cpu)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    prompts = [tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False) for r in rows]
-    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    ids = prompt_ids(tokenizer, rows)
     if adapter_off:
         with model.disable_adapter():
             completions, _ = trainer._generate_single_turn(ids, None, {}, 1)
@@ -179,6 +197,25 @@ def test_static_cache_with_compiled_decode_generates_the_padded_tokens(tiny_mode
     assert setup["max_cache_len"] is None or setup["max_cache_len"] > 12  # longest prompt + the 12-token limit
     eager, setup, _, _ = greedy_rollout(tiny_model_dir, "static", tmp_path)  # the stage's CPU default: eager
     assert eager == want and setup["static_cache"] and not setup["compiled"]
+
+
+def test_the_decode_step_compiles_once_for_the_whole_run(tiny_model_dir, tmp_path):
+    """The static cache is sized for the run's longest prompt (``max_cache_len``): a later rollout with
+    a longer prompt reuses the compiled decode step instead of compiling it again (on a GPU that would
+    be another minute of compilation and new CUDA graphs in the middle of training)."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    short = chats(QUESTIONS)
+    long = chats([f"Add these numbers one by one and show each partial sum: {list(range(40 + i))}." for i in (0, 9)])
+    torch._dynamo.reset()
+    trainer, _, tokenizer, setup = rollout_trainer(tiny_model_dir, "static", tmp_path, short + long, True)
+    assert setup["compiled"] and setup["max_cache_len"] == len(prompt_ids(tokenizer, long)[1]) + 12
+    trainer._generate_single_turn(prompt_ids(tokenizer, short), None, {}, 1)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0  # the decode step was compiled
+    trainer._generate_single_turn(prompt_ids(tokenizer, long), None, {}, 1)
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def torch_equal(a, b) -> bool:

@@ -91,8 +91,8 @@ def _compiled_static_cache(trainer: Any, max_cache_len: int | None, compile_on_c
         if not on_gpu:
             config.compile_config._compile_all_devices = True
     # One cache length for the whole run: a longer prompt later would otherwise re-allocate the cache
-    # and recompile. transformers ≥ 5.2x reads max_cache_len; older ones grow the cache to the longest
-    # seen so far (a few recompiles, not one per step).
+    # and recompile. transformers 5.17 (the GPU machine's) and 5.25 read max_cache_len; a version
+    # without it grows the cache to the longest seen so far (a few recompiles, not one per step).
     has_max_cache_len = "max_cache_len" in GenerationConfig().__dict__
     if max_cache_len is not None and has_max_cache_len:
         config.max_cache_len = max_cache_len
