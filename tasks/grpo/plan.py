@@ -13,7 +13,22 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.runtime.hardware import ProfileName
 
-RolloutEngine = Literal["auto", "vllm", "continuous", "generate"]
+RolloutEngine = Literal["auto", "vllm", "continuous", "generate", "static", "merged", "static+merged"]
+#: The engines that run on transformers (no vLLM): padded generate and what tasks/grpo/rollouts.py adds to it.
+TRANSFORMERS_ENGINES = ("continuous", "generate", "static", "merged", "static+merged")
+
+# ------------------------------------------------------------------------------------------------
+# THE ONE PLACE WHERE `auto` PICKS ON A GPU without vLLM (issue 31 part 4: the lead switches it after
+# the GPU measurement of bench/rollout_runs.sh; docs/benchmarks.md "Rollouts without vLLM").
+AUTO_GPU_ENGINE = "generate"
+#: The reason printed for auto's GPU choice (one entry per engine auto may be switched to).
+AUTO_GPU_REASON = {
+    "generate": "padded generate (faster than continuous on GPU)",
+    "static": "padded generate with a static cache and CUDA graphs (the fastest measured on GPU)",
+    "merged": "padded generate with the adapter merged for the rollout (the fastest measured on GPU)",
+    "static+merged": "padded generate, static cache + CUDA graphs, adapter merged (the fastest measured on GPU)",
+}
+# ------------------------------------------------------------------------------------------------
 
 # GRPO's vLLM settings used to sit flat beside its training fields; an old key in a preset or
 # --set fails with the new one named instead of "extra fields not permitted".
@@ -147,7 +162,9 @@ class GRPOParams(BaseModel):
         default="auto",
         description="What generates the rollouts: auto (vLLM when vllm.enabled and installed, else padded generate "
         "on GPUs and continuous batching on CPU: the faster one measured on each), vllm, continuous (transformers' "
-        "paged continuous batching), or generate (padded model.generate, TRL's default).",
+        "paged continuous batching), generate (padded model.generate, TRL's default), static (generate with a "
+        "static KV cache and a compiled decode step: CUDA graphs on a GPU), merged (generate with the LoRA adapter "
+        "merged into the weights for the rollout), or static+merged.",
     )
     vllm: VLLMParams = Field(default_factory=VLLMParams, description="vLLM rollouts (off by default).")
     num_samples: int = Field(
@@ -179,7 +196,7 @@ class GRPOParams(BaseModel):
             raise ValueError(f"reward_settings for {unknown}, which is not in rewards {self.rewards}")
         if self.rollout_engine == "vllm" and not self.vllm.enabled:
             raise ValueError("grpo.rollout_engine=vllm needs grpo.vllm.enabled=true (and its settings)")
-        if self.rollout_engine in ("continuous", "generate") and self.vllm.enabled:
+        if self.rollout_engine in TRANSFORMERS_ENGINES and self.vllm.enabled:
             raise ValueError(
                 f"grpo.rollout_engine={self.rollout_engine} contradicts grpo.vllm.enabled=true: turn one of them off"
             )
@@ -236,8 +253,9 @@ def to_prompt_rows(path: Path) -> list[dict[str, Any]]:
 def rollout_plan(cfg: GRPOParams, gpus: int, vllm_installed: bool) -> dict[str, Any]:
     """Which engine generates the rollouts, and why (for the log and the metrics): ``vllm`` (with its
     ``mode``), ``continuous`` (transformers' continuous batching: no padding, finished rows leave the
-    batch at once) or ``generate`` (TRL's padded ``model.generate``, the whole batch decodes until its
-    longest row ends).
+    batch at once), ``generate`` (TRL's padded ``model.generate``, the whole batch decodes until its
+    longest row ends), or padded generate with a static cache and compiled decode step (``static``),
+    the adapter merged for the rollout (``merged``), or both (``static+merged``: tasks/grpo/rollouts.py).
 
     >>> rollout_plan(GRPOParams(), gpus=1, vllm_installed=False)["engine"]
     'generate'
@@ -246,7 +264,7 @@ def rollout_plan(cfg: GRPOParams, gpus: int, vllm_installed: bool) -> dict[str, 
     >>> rollout_plan(GRPOParams(rollout_engine="generate"), gpus=1, vllm_installed=True)["engine"]
     'generate'
     """
-    if cfg.rollout_engine in ("continuous", "generate"):
+    if cfg.rollout_engine in TRANSFORMERS_ENGINES:
         return {"engine": cfg.rollout_engine, "mode": None, "reason": f"grpo.rollout_engine={cfg.rollout_engine}"}
     if cfg.vllm.enabled and vllm_installed:
         mode = cfg.vllm.mode if cfg.vllm.mode != "auto" else ("server" if gpus >= 2 else "colocate")
@@ -262,10 +280,11 @@ def rollout_plan(cfg: GRPOParams, gpus: int, vllm_installed: bool) -> dict[str, 
         else "vllm.enabled is off"
     )
     # Measured (docs/grpo.md, "Rollout engines"): on CPU continuous batching beat padded generate
-    # (8.7x); on an H200 it ran at 0.53x of it (transformers 5.17, LoRA unmerged), so GPUs keep generate.
+    # (8.7x); on an H200 it ran at 0.53x of it (transformers 5.17, LoRA unmerged), so GPUs keep generate
+    # until bench/rollout_runs.sh has measured static/merged (AUTO_GPU_ENGINE, above).
     if gpus == 0:
         return {"engine": "continuous", "mode": None, "reason": f"{why}; transformers continuous batching (CPU)"}
-    return {"engine": "generate", "mode": None, "reason": f"{why}; padded generate (faster than continuous on GPU)"}
+    return {"engine": AUTO_GPU_ENGINE, "mode": None, "reason": f"{why}; {AUTO_GPU_REASON[AUTO_GPU_ENGINE]}"}
 
 
 def server_devices(visible: str | None, count: int) -> tuple[str, str]:

@@ -14,7 +14,8 @@ Rewards come from ``tasks/grpo/rewards.py`` by name (``accuracy``, ``format``, `
 
 Rollouts (``grpo.rollout_engine``, ``tasks/grpo/plan.py:rollout_plan``): without vLLM, TRL's padded
 ``generate`` on GPUs and transformers' continuous batching on CPU (``generate_batch``: no padding, a
-finished row frees its slot at once) — each the faster one measured there; either on request.
+finished row frees its slot at once) — each the faster one measured there; either on request, or padded
+``generate`` with a static cache and compiled decode and/or the adapter merged (``tasks/grpo/rollouts.py``).
 ``vllm.enabled`` asks for vLLM: colocated in the training process on one GPU (``vllm.mode=colocate``),
 or, with two GPUs (``server``), a ``trl vllm-serve`` on the
 second card that this stage starts, owns and always stops (success, failure, cancellation). vLLM has
@@ -63,6 +64,7 @@ from tasks.grpo.plan import (
     to_prompt_rows,
     vllm_lora_rank,
 )
+from tasks.grpo.rollouts import grpo_config_kwargs, max_prompt_tokens, setup_rollouts
 from tasks.grpo.vllm_setup import setup_vllm, verify_vllm_sync
 from tasks.runtime.hardware import (
     PROFILES,
@@ -180,6 +182,8 @@ def _train(
         }
         if server is not None:
             vllm_args.update(vllm_server_base_url=server.base_url, vllm_server_timeout=60)
+    else:
+        vllm_args = grpo_config_kwargs(plan["engine"])  # static cache for static / static+merged
     args = GRPOConfig(
         output_dir=str(scratch / "trainer"),
         num_generations=cfg.num_generations,
@@ -210,6 +214,8 @@ def _train(
     timing = _instrument(trainer, cfg.num_samples)
     if plan["engine"] == "continuous":
         keep_adapter_precision(trainer)
+    setup = setup_rollouts(trainer, plan["engine"], tokenizer, rows)  # a no-op for the other engines
+    print(f"{LOG} rollout setup: {setup}", flush=True)
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
@@ -231,6 +237,7 @@ def _train(
         "rollout_engine": plan["engine"],
         "rollout_mode": plan["mode"],
         "rollout_reason": plan["reason"],
+        "rollout_setup": setup,  # static cache / compiled decode / merged adapter (+ merge_seconds)
         "rollout_tokens": timing["tokens"],
         "rollout_seconds": timing["seconds"],
         "rollout_tokens_per_second": timing["tokens"] / timing["seconds"] if timing["seconds"] else None,
@@ -258,11 +265,6 @@ def _train(
         flush=True,
     )
     return metrics
-
-
-def max_prompt_tokens(tokenizer: Any, rows: list[dict[str, Any]]) -> int:
-    """The longest prompt in tokens, as TRL tokenizes it (the chat template with the generation prompt)."""
-    return max(len(tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True)) for r in rows)
 
 
 def continuous_batching_config(cfg: GRPOParams, prompt_tokens: int | None) -> dict[str, Any]:
