@@ -25,15 +25,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_without_vllm_rollouts_use_the_engine_measured_faster_on_the_machine():
-    """CPU: continuous batching (8.7x padded generate here); GPU: padded generate (continuous ran at
-    0.53x on an H200: docs/grpo.md)."""
+    """CPU: continuous batching (8.7x padded generate here); GPU: static+merged (4.80x padded generate on
+    an H100, where continuous ran at 0.53x on an H200: docs/benchmarks.md)."""
     cpu = rollout_plan(GRPOParams(), gpus=0, vllm_installed=False)
     assert cpu["engine"] == "continuous" and cpu["mode"] is None
     assert "vllm.enabled is off" in cpu["reason"] and "continuous batching" in cpu["reason"]
     gpu = rollout_plan(GRPOParams(), gpus=1, vllm_installed=False)
-    assert gpu["engine"] == "generate" and "padded generate" in gpu["reason"]
+    assert gpu["engine"] == "static+merged" and "static cache + CUDA graphs, adapter merged" in gpu["reason"]
     wanted = rollout_plan(GRPOParams(vllm={"enabled": True}), gpus=1, vllm_installed=False)
-    assert wanted["engine"] == "generate" and "vLLM is not installed" in wanted["reason"]
+    assert wanted["engine"] == "static+merged" and "vLLM is not installed" in wanted["reason"]
 
 
 def test_vllm_when_enabled_and_installed_and_explicit_choices_win():

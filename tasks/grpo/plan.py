@@ -18,9 +18,10 @@ RolloutEngine = Literal["auto", "vllm", "continuous", "generate", "static", "mer
 TRANSFORMERS_ENGINES = ("continuous", "generate", "static", "merged", "static+merged")
 
 # ------------------------------------------------------------------------------------------------
-# THE ONE PLACE WHERE `auto` PICKS ON A GPU without vLLM (issue 31 part 4: the lead switches it after
-# the GPU measurement of bench/rollout_runs.sh; docs/benchmarks.md "Rollouts without vLLM").
-AUTO_GPU_ENGINE = "generate"
+# THE ONE PLACE WHERE `auto` PICKS ON A GPU without vLLM. Measured by bench/rollout_runs.sh on an H100
+# (docs/benchmarks.md "Static KV cache + CUDA graphs, merged adapter"): static+merged 4.80x padded
+# generate's rollout tokens/s, static 4.07x, merged 2.69x, at the same peak memory.
+AUTO_GPU_ENGINE = "static+merged"
 #: The reason printed for auto's GPU choice (one entry per engine auto may be switched to).
 AUTO_GPU_REASON = {
     "generate": "padded generate (faster than continuous on GPU)",
@@ -258,7 +259,7 @@ def rollout_plan(cfg: GRPOParams, gpus: int, vllm_installed: bool) -> dict[str, 
     the adapter merged for the rollout (``merged``), or both (``static+merged``: tasks/grpo/rollouts.py).
 
     >>> rollout_plan(GRPOParams(), gpus=1, vllm_installed=False)["engine"]
-    'generate'
+    'static+merged'
     >>> rollout_plan(GRPOParams(), gpus=0, vllm_installed=False)["engine"]
     'continuous'
     >>> rollout_plan(GRPOParams(rollout_engine="generate"), gpus=1, vllm_installed=True)["engine"]
@@ -279,9 +280,8 @@ def rollout_plan(cfg: GRPOParams, gpus: int, vllm_installed: bool) -> dict[str, 
         if cfg.vllm.enabled
         else "vllm.enabled is off"
     )
-    # Measured (docs/grpo.md, "Rollout engines"): on CPU continuous batching beat padded generate
-    # (8.7x); on an H200 it ran at 0.53x of it (transformers 5.17, LoRA unmerged), so GPUs keep generate
-    # until bench/rollout_runs.sh has measured static/merged (AUTO_GPU_ENGINE, above).
+    # Measured (docs/benchmarks.md, "Rollouts without vLLM"): on CPU continuous batching beat padded
+    # generate (8.7x); on GPUs it ran at 0.53x of it, and static+merged at 4.80x (AUTO_GPU_ENGINE, above).
     if gpus == 0:
         return {"engine": "continuous", "mode": None, "reason": f"{why}; transformers continuous batching (CPU)"}
     return {"engine": AUTO_GPU_ENGINE, "mode": None, "reason": f"{why}; {AUTO_GPU_REASON[AUTO_GPU_ENGINE]}"}
