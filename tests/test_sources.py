@@ -72,3 +72,89 @@ def test_read_source_keeps_bad_rows_as_rows_with_an_error(tmp_path):
     assert got == [(0, {"q": 1}, None), (1, [1, 2], None), (2, None, "invalid JSON (Expecting value at column 1)")]
     with pytest.raises(StageError, match=r"dataset file not found: .*nope\.jsonl"):
         list(read_source(str(tmp_path / "nope.jsonl"), error=StageError))
+
+
+# ----------------------------------------------------------------------------------------------
+# S3 globs: shards read one object at a time, fingerprinted by key and content
+# ----------------------------------------------------------------------------------------------
+def _qa(start: int, n: int) -> list[dict]:
+    return [{"query": f"What is {i} + {i}?", "response": f"{i} + {i} = {2 * i}."} for i in range(start, start + n)]
+
+
+def _shards(tmp_path, s3_server, prefix: str):
+    """Three shards (two JSON lines, one Parquet) both in a local folder and under an S3 prefix, with
+    objects the glob must not match: another name, a deeper folder."""
+    import boto3
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / prefix
+    (folder / "old").mkdir(parents=True)
+    (folder / "part-0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _qa(0, 30)))
+    (folder / "part-1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _qa(30, 30)))
+    pq.write_table(pa.Table.from_pylist(_qa(60, 30)), folder / "part-2.parquet")
+    (folder / "other.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _qa(100, 5)))
+    (folder / "old" / "part-9.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _qa(200, 5)))
+    s3 = boto3.client("s3", endpoint_url=s3_server.endpoint)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        s3.put_object(
+            Bucket=s3_server.bucket, Key=f"{prefix}/{path.relative_to(folder).as_posix()}", Body=path.read_bytes()
+        )
+    return s3, folder
+
+
+def test_an_s3_glob_gives_the_same_split_as_the_same_shards_on_disk(tmp_path, s3_server):
+    from tasks.data import prepare
+    from tasks.data.specs import DataParams, parse_spec
+
+    s3, folder = _shards(tmp_path, s3_server, "glob-split")
+    glob = f"s3://{s3_server.bucket}/glob-split/part-*"
+    outs = {}
+    for name, spec in (("s3", glob), ("local", f"{folder}/part-*")):
+        config = DataParams(datasets=[spec], validation_ratio=0.1, system_prompt="")
+        metrics = prepare(config, tmp_path / name)
+        assert metrics["sources"][0]["rows_read"] == 90  # three shards; other.jsonl and old/ not matched
+        outs[name] = [(tmp_path / name / f"{split}.jsonl").read_bytes() for split in ("train", "validation")]
+    assert outs["s3"] == outs["local"] and all(outs["s3"])
+    # A new shard is new data; an object the glob does not match is not.
+    before = parse_spec(glob).fingerprint()
+    s3.put_object(Bucket=s3_server.bucket, Key="glob-split/other2.jsonl", Body=b'{"query": "q", "response": "r"}\n')
+    assert parse_spec(glob).fingerprint() == before
+    s3.put_object(Bucket=s3_server.bucket, Key="glob-split/part-3.jsonl", Body=b'{"query": "q", "response": "r"}\n')
+    assert parse_spec(glob).fingerprint() != before
+    assert parse_spec(f"s3://{s3_server.bucket}/glob-split/part-*.jsonl").fingerprint() != before
+
+
+def test_an_s3_glob_matching_nothing_is_a_one_line_error_before_any_tokenizer(tmp_path, s3_server, monkeypatch):
+    from tasks.data import DataError, prepare
+    from tasks.data.specs import DataParams
+
+    _shards(tmp_path, s3_server, "glob-none")
+
+    def no_tokenizer(*a, **kw):
+        raise AssertionError("the tokenizer loaded before the sources were checked")
+
+    monkeypatch.setattr("tasks.data.stream.load_tokenizer", no_tokenizer)
+    spec = f"s3://{s3_server.bucket}/glob-none/shard-*.jsonl"
+    with pytest.raises(DataError) as e:
+        prepare(DataParams(datasets=[spec]), tmp_path / "out")
+    assert str(e.value) == f"dataset spec {spec!r}: no .json/.jsonl/.parquet/.csv object matches"
+
+
+def test_s3_shards_are_downloaded_one_at_a_time(tmp_path, s3_server, monkeypatch):
+    from tasks.artifacts.store import Store
+
+    _shards(tmp_path, s3_server, "glob-disk")
+    real = Store.download_file
+    on_disk = []
+
+    def download(self, key, local):
+        on_disk.append(sorted(p.name for p in local.parent.iterdir()))  # what the reader still holds
+        real(self, key, local)
+
+    monkeypatch.setattr(Store, "download_file", download)
+    for source in (f"s3://{s3_server.bucket}/glob-disk/part-*", f"s3://{s3_server.bucket}/glob-disk"):
+        on_disk.clear()
+        rows = [r.row for r in read_source(source)]
+        assert len(rows) == (90 if source.endswith("*") else 100)
+        assert len(on_disk) == (3 if source.endswith("*") else 5) and on_disk == [[]] * len(on_disk)

@@ -11,14 +11,16 @@ raises ``error`` (the caller's exception class): its rows cannot be located.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import tempfile
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from tasks.artifacts.store import store_for
+from tasks.artifacts.store import Store, store_for
 
 FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
 
@@ -155,15 +157,49 @@ def local_files(
 # ----------------------------------------------------------------------------------------------
 # S3 objects
 # ----------------------------------------------------------------------------------------------
-def s3_objects(source: str, storage_block: str | None = None) -> list[tuple[str, str]]:
-    """(key relative to the bucket, content) of the object ``s3://bucket/key``, or of every data file
-    under the prefix. Endpoint and credentials from the environment, or the storage block."""
-    bucket, _, key = source[5:].partition("/")
-    store = store_for(f"s3://{bucket}", storage_block)
-    keys = (
-        [key] if Path(key).suffix in FILE_SUFFIXES else [k for k in store.list(key) if Path(k).suffix in FILE_SUFFIXES]
+WILDCARDS = "*?["
+
+
+def s3_keys(source: str, store: Store) -> list[str]:
+    """Keys (relative to the bucket) of the data files ``source`` names, in key order: the object
+    ``s3://bucket/key``, every data file under a prefix, or the keys a glob matches
+    (``s3://bucket/prefix/part-*.jsonl``)."""
+    key = source[5:].partition("/")[2]
+    if any(c in key for c in WILDCARDS):
+        return s3_glob(key, store)
+    if Path(key).suffix in FILE_SUFFIXES:
+        return [key]
+    return [k for k in store.list(key) if Path(k).suffix in FILE_SUFFIXES]
+
+
+def s3_glob(pattern: str, store: Store) -> list[str]:
+    """The data files whose keys match ``pattern``, listed (boto3's paginator) under its literal part
+    before the first wildcard. Matched a ``/``-separated part at a time, as a local glob: ``*`` stays
+    within one folder level, so ``prefix/*.parquet`` does not reach ``prefix/old/x.parquet``.
+
+    >>> fnmatchcase("a/old/x.parquet", "a/*.parquet")  # why a part at a time: fnmatch's * crosses "/"
+    True
+    """
+    literal = pattern[: min(pattern.index(c) for c in WILDCARDS if c in pattern)]
+    parts = pattern.split("/")
+    keys = []
+    for page in store.client.get_paginator("list_objects_v2").paginate(Bucket=store.bucket, Prefix=literal):
+        keys.extend(obj["Key"] for obj in page.get("Contents", []))
+    return sorted(
+        k
+        for k in keys
+        if Path(k).suffix in FILE_SUFFIXES
+        and len(k.split("/")) == len(parts)
+        and all(fnmatchcase(a, b) for a, b in zip(k.split("/"), parts))
     )
-    return [(k, s3_content(store.client.head_object(Bucket=bucket, Key=k))) for k in keys]
+
+
+def s3_objects(source: str, storage_block: str | None = None) -> list[tuple[str, str]]:
+    """(key relative to the bucket, content) of each data file ``source`` names (``s3_keys``).
+    Endpoint and credentials from the environment, or the storage block."""
+    bucket = source[5:].partition("/")[0]
+    store = store_for(f"s3://{bucket}", storage_block)
+    return [(k, s3_content(store.client.head_object(Bucket=bucket, Key=k))) for k in s3_keys(source, store)]
 
 
 def s3_content(head: dict[str, Any]) -> str:
@@ -179,18 +215,42 @@ def s3_content(head: dict[str, Any]) -> str:
     return f"sha256:{sha}" if sha else "etag:" + head["ETag"].strip('"')
 
 
-def read_s3(source: str, storage_block: str | None = None, *, error: ErrorType = SourceError) -> Iterator[RawRow]:
-    """Rows of an S3 object or of every data file under a prefix (each downloaded to a temp folder)."""
-    bucket = source[5:].partition("/")[0]
+def s3_fingerprint(source: str, storage_block: str | None = None) -> str:
+    """The content part of an S3 source's fingerprint: its objects' contents (``s3_content``); for a glob
+    a digest over each matched key (after the pattern's folder) and its content, so a new or replaced
+    shard is new data; ``missing`` when a glob matches nothing (reading it then says so)."""
+    objects = s3_objects(source, storage_block)
+    key = source[5:].partition("/")[2]
+    if not any(c in key for c in WILDCARDS):
+        return ",".join(content for _, content in objects)
+    if not objects:
+        return "missing"
+    folder = key[: min(key.index(c) for c in WILDCARDS if c in key)].rpartition("/")[0]
+    listing = "".join(f"{k[len(folder) :]}:{content}\n" for k, content in objects)
+    return hashlib.sha256(listing.encode()).hexdigest()[:16]
+
+
+def read_s3(
+    source: str, storage_block: str | None = None, *, name: str | None = None, error: ErrorType = SourceError
+) -> Iterator[RawRow]:
+    """Rows of an S3 object, of every data file under a prefix, or of the objects a glob matches: one
+    object at a time, downloaded to a temp file that is deleted before the next (a prefix of shards
+    never needs its whole size on disk). ``name``: the spec as written, for messages."""
+    bucket, _, key = source[5:].partition("/")
     store = store_for(f"s3://{bucket}", storage_block)
     try:
-        objects = s3_objects(source, storage_block)
+        keys = s3_keys(source, store)
     except Exception as e:
         raise error(f"{source}: cannot read from S3 ({type(e).__name__})") from None
-    if not objects:
+    if not keys and any(c in key for c in WILDCARDS):
+        raise error(f"dataset spec {name or source!r}: no {'/'.join(FILE_SUFFIXES)} object matches")
+    if not keys:
         raise error(f"{source}: no {'/'.join(FILE_SUFFIXES)} object found")
     with tempfile.TemporaryDirectory(prefix="tuneline-s3-") as tmp:
-        for key, _ in objects:
-            local = Path(tmp) / key
-            store.download_file(key, local)
-            yield from read_file(local, f"s3://{bucket}/{key}", error=error)
+        for k in keys:
+            local = Path(tmp) / f"object{Path(k).suffix}"  # read_file goes by the suffix
+            store.download_file(k, local)
+            try:
+                yield from read_file(local, f"s3://{bucket}/{k}", error=error)
+            finally:
+                local.unlink(missing_ok=True)

@@ -28,6 +28,7 @@ from tasks.core.file_sources import (  # noqa: F401 - re-exported: callers impor
     read_file,
     read_s3,
     s3_content,
+    s3_fingerprint,
     s3_objects,
 )
 from tasks.core.hub_ids import hub_id
@@ -122,7 +123,7 @@ def read_source(
         files = local_files(source, subset, name=name, error=error)
         return (raw for path in files for raw in read_file(path, error=error))
     if kind == "s3":
-        return read_s3(source, storage_block, error=error)
+        return read_s3(source, storage_block, name=name, error=error)
     return read_hub(source, subset, hub, name=name, error=error)
 
 
@@ -153,7 +154,7 @@ def source_fingerprint(
         return name + "@" + hashlib.sha256(listing.encode()).hexdigest()[:16]
     if kind == "s3":
         try:
-            return name + "@" + ",".join(content for _, content in s3_objects(source, storage_block))
+            return f"{name}@{s3_fingerprint(source, storage_block)}"
         except Exception as e:  # unreachable S3: the stage itself reports it
             return f"{name}@unresolved:{type(e).__name__}"
     if hub == "huggingface":
