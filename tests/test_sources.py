@@ -158,3 +158,68 @@ def test_s3_shards_are_downloaded_one_at_a_time(tmp_path, s3_server, monkeypatch
         rows = [r.row for r in read_source(source)]
         assert len(rows) == (90 if source.endswith("*") else 100)
         assert len(on_disk) == (3 if source.endswith("*") else 5) and on_disk == [[]] * len(on_disk)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hub datasets in streaming mode (no hub here: datasets.load_dataset on a local folder, the same code path)
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def hub_folder(tmp_path, monkeypatch):
+    """A dataset folder of two JSON-lines shards read as the hub id ``org/qa`` (``hub_id`` maps the id to
+    it), offline; records each ``datasets.load_dataset`` call's streaming flag and result type."""
+    import datasets
+
+    import tasks.core.hub_sources as hub_sources
+
+    folder = tmp_path / "org-qa"
+    folder.mkdir()
+    for k in range(2):
+        (folder / f"train-{k}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _qa(40 * k, 40)))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    monkeypatch.setattr(hub_sources, "hub_id", lambda source, hub: str(folder) if source == "org/qa" else source)
+    calls = []
+    real = datasets.load_dataset
+
+    def load_dataset(*args, **kwargs):
+        loaded = real(*args, **kwargs)
+        calls.append((kwargs.get("streaming"), type(loaded).__name__))
+        return loaded
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return folder, calls
+
+
+def test_a_streamed_hub_read_gives_the_same_rows(hub_folder):
+    from tasks.core.hub_sources import read_hub
+
+    folder, calls = hub_folder
+    whole = [(r.where, r.index, r.row) for r in read_hub("org/qa", streaming=False)]
+    streamed = [(r.where, r.index, r.row) for r in read_hub("org/qa", streaming=True)]
+    assert calls == [(False, "Dataset"), (True, "IterableDataset")]
+    assert streamed == whole and len(whole) == 80 and whole[0][2] == _qa(0, 1)[0]
+    calls.clear()
+    assert [r.row for r in read_hub("org/qa", streaming="auto")] == [r[2] for r in whole]
+    assert calls == [(False, "Dataset")]  # auto, offline: the size is not known, so the datasets cache is read
+    # A streamed file is parsed while iterating: a bad one ends as the caller's one-line error, naming the set.
+    (folder / "train-1.jsonl").write_text('{"query": "q", "response": "r"}\n{"query": \n')
+    with pytest.raises(StageError, match=r"^.*org-qa \(huggingface; .*\): cannot read 'org/qa' while streaming \("):
+        list(read_hub("org/qa", name="org/qa", streaming=True, error=StageError))
+
+
+def test_data_streaming_gives_the_same_split_and_the_same_fingerprint(hub_folder, tmp_path):
+    from tasks.core.stage import StageContext
+    from tasks.data import DataParams, fingerprint_of, prepare
+
+    _, calls = hub_folder
+    ctx = StageContext(base_model="Qwen/Qwen2-7B-Instruct", root=str(tmp_path / "root"))
+    outs, keys = {}, set()
+    for streaming in (True, False, "auto"):
+        config = DataParams(datasets=["org/qa#60"], streaming=streaming, validation_ratio=0.1, system_prompt="")
+        prepare(config, tmp_path / str(streaming))
+        outs[streaming] = [(tmp_path / str(streaming) / f"{s}.jsonl").read_bytes() for s in ("train", "validation")]
+        keys.add(fingerprint_of(config, ctx))
+    assert [c[0] for c in calls] == [True, False, False]  # the data stage passes the knob down
+    assert outs[True] == outs[False] == outs["auto"] and all(outs[True])
+    assert len(keys) == 1  # how rows are fetched is not what the stage computes
+    assert fingerprint_of(DataParams(datasets=["org/qa#61"]), ctx) not in keys  # the key does follow the data

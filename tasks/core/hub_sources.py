@@ -7,13 +7,18 @@ names). An id of ms-swift's table is read under its id on the chosen hub (``task
 
 from __future__ import annotations
 
+import itertools
+import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, Literal
 
 from tasks.core.file_sources import ErrorType, RawRow, SourceError
 from tasks.core.hub_ids import hub_dataset, hub_id
 
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+STREAM_ABOVE = 1 << 30  # bytes of a dataset's files on the hub above which data.streaming "auto" streams
+
+Streaming = Literal["auto", True, False]
 
 
 def read_hub(
@@ -22,23 +27,43 @@ def read_hub(
     hub: str = "huggingface",
     *,
     name: str | None = None,
+    streaming: Streaming = False,
     error: ErrorType = SourceError,
 ) -> Iterator[RawRow]:
     """The ``train`` split of a hub dataset: Hugging Face through ``datasets``, or ModelScope (extra).
     ``subset``: one config, several joined by ``/`` (concatenated), or ``all`` (every config). An id
-    of ms-swift's table is read under its id on ``hub`` (``tasks.core.hub_ids``), with its row clean-up."""
+    of ms-swift's table is read under its id on ``hub`` (``tasks.core.hub_ids``), with its row clean-up.
+    ``streaming`` (Hugging Face only): True reads rows one at a time (``load_dataset(streaming=True)``),
+    ``"auto"`` when the dataset is large (``streams``); the rows are the same either way."""
     entry, asked = hub_dataset(source), hub_id(source, hub)
     where = f"{asked} ({hub})" if asked == source else f"{asked} ({hub}; ms-swift's id for {source})"
-    parts = [_hub_rows(asked, s, hub, where=where, name=name, error=error) for s in (subset or "").split("/")]
+    parts = [
+        _hub_rows(asked, s, hub, where=where, name=name, streaming=streaming, error=error)
+        for s in (subset or "").split("/")
+    ]
     for i, row in enumerate(row for rows in parts for row in rows):  # one row count across the subsets
         row = dict(row)
         yield RawRow(where, i, entry.clean(row) if entry and entry.clean else row)
 
 
-def _hub_rows(source: str, subset: str | None, hub: str, *, where: str, name: str | None, error: ErrorType) -> Any:
+def streams(streaming: Streaming, size: int | None) -> bool:
+    """Whether a Hugging Face dataset of ``size`` bytes (its files on the hub; None: not known, offline) is
+    streamed. ``"auto"`` streams only a large one: a smaller one is downloaded once and kept as the prepared
+    Arrow cache that later runs and offline runs (``HF_HUB_OFFLINE``) read, which streaming cannot; a large
+    one would need its download and an Arrow copy of it on disk, streaming neither.
+
+    >>> streams("auto", 10 << 30), streams("auto", 10 << 20), streams("auto", None), streams(True, None)
+    (True, False, False, True)
+    """
+    return streaming is True or (streaming == "auto" and (size or 0) > STREAM_ABOVE)
+
+
+def _hub_rows(
+    source: str, subset: str | None, hub: str, *, where: str, name: str | None, streaming: Streaming, error: ErrorType
+) -> Iterable[Any]:
     """One subset of a hub dataset as an iterable of rows."""
     subset = subset or None
-    if hub == "modelscope":
+    if hub == "modelscope":  # read whole, as before: its streaming mode is not wired up
         try:
             from modelscope import MsDataset
         except ImportError:
@@ -46,32 +71,41 @@ def _hub_rows(source: str, subset: str | None, hub: str, *, where: str, name: st
                 f"{where}: ModelScope datasets need the modelscope extra: pip install 'tuneline[modelscope]'"
             ) from None
         try:
-            rows = MsDataset.load(source, subset_name=subset or "default", split="train").to_hf_dataset()
+            return MsDataset.load(source, subset_name=subset or "default", split="train").to_hf_dataset()
         except Exception as e:
             raise error(f"{where}: cannot load ({type(e).__name__}: {str(e)[:300]})") from None
-    else:
-        import os
+    import datasets
 
-        import datasets
+    size = None
+    if not any(os.environ.get(v) for v in OFFLINE_VARIABLES):
+        try:  # a quick probe: an unreachable hub makes load_dataset retry for a minute
+            from huggingface_hub import HfApi
 
-        if not (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")):
-            try:  # a quick probe: an unreachable hub makes load_dataset retry for a minute
-                from huggingface_hub import HfApi
+            info = HfApi().dataset_info(source, timeout=10, files_metadata=streaming == "auto")
+            size = sum(f.size or 0 for f in info.siblings or []) if streaming == "auto" else None
+        except Exception as e:
+            raise error(
+                f"{where}: cannot reach the dataset on the hub ({type(e).__name__}: {str(e)[:200]}); "
+                "set HF_HUB_OFFLINE=1 to use the local cache"
+            ) from None
+    stream = streams(streaming, size)
+    try:
+        # subset "all": every config of the dataset (ms-swift: every registered subset)
+        configs = datasets.get_dataset_config_names(source) if subset == "all" else [subset]
+        loaded = [datasets.load_dataset(source, c, split="train", streaming=stream) for c in configs]
+    except Exception as e:  # missing subset, unknown id, no network: all end the same way, with the reason
+        raise error(f"{where}: cannot load {name or source!r} ({type(e).__name__}: {str(e)[:300]})") from None
+    rows = itertools.chain.from_iterable(loaded)
+    return _streamed(rows, where, name or source, error) if stream else rows
 
-                HfApi().dataset_info(source, timeout=10)
-            except Exception as e:
-                raise error(
-                    f"{where}: cannot reach the dataset on the hub ({type(e).__name__}: {str(e)[:200]}); "
-                    "set HF_HUB_OFFLINE=1 to use the local cache"
-                ) from None
-        try:
-            if subset == "all":  # every config of the dataset (ms-swift: every registered subset)
-                configs = datasets.get_dataset_config_names(source)
-                return [row for c in configs for row in datasets.load_dataset(source, c, split="train")]
-            rows = datasets.load_dataset(source, subset, split="train")
-        except Exception as e:  # missing subset, unknown id, no network: all end the same way, with the reason
-            raise error(f"{where}: cannot load {name or source!r} ({type(e).__name__}: {str(e)[:300]})") from None
-    return rows
+
+def _streamed(rows: Iterable[Any], where: str, name: str, error: ErrorType) -> Iterator[Any]:
+    """A streamed dataset's rows: its files are fetched and parsed while iterating, so their errors
+    surface here, and end as the caller's error."""
+    try:
+        yield from rows
+    except Exception as e:
+        raise error(f"{where}: cannot read {name!r} while streaming ({type(e).__name__}: {str(e)[:300]})") from None
 
 
 def hub_dataset_revision(source: str, revision: str = "main") -> str | None:
@@ -79,8 +113,6 @@ def hub_dataset_revision(source: str, revision: str = "main") -> str | None:
     the commit this machine last downloaded (the hub cache's ref, else the newest ``datasets`` cache
     folder, named by commit — the one ``load_dataset`` will read offline). None when neither is known:
     then loading fails too, and says why."""
-    import os
-
     offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in OFFLINE_VARIABLES)
     if not offline:
         try:

@@ -32,7 +32,12 @@ from tasks.core.file_sources import (  # noqa: F401 - re-exported: callers impor
     s3_objects,
 )
 from tasks.core.hub_ids import hub_id
-from tasks.core.hub_sources import OFFLINE_VARIABLES, hub_dataset_revision, read_hub  # noqa: F401 - re-exported
+from tasks.core.hub_sources import (  # noqa: F401 - re-exported
+    OFFLINE_VARIABLES,
+    Streaming,
+    hub_dataset_revision,
+    read_hub,
+)
 
 RESOURCES = Path(__file__).parent / "resources"
 SELF_COGNITION = "swift/self-cognition"
@@ -112,10 +117,12 @@ def read_source(
     name: str | None = None,
     seed: int = 0,
     storage_block: str | None = None,
+    streaming: Streaming = False,
     error: ErrorType = SourceError,
 ) -> Iterator[RawRow]:
     """Every row of one source, whatever its kind (see ``source_kind``). ``name``: the spec as
-    written, for messages; ``seed``: the generated sets; ``storage_block``: S3 credentials."""
+    written, for messages; ``seed``: the generated sets; ``storage_block``: S3 credentials;
+    ``streaming``: how hub datasets are read (``hub_sources.read_hub``), the same rows either way."""
     kind = source_kind(source)
     if kind == "builtin":
         return read_builtin(source, subset, seed=seed, name=name, error=error)
@@ -124,7 +131,7 @@ def read_source(
         return (raw for path in files for raw in read_file(path, error=error))
     if kind == "s3":
         return read_s3(source, storage_block, name=name, error=error)
-    return read_hub(source, subset, hub, name=name, error=error)
+    return read_hub(source, subset, hub, name=name, streaming=streaming, error=error)
 
 
 def source_fingerprint(
