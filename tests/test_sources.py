@@ -201,6 +201,7 @@ def test_a_streamed_hub_read_gives_the_same_rows(hub_folder):
     calls.clear()
     assert [r.row for r in read_hub("org/qa", streaming="auto")] == [r[2] for r in whole]
     assert calls == [(False, "Dataset")]  # auto, offline: the size is not known, so the datasets cache is read
+    assert [r.row for r in read_hub("org/qa", "all", streaming=True)] == [r[2] for r in whole]  # every config
     # A streamed file is parsed while iterating: a bad one ends as the caller's one-line error, naming the set.
     (folder / "train-1.jsonl").write_text('{"query": "q", "response": "r"}\n{"query": \n')
     with pytest.raises(StageError, match=r"^.*org-qa \(huggingface; .*\): cannot read 'org/qa' while streaming \("):
