@@ -1,4 +1,6 @@
-"""Shared source readers (tasks/core/sources.py): whole-set loading for evaluation, with the caller's error type."""
+"""Shared source readers (tasks/core/sources.py and its file_sources / hub_sources): whole-set loading for
+evaluation with the caller's error type; S3 globs on the real S3 server (``s3_server``); hub datasets read
+whole or streamed (``data.streaming``), through ``datasets.load_dataset`` on a local folder (no hub here)."""
 
 from __future__ import annotations
 
