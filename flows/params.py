@@ -145,9 +145,11 @@ class RetrainParams(BaseModel):
 
     def grpo_prompt_data(self) -> DataParams:
         """GRPO's prompts go through the dataset stage: its own sources, no validation split, and the
-        data section's identity, system prompt, length limit and seed (nothing else: a format or
-        column override written for the SFT sources must not apply to the prompts)."""
-        shared = self.data.model_dump(include={"system_prompt", "model_name", "model_author", "seed", "max_length"})
+        data section's identity, system prompt, length limit, seed and how hub datasets are read (nothing
+        else: a format or column override written for the SFT sources must not apply to the prompts)."""
+        shared = self.data.model_dump(
+            include={"system_prompt", "model_name", "model_author", "seed", "max_length", "streaming"}
+        )
         return DataParams(datasets=self.grpo.datasets, validation_ratio=0.0, **shared)
 
 

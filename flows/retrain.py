@@ -145,11 +145,14 @@ def retrain(
     # The release's fingerprint covers these: tracking.* is observation, not computation, so it is left out
     # (turning tracking on or off, or pointing it elsewhere, must not make a new release).
     lineage_params = {
-        # data.trigger says when a night starts, not what it computes: left out too.
-        **params.model_dump(mode="json", exclude={"tracking": True, "data": {"trigger"}}),
+        # data.trigger says when a night starts and data.streaming how hub rows are fetched, not what it
+        # computes: left out too.
+        **params.model_dump(mode="json", exclude={"tracking": True, "data": {"trigger", "streaming"}}),
         "base_model": ctx.base_model,
         "base_revision": ctx.base_revision,
-        "overridden": sorted(k for k in overridden if not k.startswith(("tracking.", "data.trigger."))),  # vs preset
+        "overridden": sorted(
+            k for k in overridden if not k.startswith(("tracking.", "data.trigger.", "data.streaming"))
+        ),  # vs preset
     }
     released = release(
         params.release,

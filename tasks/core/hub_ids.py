@@ -2,7 +2,7 @@
 (``swift/dataset/dataset/llm.py`` and ``swift/dataset/data/dataset_info.json``), with the row clean-up
 its preprocessor applies. A small table for the datasets tuneline's own jobs use; add a row to extend it.
 
-Used by ``tasks.core.sources`` when it reads or fingerprints a hub dataset.
+Used by ``tasks.core.hub_sources`` when it reads or fingerprints a hub dataset.
 """
 
 from __future__ import annotations

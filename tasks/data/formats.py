@@ -228,7 +228,7 @@ def iter_source(
     override = config.formats.get(spec.source, config.formats.get(spec.text, config.formats.get("*", "auto")))
     detected: dict[str, str] = {}  # per file: a folder may hold files of different formats
     rename = config.columns
-    for raw in spec.read(config.seed, storage_block):
+    for raw in spec.read(config.seed, storage_block, config.streaming):
         report.rows_read += 1
         try:
             if raw.error:

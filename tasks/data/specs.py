@@ -17,6 +17,7 @@ from tasks.core.sources import (
     FILE_SUFFIXES,
     Kind,
     RawRow,
+    Streaming,
     local_files,
     read_file,
     read_source,
@@ -209,6 +210,13 @@ class DataParams(BaseModel):
         "rows with the smallest prompt hashes). When set they are the validation split, validation_ratio is "
         "ignored, and training rows with one of their prompts are removed from train (counted in the report).",
     )
+    streaming: Streaming = Field(
+        default="auto",
+        description="How Hugging Face hub datasets are read: true streams them (datasets' streaming mode: rows "
+        "fetched as they are read, nothing prepared on disk; needs the hub), false downloads and prepares them "
+        "first (the datasets cache, readable offline), auto streams those whose files total over 1 GiB. The same "
+        "rows either way: not part of the stage's fingerprint.",
+    )
     seed: int = Field(
         default=42,
         ge=0,
@@ -262,8 +270,9 @@ class Spec:
             return found
         return local_files(self.source, self.subset, name=self.text, error=DataError)
 
-    def read(self, seed: int, storage_block: str | None = None) -> Iterator[RawRow]:
-        """Every row of the source, as read (see ``tasks.core.sources.read_source``), a file at a time."""
+    def read(self, seed: int, storage_block: str | None = None, streaming: Streaming = False) -> Iterator[RawRow]:
+        """Every row of the source, as read (see ``tasks.core.sources.read_source``), a file at a time;
+        ``streaming``: how a hub dataset is read (``DataParams.streaming``)."""
         if self.pattern:
             return (raw for path in self.files() for raw in read_file(path, error=DataError))
         return read_source(
@@ -273,6 +282,7 @@ class Spec:
             name=self.text,
             seed=seed,
             storage_block=storage_block,
+            streaming=streaming,
             error=DataError,
         )
 

@@ -34,8 +34,9 @@ def fingerprint_of(config: DataParams, ctx: StageContext) -> str:
         return fingerprint(STAGE, "bad-spec", config)
     n = len(config.datasets)
     specs = [content_spec(spec, fp) for spec, fp in zip(every, sources_fp)]
-    # data.trigger is when a night starts, not what it computes: not in the key.
-    dumped = config.model_dump(mode="json", exclude={"trigger"}) | {
+    # data.trigger is when a night starts, and data.streaming how hub rows are fetched (the same rows),
+    # not what the stage computes: neither is in the key.
+    dumped = config.model_dump(mode="json", exclude={"trigger", "streaming"}) | {
         "datasets": specs[:n],
         "validation_datasets": specs[n:],
     }
