@@ -107,9 +107,15 @@ def test_a_bad_row_is_a_one_line_error_naming_file_and_line(tmp_path, tokenizer,
     assert "\n" not in str(caught.value)
 
 
+def test_an_empty_split_is_an_error_naming_the_file(tmp_path, tokenizer):
+    data = _write(tmp_path / "train.jsonl", ["", ""])
+    with pytest.raises(ValueError, match=r"train\.jsonl: no rows to train or evaluate on"):
+        arrow_rows(tokenizer, data, tmp_path / "rows", max_length=64)
+
+
 # Builds one path's rows from a tiny split, then from the big one; prints ru_maxrss growth in MB.
 _CHILD = """
-import json, resource, sys
+import json, sys
 from pathlib import Path
 from tasks.core.common import load_tokenizer
 from tasks.core.models import training_chat_template
@@ -124,13 +130,16 @@ def build(data_file, name):
         return len(arrow_rows(tok, Path(data_file), Path(scratch) / name, 256)[0])
     return len(tokenize_rows(tok, Path(data_file))["input_ids"])
 
+def peak_rss_kib():  # VmHWM: the process's peak RSS (ru_maxrss), which clear_refs can reset
+    return int(next(x for x in open("/proc/self/status") if x.startswith("VmHWM:")).split()[1])
+
 build(small, "small")  # imports, tokenizer caches and Arrow writer warmed up
-# Loading torch/transformers peaks well above the steady RSS: reset the peak to the current RSS (Linux)
+# Loading torch/transformers peaks far above the steady RSS: reset the peak to the current RSS. Not
+# ru_maxrss: it also keeps the peak recorded when any thread exits, which clear_refs leaves alone.
 Path("/proc/self/clear_refs").write_text("5")
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_rss_kib()
 rows = build(big, "big")
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"rows": rows, "growth_mb": (after - before) / 1024}))
+print(json.dumps({"rows": rows, "growth_mb": (peak_rss_kib() - before) / 1024}))
 """
 
 

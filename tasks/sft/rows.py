@@ -144,4 +144,8 @@ def arrow_rows(
         )
     except DatasetGenerationError as e:  # datasets wraps the generator's error: show the row's own line
         raise (e.__cause__ or e) from None
+    except ValueError:
+        if stats.rows == 0:  # datasets' own words: 'Instruction "train" corresponds to no data!'
+            raise ValueError(f"{data_file}: no rows to train or evaluate on (the file is empty)") from None
+        raise
     return dataset, stats
