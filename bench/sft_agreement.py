@@ -92,9 +92,9 @@ def main() -> None:
     from tasks.core.models import resolve_model, training_chat_template
     from tasks.runtime.attention import ATTENTION, register
     from tasks.runtime.hardware import detect_machine, resolve_profile
+    from tasks.sft.rows import check_trainable_tokens
     from tasks.sft.stage import (
         SFTParams,
-        check_trainable_tokens,
         lora_config,
         sft_config,
         skip_adapter_input_casts,

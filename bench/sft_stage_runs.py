@@ -89,7 +89,8 @@ def agreement(opts) -> list[dict]:
     from tasks.core.common import load_tokenizer
     from tasks.core.models import training_chat_template
     from tasks.runtime.hardware import resolve_profile
-    from tasks.sft.stage import SFTParams, memory_plan, sft_config, speed_settings, tokenize_rows
+    from tasks.sft.rows import tokenize_rows
+    from tasks.sft.stage import SFTParams, memory_plan, sft_config, speed_settings
 
     model_dir, data_dir = Path("/tmp/q7b"), Path("/tmp/q7b-data")
     tokenizer = AutoTokenizer.from_pretrained(opts.tokenizer)

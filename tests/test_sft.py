@@ -88,6 +88,8 @@ def test_train_reports_curves_metrics_and_skips_a_half_written_checkpoint(tmp_pa
     assert _latest_checkpoint(scratch).name == "checkpoint-4"
     progress = [json.loads(x) for x in (scratch / "progress.jsonl").read_text().splitlines()]
     assert progress[-1]["step"] == 4
+    # the rows reached the trainer from Arrow files on disk, per process and split (tasks/sft/rows.py)
+    assert all(list((scratch / "rows" / "rank0" / s).rglob("*.arrow")) for s in ("train", "validation"))
 
 
 def test_a_row_without_trainable_tokens_is_an_error_naming_its_line(tmp_path, tiny_model_dir, alpaca):

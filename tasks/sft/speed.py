@@ -32,7 +32,13 @@ def datasheet_tflops(device_name: str) -> float | None:
 
 
 def lora_flops_per_token(model: Any, lengths: list[int]) -> float:
-    """Model FLOPs per trained token of a LoRA step on a frozen base (module docstring)."""
+    """Model FLOPs per trained token of a LoRA step on a frozen base (module docstring), rows of ``lengths``."""
+    total = sum(lengths)
+    return lora_flops_at(model, sum(n * n for n in lengths) / total if total else 0.0)
+
+
+def lora_flops_at(model: Any, length_moment: float) -> float:
+    """``lora_flops_per_token`` from the rows' E[len^2] / E[len] (``tasks.sft.rows.RowStats``), no list of lengths."""
     import torch
 
     linear = sum(
@@ -43,9 +49,7 @@ def lora_flops_per_token(model: Any, lengths: list[int]) -> float:
     config = getattr(model, "config", None)
     layers = getattr(config, "num_hidden_layers", 0) or 0
     hidden = getattr(config, "hidden_size", 0) or 0
-    total = sum(lengths)
-    per_row = sum(n * n for n in lengths) / total if total else 0.0  # E[len^2] / E[len]
-    return 4.0 * linear + 6.0 * layers * hidden * per_row
+    return 4.0 * linear + 6.0 * layers * hidden * length_moment
 
 
 def steady_rate(

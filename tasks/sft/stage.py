@@ -10,7 +10,8 @@ Features and their trade-offs:
   markers in the chat template: TRL's own training template when it knows the model's template,
   else our ChatML training template (SmolLM2, many others), else a clear error. Rows are tokenized
   here (``tasks.core.models.tokenize_record``: the row's ``tools`` and call arguments parsed from their
-  JSON text) and handed to TRL pre-tokenized with their assistant masks.
+  JSON text) into Arrow files on disk, a line at a time (``tasks/sft/rows.py``), and handed to TRL
+  pre-tokenized with their assistant masks.
 - Checkpoints every ``save_steps`` into ``<root>/scratch/sft/<fingerprint>/``, keeping
   ``save_total_limit``; a checkpoint counts only once ``_COMPLETE`` is written after it, so a retry
   resumes from the newest complete one (global step, optimizer, scheduler, RNG, data position) and
@@ -62,7 +63,7 @@ from tasks.core.common import (
     torch_dtype,
 )
 from tasks.core.fingerprints import code_identity, content_of, fingerprint, stack_versions, with_lineage
-from tasks.core.models import tokenize_record, training_chat_template
+from tasks.core.models import training_chat_template
 from tasks.core.stage import StageContext, Workspace, run_stage, stage_cache_key
 from tasks.runtime.cluster import check_cluster, train_on_cluster
 from tasks.runtime.fsdp import (
@@ -86,7 +87,8 @@ from tasks.sft.plan import (
     skip_adapter_input_casts,
     speed_settings,
 )
-from tasks.sft.speed import lora_flops_per_token, speed_line, speed_metrics, step_clock
+from tasks.sft.rows import arrow_rows, rows_dir
+from tasks.sft.speed import lora_flops_at, speed_line, speed_metrics, step_clock
 
 STAGE = "sft"
 CODE = "tasks.sft.stage"  # the module of train(): the code identity starts here
@@ -109,48 +111,9 @@ def _remove_incomplete_checkpoints(scratch: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def tokenize_rows(tokenizer: Any, data_file: Path) -> dict[str, list[list[int]]]:
-    """Every row of a split as ``input_ids`` and ``assistant_masks`` (TRL's pre-tokenized form), rendered
-    with the tokenizer's (training) chat template and the row's ``tools``. Done here rather than by TRL:
-    a row keeps its tool schemas and call arguments as JSON text (Arrow would merge differing schemas
-    and fill nulls), and templates need them parsed (``tasks.core.models.chat_inputs``)."""
-    rows: dict[str, list[list[int]]] = {"input_ids": [], "assistant_masks": []}
-    with open(data_file, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                out = tokenize_record(tokenizer, json.loads(line))
-                rows["input_ids"].append(out["input_ids"])
-                rows["assistant_masks"].append(out["assistant_masks"])
-    return rows
-
-
-def check_trainable_tokens(tokenizer: Any, data_file: Path, max_length: int) -> tuple[int, float]:
-    """Every row must keep at least one assistant token after truncation to ``max_length``, else a
-    micro-batch of it trains on nothing and its loss is a silent 0 (or NaN). Uses the training
-    tokenization (the chat template's generation markers), before any model is loaded.
-    Returns the number of trainable tokens and the mean row length in tokens (after truncation)."""
-    total, lengths = 0, []
-    with open(data_file, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            out = tokenize_record(tokenizer, json.loads(line))
-            n = sum(out["assistant_masks"][:max_length])
-            if n == 0:
-                raise ValueError(
-                    f"{data_file} line {line_no}, field messages: no assistant token within max_length={max_length} "
-                    f"(row is {len(out['input_ids'])} tokens); it would train on nothing. Shorten the prompt, raise "
-                    "max_length or drop the row."
-                )
-            total += n
-            lengths.append(min(len(out["input_ids"]), max_length))
-    return total, sum(lengths) / max(1, len(lengths))
-
-
 def train(job: dict[str, Any]) -> dict[str, Any]:
     """Train the adapter described by ``job`` (see ``make_job``); return the metrics."""
     import torch
-    from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import SFTTrainer
 
@@ -177,7 +140,13 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
     inference_template = tokenizer.chat_template
     if (training_template := training_chat_template(tokenizer)) is not None:
         tokenizer.chat_template = training_template
-    _, mean_row_tokens = check_trainable_tokens(tokenizer, data_dir / "train.jsonl", cfg.max_length)
+    # One pass per split into Arrow files under scratch/rows/rank<RANK>/, the train rows checked (tasks/sft/rows.py)
+    data, stats = {}, {}
+    for s in ("train", "validation"):
+        path = data_dir / f"{s}.jsonl"
+        if s == "train" or (path.exists() and path.stat().st_size):  # an empty validation split: no evaluation
+            data[s], stats[s] = arrow_rows(tokenizer, path, rows_dir(scratch, rank, s), cfg.max_length, s == "train")
+    mean_row_tokens = stats["train"].mean_row_tokens
 
     dtype = torch_dtype(profile.dtype)
     load_kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn}
@@ -205,12 +174,6 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         profile = memory_plan(profile, model.config, weight_bytes, cfg.max_length, card.total_memory / 2**30)
     compiled = profile.compiles() and torch.cuda.is_available()  # decided by the fitted plan (checkpointing)
-    splits = [
-        s
-        for s in ("train", "validation")
-        if (data_dir / f"{s}.jsonl").exists() and (data_dir / f"{s}.jsonl").stat().st_size
-    ]
-    data = {s: Dataset.from_dict(tokenize_rows(tokenizer, data_dir / f"{s}.jsonl")) for s in splits}
     has_val = "validation" in data  # an empty validation split means no evaluation
 
     args = sft_config(
@@ -305,9 +268,8 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
 
     # -- save (rank 0) ----------------------------------------------------------------------
     tokens = int(trainer.state.num_input_tokens_seen)
-    lengths = [min(len(ids), cfg.max_length) for ids in data["train"]["input_ids"]]
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    speed = speed_metrics(*clock.summary(), lora_flops_per_token(trainer.model, lengths), card, world)
+    speed = speed_metrics(*clock.summary(), lora_flops_at(trainer.model, stats["train"].lengths_moment()), card, world)
     metrics = {
         "train_loss": result.training_loss,
         "global_step": trainer.state.global_step,
