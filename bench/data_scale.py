@@ -34,19 +34,31 @@ PREDICTION = {
     "datasets": {"peak_gb": {"100000": 0.9, "1000000": 1.0}, "ms_per_row": 0.3},
 }
 
-TUNELINE = """
-import json, resource, sys, time
+#: The child's own peak resident memory. Not ru_maxrss: a child started by subprocess inherits its parent's
+#: resident size at exec (a parent that converted the GGUF model first made a 3M-row run read 1.64 GB).
+HWM = """
+def hwm_mb():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) / 1024
+"""
+
+TUNELINE = (
+    HWM
+    + """
+import json, sys, time
 from pathlib import Path
 from tasks.data import DataParams, prepare
 t, c = time.time(), time.process_time()
 m = prepare(DataParams(datasets=[sys.argv[1]], max_length=2048), Path(sys.argv[2]), model=sys.argv[3])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+peak = hwm_mb()
 print(json.dumps({"rows_out": m["train_rows"] + m["validation_rows"], "wall_s": time.time() - t,
                   "cpu_s": time.process_time() - c, "peak_rss_mb": peak}))
 """
+)
 
-DATASETS = """
-import json, resource, sys, time
+DATASETS = (
+    HWM
+    + """
+import json, sys, time
 from pathlib import Path
 t, c = time.time(), time.process_time()
 from datasets import load_dataset
@@ -59,8 +71,9 @@ def tokenize(batch):
 ds = ds.map(tokenize, batched=True).filter(lambda r: len(r["input_ids"]) <= 2048)
 ds.remove_columns("input_ids").to_json(sys.argv[2] + "/train.jsonl", force_ascii=False)
 print(json.dumps({"rows_out": len(ds), "wall_s": time.time() - t, "cpu_s": time.process_time() - c,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mb": hwm_mb()}))
 """
+)
 
 
 def write_shards(folder: Path, rows: int) -> None:
